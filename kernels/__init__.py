@@ -1,0 +1,25 @@
+"""Hadamard matrices, Walsh-Hadamard transforms and the QWHA spectral-adapter product.
+
+Public, stable API: :func:`hadamard_matrix`, :func:`wht`, :func:`iwht`, :func:`spectral_adapter`.
+"""
+
+from .hadamard import PUBLISHED_ORDERS, SUPPORTED_ORDERS, hadamard_k, hadamard_matrix, hadamard_order, is_supported_size
+from .reference import iwht_reference, spectral_adapter_reference, spectral_dense, wht_reference
+from .transform import hadamard_transform, iwht, wht, wht_torch
+
+__all__ = [
+    "PUBLISHED_ORDERS",
+    "SUPPORTED_ORDERS",
+    "hadamard_k",
+    "hadamard_matrix",
+    "hadamard_order",
+    "is_supported_size",
+    "wht",
+    "iwht",
+    "wht_torch",
+    "hadamard_transform",
+    "wht_reference",
+    "iwht_reference",
+    "spectral_dense",
+    "spectral_adapter_reference",
+]

@@ -1,0 +1,72 @@
+"""The Walsh-Hadamard transform: O(n log n) torch implementation and the public, dispatching ``wht``/``iwht``.
+
+Convention: ``M_n = H_K (x) H_{2^m}`` with ``H_{2^m}`` in Sylvester natural order and ``K`` the outer index. A
+vector of length ``n`` is viewed as ``(K, n/K)``; the last axis gets the Sylvester transform, then the result is
+left-multiplied by ``H_K``.
+
+* ``wht(x)  = x @ M_n.T`` along the last dim, unnormalised.
+* ``iwht(x) = x @ M_n / n``, its exact inverse.
+
+Public functions run the Triton kernels on CUDA tensors and the torch butterfly elsewhere. Both accept float32,
+float16 and bfloat16 (accumulating in float32) and float64 (torch path, exact to float64 rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hadamard import hadamard_k, hadamard_order
+
+__all__ = ["wht", "iwht", "wht_torch", "hadamard_transform"]
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """O(n log n) butterfly: ``x @ M_n.T`` (or ``x @ M_n`` when ``transpose``), differentiable, any leading shape.
+
+    Low-precision inputs are computed in float32 and cast back once.
+    """
+    n = x.shape[-1]
+    k, p = hadamard_order(n)
+    y = x.to(_compute_dtype(x.dtype)).reshape(-1, k, p)
+    rows = y.shape[0]
+    h = 1
+    while h < p:
+        a, b = y.reshape(rows, k, p // (2 * h), 2, h).unbind(-2)
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    y = y.reshape(rows, k, p)
+    if k > 1:
+        hk = hadamard_k(k).to(dtype=y.dtype, device=y.device)
+        y = torch.matmul(hk.T if transpose else hk, y)
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if not x.is_cuda or x.dtype == torch.float64:
+        return False
+    from . import triton_wht
+
+    return triton_wht.available()
+
+
+def hadamard_transform(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """``x @ M_n.T`` (``transpose=False``) or ``x @ M_n`` (``transpose=True``), dispatching Triton / torch."""
+    if _use_triton(x):
+        from .triton_wht import wht_triton
+
+        return wht_triton(x, transpose=transpose)
+    return wht_torch(x, transpose=transpose)
+
+
+def wht(x: torch.Tensor) -> torch.Tensor:
+    """Unnormalised Walsh-Hadamard transform along the last dim: ``x @ hadamard_matrix(n).T``."""
+    return hadamard_transform(x, transpose=False)
+
+
+def iwht(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`wht`: ``x @ hadamard_matrix(n) / n``."""
+    return hadamard_transform(x, transpose=True) / x.shape[-1]
