@@ -1,10 +1,12 @@
 """Hadamard matrices, Walsh-Hadamard transforms and the QWHA spectral-adapter product.
 
-Public, stable API: :func:`hadamard_matrix`, :func:`wht`, :func:`iwht`, :func:`spectral_adapter`.
+Public, stable API: :func:`hadamard_matrix`, :func:`wht`, :func:`iwht`, :func:`spectral_adapter` (with
+:class:`SpectralLayout`).
 """
 
 from .hadamard import PUBLISHED_ORDERS, SUPPORTED_ORDERS, hadamard_k, hadamard_matrix, hadamard_order, is_supported_size
 from .reference import iwht_reference, spectral_adapter_reference, spectral_dense, wht_reference
+from .spectral import SpectralLayout, spectral_adapter
 from .transform import hadamard_transform, iwht, wht, wht_torch
 
 __all__ = [
@@ -15,6 +17,8 @@ __all__ = [
     "hadamard_order",
     "is_supported_size",
     "wht",
+    "spectral_adapter",
+    "SpectralLayout",
     "iwht",
     "wht_torch",
     "hadamard_transform",

@@ -18,7 +18,7 @@ Transform sizes are ``n = K * 2^m``; :func:`hadamard_order` picks ``K`` from the
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import torch
 
@@ -114,7 +114,7 @@ def _odd_part(n: int) -> int:
     return n
 
 
-@lru_cache(maxsize=None)
+@cache
 def _constructions() -> dict[int, object]:
     """Order -> builder, for every order we can make (published first, then generated Paley orders)."""
     builders: dict[int, object] = {}
@@ -137,7 +137,7 @@ def _constructions() -> dict[int, object]:
     return builders
 
 
-@lru_cache(maxsize=None)
+@cache
 def _order_by_odd_part() -> dict[int, tuple[int, ...]]:
     """Odd part -> candidate orders, most preferred first.
 
@@ -158,7 +158,7 @@ SUPPORTED_ORDERS: tuple[int, ...] = tuple(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def hadamard_k(order: int) -> torch.Tensor:
     """The ``order x order`` Hadamard matrix of the construction above, as ``torch.int8`` (+1/-1).
 
@@ -222,7 +222,9 @@ def _hadamard_matrix_int8(n: int) -> torch.Tensor:
     return torch.kron(hadamard_k(k), sylvester)
 
 
-def hadamard_matrix(n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def hadamard_matrix(
+    n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """The ``n x n`` +/-1 matrix ``M_n = H_K (x) H_{2^m}`` (Sylvester natural order, K the outer index).
 
     ``wht(x) == x @ hadamard_matrix(n).T`` and ``M_n @ M_n.T == n * I``.

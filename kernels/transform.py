@@ -15,30 +15,41 @@ from __future__ import annotations
 
 import torch
 
-from .hadamard import hadamard_k, hadamard_order
+from .hadamard import hadamard_k, hadamard_matrix, hadamard_order
 
 __all__ = ["wht", "iwht", "wht_torch", "hadamard_transform"]
+
+_FACTOR = 64  # widest Sylvester factor applied as one matmul by the torch path
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """O(n log n) butterfly: ``x @ M_n.T`` (or ``x @ M_n`` when ``transpose``), differentiable, any leading shape.
+def _pow2_factors(p: int, fmax: int) -> list[int]:
+    factors = []
+    while p > 1:
+        factors.append(min(p, fmax))
+        p //= factors[-1]
+    return factors
 
-    Low-precision inputs are computed in float32 and cast back once.
+
+def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """O(n log n) torch transform: ``x @ M_n.T`` (or ``x @ M_n`` when ``transpose``), differentiable, any leading shape.
+
+    ``H_{2^m}`` is applied as a Kronecker product of small Sylvester factors (at most ``_FACTOR`` wide), one
+    batched matmul per factor: ``O(n * _FACTOR * log_FACTOR(n))`` = O(n log n) work that runs in BLAS, several
+    times faster on CPU than a radix-2 butterfly of elementwise passes. Then ``H_K`` multiplies the outer axis.
+    Low-precision inputs are computed in float32 and cast back once; float64 stays float64.
     """
     n = x.shape[-1]
     k, p = hadamard_order(n)
-    y = x.to(_compute_dtype(x.dtype)).reshape(-1, k, p)
-    rows = y.shape[0]
-    h = 1
-    while h < p:
-        a, b = y.reshape(rows, k, p // (2 * h), 2, h).unbind(-2)
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    y = y.reshape(rows, k, p)
+    factors = _pow2_factors(p, _FACTOR)
+    y = x.to(_compute_dtype(x.dtype)).reshape(-1, k, *factors)
+    for axis, f in enumerate(factors, start=2):
+        h = hadamard_matrix(f, dtype=y.dtype, device=y.device)  # symmetric
+        y = torch.movedim(torch.matmul(torch.movedim(y, axis, -1), h), -1, axis)
+    y = y.reshape(-1, k, p)
     if k > 1:
         hk = hadamard_k(k).to(dtype=y.dtype, device=y.device)
         y = torch.matmul(hk.T if transpose else hk, y)

@@ -1,0 +1,276 @@
+"""Calibration activations, streamed block by block: float64 Gram matrices ``X^T X`` of each target linear's input.
+
+How it works (the GPTQ "Catcher" pattern):
+
+1. The inputs of decoder block 0 are captured once: the model is run on each calibration batch with a forward
+   pre-hook on block 0 that records the hidden states **and every keyword argument the block receives**
+   (attention mask, ``position_embeddings``, ``position_ids``, ...; whatever this transformers version passes) and
+   then raises a sentinel exception, so nothing past the embeddings is computed.
+2. For each block in order: forward hooks on its target linears accumulate ``X^T X`` in float64 while the block
+   runs on the stored inputs; the grams are yielded (``(block_index, block, grams)``); then
+   ``transform_block(block_index, block, grams)`` is called if given; then the block is run **again** on the same
+   inputs and its outputs become the next block's inputs.
+
+Sequential mode (the default, ``sequential=True``) is what GPTQ calls "true sequential" across blocks: whatever
+the caller does to the block while it holds the yielded item (in the body of its ``for`` loop) or in
+``transform_block`` -- e.g. quantizing or adapting its weights -- happens *before* the block's outputs are
+recomputed, so block ``i+1`` is calibrated on the activations the already-modified blocks ``0..i`` produce.
+With ``sequential=False`` the outputs are taken in the same pass that collects the grams (one block forward
+instead of two), so modifications do not propagate; use it when the model is not being changed.
+
+Memory: the hidden states of all calibration sequences (two copies, inputs and outputs of the current block) and
+only one block's grams at a time.  Everything runs under ``torch.no_grad`` on the device the model is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+TARGET_MODULES_DEFAULT: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+__all__ = [
+    "TARGET_MODULES_DEFAULT",
+    "BlockGrams",
+    "collect_grams",
+    "find_decoder_layers",
+    "gram_to_root",
+    "iter_block_grams",
+]
+
+
+class BlockGrams(dict):
+    """``dict[qualified_linear_name -> X^T X]`` (float64, ``d_in x d_in``) with token counts.
+
+    ``token_counts[name]`` is the number of input rows (tokens) accumulated into that gram; ``n_tokens`` is the
+    largest of them (every linear of a dense block sees every token, so they are all equal there).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.token_counts: dict[str, int] = {}
+
+    @property
+    def n_tokens(self) -> int:
+        return max(self.token_counts.values(), default=0)
+
+
+class _StopForward(Exception):
+    """Raised by the pre-hook on block 0 once its inputs are captured."""
+
+
+def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a Llama/Mistral/Qwen2-style model (``model.model.layers``, or ``model.layers`` for a
+    bare base model); ``ValueError`` otherwise."""
+    for owner in (getattr(model, "model", None), model):
+        layers = getattr(owner, "layers", None) if owner is not None else None
+        if isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0:
+            return list(layers)
+    raise ValueError(
+        f"cannot find decoder layers in {type(model).__name__}: expected a Llama/Mistral/Qwen2-style model with "
+        "model.model.layers (an nn.ModuleList of decoder blocks)"
+    )
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    w = getattr(module, "weight", None)
+    return hasattr(module, "in_features") and isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _target_linears(model: nn.Module, block: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Module]:
+    """``{qualified name in model -> module}`` for the block's linears whose last name part is a target."""
+    full_names = {id(m): n for n, m in model.named_modules()}
+    targets = set(target_modules)
+    found: dict[str, nn.Module] = {}
+    for _, module in block.named_modules():
+        name = full_names.get(id(module))
+        if name is None or name.rsplit(".", 1)[-1] not in targets or not _is_linear_like(module):
+            continue
+        found[name] = module
+    return found
+
+
+def _detach(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, tuple):
+        return tuple(_detach(o) for o in obj)
+    if isinstance(obj, list):
+        return [_detach(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _detach(v) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"decoder block returned {type(out).__name__}; expected a tensor or a tuple starting with one")
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _capture_block0_inputs(
+    model: nn.Module, block0: nn.Module, input_ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    """Run the model on each batch until block 0; keep its hidden-states input and its other args/kwargs."""
+    hidden: list[torch.Tensor] = []
+    extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if args:
+            h, rest = args[0], tuple(args[1:])
+            kw = dict(kwargs)
+        else:
+            kw = dict(kwargs)
+            h, rest = kw.pop("hidden_states"), ()
+        kw.pop("use_cache", None)
+        for cache_key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+            kw.pop(cache_key, None)
+        hidden.append(h.detach())
+        extras.append((_detach(rest), _detach(kw)))
+        raise _StopForward
+
+    device = _model_device(model)
+    handle = block0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for start in range(0, input_ids.shape[0], batch_size):
+                ids = input_ids[start : start + batch_size].long().to(device)
+                try:
+                    if hasattr(model, "config"):
+                        model(input_ids=ids, use_cache=False)
+                    else:
+                        model(ids)
+                except _StopForward:
+                    pass
+                else:
+                    raise RuntimeError("the model ran without calling its first decoder block")
+    finally:
+        handle.remove()
+    return hidden, extras
+
+
+def iter_block_grams(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    target_modules: Sequence[str] = TARGET_MODULES_DEFAULT,
+    batch_size: int = 8,
+    transform_block: Callable[[int, nn.Module, BlockGrams], Any] | None = None,
+    sequential: bool = True,
+) -> Iterator[tuple[int, nn.Module, BlockGrams]]:
+    """Yield ``(block_index, block, grams)`` for each decoder block, in order (see the module docstring).
+
+    ``input_ids`` is a ``LongTensor (n, seq)`` of calibration sequences (e.g. from
+    :func:`qwha_export.data.calibration_and_heldout`).  ``grams`` is a :class:`BlockGrams`: qualified linear name
+    (as in ``model.named_modules()``, e.g. ``model.layers.3.self_attn.q_proj``) -> float64 ``X^T X`` of that
+    linear's input over all calibration tokens, with ``grams.token_counts``.  The grams are freshly allocated for
+    each block (safe to modify in place) and dropped by this function once the next block starts.
+
+    ``transform_block(block_index, block, grams)`` runs after the yield and before the block's outputs are
+    recomputed (GPTQ sequential mode); its return value is ignored.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    layers = find_decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    try:
+        hidden, extras = _capture_block0_inputs(model, layers[0], input_ids, batch_size)
+        for index, block in enumerate(layers):
+            linears = _target_linears(model, block, target_modules)
+            grams = BlockGrams()
+            last: dict[str, Any] = {"x": None, "xtx": None}
+
+            def make_hook(name: str, grams: BlockGrams = grams, last: dict[str, Any] = last):
+                def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+                    x = args[0]
+                    # q/k/v (and gate/up) receive the very same tensor: compute its X^T X once and reuse it.
+                    if last["x"] is not x:
+                        x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                        last["x"], last["xtx"], last["rows"] = x, x2.T @ x2, x2.shape[0]
+                    if name in grams:
+                        grams[name] += last["xtx"]
+                        grams.token_counts[name] += last["rows"]
+                    else:
+                        grams[name] = last["xtx"].clone()
+                        grams.token_counts[name] = last["rows"]
+
+                return hook
+
+            handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+            outputs: list[torch.Tensor] = []
+            try:
+                with torch.no_grad():
+                    for h, (rest, kw) in zip(hidden, extras, strict=True):
+                        out = _block_output(block(h, *rest, **kw))
+                        if not sequential:
+                            outputs.append(out.detach())
+            finally:
+                for handle in handles:
+                    handle.remove()
+                last.clear()
+            missing = [n for n in linears if n not in grams]
+            if missing:
+                raise RuntimeError(f"block {index}: target linears were never called: {missing}")
+
+            yield index, block, grams
+
+            if transform_block is not None:
+                transform_block(index, block, grams)
+            del grams
+            if sequential:
+                with torch.no_grad():
+                    outputs = [
+                        _block_output(block(h, *rest, **kw)).detach()
+                        for h, (rest, kw) in zip(hidden, extras, strict=True)
+                    ]
+            hidden = outputs
+    finally:
+        model.train(was_training)
+
+
+def collect_grams(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    target_modules: Sequence[str] = TARGET_MODULES_DEFAULT,
+    batch_size: int = 8,
+) -> BlockGrams:
+    """All blocks' grams in one dict (for tiny models; the model is not modified, so one pass per block)."""
+    result = BlockGrams()
+    for _, _, grams in iter_block_grams(model, input_ids, target_modules, batch_size=batch_size, sequential=False):
+        result.update(grams)
+        result.token_counts.update(grams.token_counts)
+    return result
+
+
+def gram_to_root(xtx: torch.Tensor, damp_ratio: float = 1e-4) -> torch.Tensor:
+    """Symmetric square root ``R`` of ``XtX + damp_ratio * mean(diag(XtX)) * I`` (so ``R @ R == that``), float64.
+
+    Computed with ``torch.linalg.eigh`` in float64; eigenvalues are clamped at 0 before the square root so tiny
+    negative round-off never produces NaNs.  Used by the QWHA initialisation (``||(W - W') R||_F`` weighs the
+    weight error by the calibration activations).
+    """
+    if xtx.dim() != 2 or xtx.shape[0] != xtx.shape[1]:
+        raise ValueError(f"xtx must be a square matrix, got shape {tuple(xtx.shape)}")
+    a = xtx.to(torch.float64)
+    a = 0.5 * (a + a.T)
+    diag_mean = a.diagonal().mean()
+    damp = damp_ratio * diag_mean if diag_mean > 0 else torch.tensor(damp_ratio, dtype=torch.float64, device=a.device)
+    a = a + damp * torch.eye(a.shape[0], dtype=torch.float64, device=a.device)
+    evals, evecs = torch.linalg.eigh(a)
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return 0.5 * (root + root.T)

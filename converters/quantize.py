@@ -1,0 +1,525 @@
+"""Weight quantizers: group-wise asymmetric round-to-nearest (RTN) and GPTQ.
+
+Every quantizer in the tool returns a :class:`QuantizedWeight`, whose contract is:
+
+Memory layout (all tensors row-major / C-contiguous, one value per element, nothing packed):
+
+* ``codes``  ``(d_out, d_in)`` ``torch.uint8`` -- integer codes ``q`` in ``[0, 2**bits - 1]``, in the ORIGINAL
+  column order of the weight (also after GPTQ ``act_order``). Bit-packing is the job of each exporter.
+* ``scales`` ``(d_out, n_groups)`` ``torch.float16`` -- one scale per (output row, group).
+* ``zeros``  ``(d_out, n_groups)`` ``torch.uint8`` -- integer zero points ``z`` in ``[0, 2**bits - 1]`` (NOT
+  pre-multiplied by the scale, and NOT stored minus one as the legacy AutoGPTQ "v1" ``qzeros`` packing does).
+* ``g_idx``  ``(d_in,)`` ``torch.int32`` or ``None`` -- group of each input column. ``None`` means the sequential
+  mapping ``column // group_size``; it is only set when the mapping differs from that (GPTQ ``act_order`` without
+  ``static_groups``).
+
+``n_groups = d_in // group_size`` (``group_size`` must divide ``d_in``), or ``1`` for per-output-channel
+quantization (``group_size=-1`` in :class:`QuantConfig`; the stored ``QuantizedWeight.group_size`` is then ``d_in``).
+
+Dequantization (exact formula)::
+
+    g = g_idx[i] if g_idx is not None else i // group_size
+    W[o, i] = (float(codes[o, i]) - float(zeros[o, g])) * float(scales[o, g])
+
+Why it is bit-exact everywhere: ``codes - zeros`` is a small integer (|.| <= 255, 8 significant bits) and the scale
+is a float16 value (11 significant bits), so the product has at most 19 significant bits and is EXACT in float32
+(24 bits). :meth:`QuantizedWeight.dequantize` computes it in float32 and then casts to the requested dtype, i.e. it
+rounds the exact value once. Any runtime that evaluates ``(q - z) * s`` with a single IEEE multiply (in float32,
+or in float16 / bfloat16 where ``q - z`` is exactly representable) therefore produces bit-identical weights.
+(Runtimes using the pre-multiplied form ``q * s - (z * s)`` may differ in the last bit.)
+
+Grid parameters (identical for RTN and GPTQ), per (row, group), in float64::
+
+    xmin  = min(min(w), 0);  xmax = max(max(w), 0)          # 0 is always on the grid, as in GPTQ
+    scale = (xmax - xmin) / (2**bits - 1);  scale = 1 if scale == 0 (all-zero group: codes == zero, W_deq == 0)
+    s16   = fp16 value of scale, clamped into the fp16 normal range [2**-14, 65504] and rounded UPWARD
+            (the smallest float16 >= scale), so the grid always spans [xmin, xmax]
+    zero  = clamp(round(-xmin / s16), 0, maxq)
+    code  = clamp(round(w / s16) + zero, 0, maxq)           # round = round-half-to-even
+
+Rounding the scale to float16 *before* choosing codes and zeros makes the stored scale exactly the one the codes
+were chosen for. Rounding it upward (rather than to nearest) guarantees ``|w - W_deq| <= s16 / 2`` for every weight
+of the group that the grid was computed from, for every bit width (to-nearest could shrink the grid by up to
+``maxq * 2**-11`` steps, which at 8 bits is an eighth of a step); the cost is a relative scale increase < 2**-10.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "SUPPORTED_GROUP_SIZES",
+    "QuantMethod",
+    "QuantConfig",
+    "QuantizedWeight",
+    "quantize_rtn",
+    "quantize_gptq",
+    "quantize_weight",
+    "quantization_error",
+]
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES: tuple[int, ...] = (32, 64, 128, -1)
+
+_FP16_MIN_NORMAL = 2.0**-14  # 6.103515625e-05
+_FP16_MAX = 65504.0
+
+
+class QuantMethod(StrEnum):
+    """Quantization algorithm (a ``str`` subclass: ``QuantMethod.GPTQ == "gptq"``)."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_bits(bits: Any) -> int:
+    if not _is_int(bits) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; choose one of {SUPPORTED_BITS}")
+    return bits
+
+
+def _check_group_size(group_size: Any) -> int:
+    if not _is_int(group_size) or group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size!r} is not supported; choose one of {SUPPORTED_GROUP_SIZES} "
+            "(-1 means one group per output channel)"
+        )
+    return group_size
+
+
+def _resolve_group_size(group_size: int, d_in: int) -> int:
+    """The real group size for a layer with ``d_in`` input columns; ValueError if it does not divide ``d_in``."""
+    if group_size == -1:
+        return d_in
+    if d_in % group_size != 0:
+        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size}")
+    return group_size
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a weight.
+
+    ``bits`` in {2, 3, 4, 8}; ``group_size`` in {32, 64, 128} or -1 (per output channel); ``method`` "rtn" or
+    "gptq" (normalised to :class:`QuantMethod`). The remaining fields only matter for GPTQ: ``damp`` is the
+    fraction of ``mean(diag(H))`` added to the Hessian diagonal, ``act_order`` processes columns by descending
+    ``diag(H)``, ``static_groups`` computes every group's grid up front from the unquantized weight (in the
+    original column order), ``block_size`` is the lazy-batch width.
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    method: QuantMethod | str = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    block_size: int = 128
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        _check_group_size(self.group_size)
+        method = self.method
+        if isinstance(method, str) and not isinstance(method, QuantMethod):
+            try:
+                method = QuantMethod(method.strip().lower())
+            except ValueError:
+                raise ValueError(
+                    f"method={self.method!r} is not supported; choose one of {[m.value for m in QuantMethod]}"
+                ) from None
+        elif not isinstance(method, QuantMethod):
+            raise ValueError(f"method={self.method!r} is not supported; choose one of {[m.value for m in QuantMethod]}")
+        object.__setattr__(self, "method", method)
+        if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not math.isfinite(self.damp):
+            raise ValueError(f"damp={self.damp!r} must be a finite number >= 0")
+        if self.damp < 0:
+            raise ValueError(f"damp={self.damp!r} must be >= 0")
+        if not _is_int(self.block_size) or self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive integer")
+        for name in ("act_order", "static_groups"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be a bool")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``(d_out, d_in)`` weight; see the module docstring for layout and the dequantization formula.
+
+    ``group_size`` is the real group size (``d_in`` for per-channel). ``g_idx`` (int32, ``(d_in,)``) is the group of
+    each input column, or ``None`` for the sequential mapping ``column // group_size``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    g_idx: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.bits = _check_bits(int(self.bits) if isinstance(self.bits, torch.Tensor) else self.bits)
+        if isinstance(self.group_size, torch.Tensor):
+            self.group_size = int(self.group_size)
+        if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be a 2-D uint8 tensor, got {self.codes.dtype} {tuple(self.codes.shape)}")
+        d_out, d_in = self.codes.shape
+        if not _is_int(self.group_size) or self.group_size < 1 or d_in % self.group_size != 0:
+            raise ValueError(f"group_size={self.group_size!r} does not divide d_in={d_in}")
+        n_groups = d_in // self.group_size
+        if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (d_out, n_groups):
+            raise ValueError(
+                f"scales must be float16 of shape {(d_out, n_groups)}, "
+                f"got {self.scales.dtype} {tuple(self.scales.shape)}"
+            )
+        if self.zeros.dtype != torch.uint8 or tuple(self.zeros.shape) != (d_out, n_groups):
+            raise ValueError(
+                f"zeros must be uint8 of shape {(d_out, n_groups)}, got {self.zeros.dtype} {tuple(self.zeros.shape)}"
+            )
+        if self.g_idx is not None:
+            if tuple(self.g_idx.shape) != (d_in,) or self.g_idx.dtype.is_floating_point or self.g_idx.is_complex():
+                raise ValueError(f"g_idx must be an integer tensor of shape {(d_in,)}, got {tuple(self.g_idx.shape)}")
+            self.g_idx = self.g_idx.to(torch.int32)
+            if d_in and (int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= n_groups):
+                raise ValueError(f"g_idx values must lie in [0, {n_groups})")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.codes.shape[0]), int(self.codes.shape[1]))
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.scales.shape[1])
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def group_index(self) -> torch.Tensor:
+        """``(d_in,)`` int64: the group of each input column (``g_idx``, or ``arange(d_in) // group_size``)."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.shape[1], device=self.codes.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(codes - zeros[:, g]) * scales[:, g]`` computed exactly in float32, then cast once to ``dtype``."""
+        g = self.group_index()
+        s = self.scales.float().index_select(1, g)
+        z = self.zeros.float().index_select(1, g)
+        w = (self.codes.float() - z) * s
+        return w if dtype == torch.float32 else w.to(dtype)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        return QuantizedWeight(
+            codes=self.codes.to(device),
+            scales=self.scales.to(device),
+            zeros=self.zeros.to(device),
+            bits=self.bits,
+            group_size=self.group_size,
+            g_idx=None if self.g_idx is None else self.g_idx.to(device),
+        )
+
+    def to_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Flat ``{name: tensor}`` dict ready for ``safetensors.torch.save_file``.
+
+        Keys (each preceded by ``prefix``): ``codes`` (uint8), ``scales`` (float16), ``zeros`` (uint8), ``bits`` and
+        ``group_size`` (1-element int32 tensors, so the dict is self-describing without safetensors metadata), and
+        ``g_idx`` (int32) only when it is not ``None``. Tensors are made contiguous, device is kept.
+        """
+        out = {
+            f"{prefix}codes": self.codes.contiguous(),
+            f"{prefix}scales": self.scales.contiguous(),
+            f"{prefix}zeros": self.zeros.contiguous(),
+            f"{prefix}bits": torch.tensor([self.bits], dtype=torch.int32),
+            f"{prefix}group_size": torch.tensor([self.group_size], dtype=torch.int32),
+        }
+        if self.g_idx is not None:
+            out[f"{prefix}g_idx"] = self.g_idx.contiguous()
+        return out
+
+    @classmethod
+    def from_dict(
+        cls,
+        tensors: dict[str, Any],
+        prefix: str = "",
+        bits: int | None = None,
+        group_size: int | None = None,
+    ) -> QuantizedWeight:
+        """Inverse of :meth:`to_dict`. ``bits``/``group_size`` may be given explicitly (e.g. from metadata) instead
+        of being read from the ``bits``/``group_size`` entries (which may be ints, strings or 1-element tensors)."""
+
+        def scalar(name: str, given: int | None) -> int:
+            if given is not None:
+                return int(given)
+            key = f"{prefix}{name}"
+            if key not in tensors:
+                raise ValueError(f"missing {key!r} (pass {name}= explicitly)")
+            v = tensors[key]
+            return int(v.reshape(-1)[0]) if isinstance(v, torch.Tensor) else int(v)
+
+        return cls(
+            codes=tensors[f"{prefix}codes"],
+            scales=tensors[f"{prefix}scales"],
+            zeros=tensors[f"{prefix}zeros"],
+            bits=scalar("bits", bits),
+            group_size=scalar("group_size", group_size),
+            g_idx=tensors.get(f"{prefix}g_idx"),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shared grid math (float64)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _fp16_scale_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """Smallest float16 value >= ``scale`` (clamped into ``[2**-14, 65504]``), returned as float64."""
+    scale = scale.clamp(_FP16_MIN_NORMAL, _FP16_MAX)
+    s16 = scale.to(torch.float16)
+    below = s16.double() < scale
+    if bool(below.any()):
+        # positive finite float16: the next representable value up is the bit pattern + 1
+        bumped = (s16.view(torch.int16) + 1).view(torch.float16)
+        s16 = torch.where(below, bumped, s16)
+    return s16.double()
+
+
+def _grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group ``(scale, zero)`` in float64 (scale holds exact float16 values, zero exact integers)."""
+    xmin = xmin.clamp(max=0.0)
+    xmax = xmax.clamp(min=0.0)
+    scale = (xmax - xmin) / maxq
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = _fp16_scale_ceil(scale)
+    zero = torch.round(-xmin / scale).clamp_(0, maxq)
+    return scale, zero
+
+
+def _quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Float64 codes ``clamp(round(w / scale) + zero, 0, maxq)`` (broadcasting)."""
+    return (torch.round(w / scale) + zero).clamp_(0, maxq)
+
+
+def _as_float64_copy(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{name} must be a 2-D tensor, got {shape}")
+    if not weight.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a floating point tensor, got {weight.dtype}")
+    w = weight.detach().to(dtype=torch.float64, copy=True)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"{name} contains non-finite values")
+    return w
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RTN
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedWeight:
+    """Group-wise asymmetric min/max round-to-nearest quantization of a ``(d_out, d_in)`` weight.
+
+    ``group_size`` in {32, 64, 128} groups consecutive input columns; -1 uses one group per output row. The math
+    is done in float64 on ``weight.device``; ``weight`` (any float dtype) is never modified. Guarantee:
+    ``|W - W_deq| <= scales[o, g] / 2`` elementwise. See the module docstring for the exact grid formulas.
+    """
+    _check_bits(bits)
+    _check_group_size(group_size)
+    w = _as_float64_copy(weight)
+    d_out, d_in = w.shape
+    gs = _resolve_group_size(group_size, d_in)
+    n_groups = d_in // gs
+    maxq = 2**bits - 1
+    wg = w.view(d_out, n_groups, gs)
+    scale, zero = _grid_params(wg.amin(dim=-1), wg.amax(dim=-1), maxq)
+    codes = _quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
+    return QuantizedWeight(
+        codes=codes.reshape(d_out, d_in).to(torch.uint8),
+        scales=scale.to(torch.float16),
+        zeros=zero.to(torch.uint8),
+        bits=bits,
+        group_size=gs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GPTQ
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag(H)) * I)^-1``; damping is raised (x10, with a warning) if
+    the damped matrix is still not positive definite."""
+    mean_diag = float(h.diagonal().mean())
+    d = float(damp)
+    for _attempt in range(12):
+        hd = h.clone()
+        hd.diagonal().add_(d * mean_diag)
+        low, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(low)
+            up, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return up
+        new_d = max(d * 10.0, 1e-4)
+        warnings.warn(
+            f"GPTQ: Hessian not positive definite with damp={d:g}; retrying with damp={new_d:g}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        d = new_d
+    raise ValueError(f"GPTQ: Hessian is not positive definite even with damp={d:g}")
+
+
+def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConfig) -> QuantizedWeight:
+    """GPTQ (Frantar et al., 2022) with the grid of :func:`quantize_rtn`.
+
+    ``hessian`` is ``X^T X`` (``d_in x d_in``; any positive scaling, float64 preferred) of the layer inputs ``X``
+    (``n x d_in``). The algorithm follows AutoGPTQ / GPTQModel ``gptq.py``:
+
+    * dead columns (``diag(H) == 0``) get ``H[i, i] = 1`` and a zero weight column;
+    * with ``act_order`` the columns are processed by descending ``diag(H)`` (stable sort);
+    * ``damp * mean(diag(H))`` is added to the diagonal, then the upper Cholesky factor of ``H^-1`` is used;
+    * columns are quantized one at a time in lazy-batch blocks of ``block_size``, the error of each column being
+      propagated to the not yet quantized ones;
+    * the grid of each group is computed when its first column is reached, from the weight as updated so far
+      (all pending in-block updates included -- AutoGPTQ reads the stale block-start copy here), in processing
+      order; with ``static_groups`` all grids are computed up front from the unquantized weight (dead columns
+      zeroed) in the ORIGINAL column order; per-channel (``group_size=-1``) uses one grid per row computed up front.
+
+    Everything runs in float64 on ``weight.device``, vectorised over rows, deterministic; neither input is
+    modified. ``codes``/``scales``/``zeros`` are returned in the original column order; ``g_idx`` is set only when
+    the group mapping is not ``column // group_size`` (``act_order`` without ``static_groups``).
+    """
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+    bits, maxq = config.bits, config.maxq
+    w = _as_float64_copy(weight)
+    d_out, d_in = w.shape
+    gs = _resolve_group_size(config.group_size, d_in)
+    n_groups = d_in // gs
+    if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (d_in, d_in):
+        shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+        raise ValueError(f"hessian must have shape {(d_in, d_in)} for a weight with d_in={d_in}, got {shape}")
+    h = hessian.detach().to(device=w.device, dtype=torch.float64, copy=True)
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("hessian contains non-finite values")
+
+    dead = h.diagonal() == 0
+    if bool(dead.any()):
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
+
+    # grids computed up front (static groups / per-channel), indexed by the ORIGINAL group number
+    static = config.static_groups or n_groups == 1
+    scales = torch.empty(d_out, n_groups, dtype=torch.float64, device=w.device)
+    zeros = torch.empty_like(scales)
+    if static:
+        wg = w.view(d_out, n_groups, gs)
+        scales[:], zeros[:] = _grid_params(wg.amin(dim=-1), wg.amax(dim=-1), maxq)
+
+    if config.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True, stable=True)
+        w = w[:, perm]
+        h = h[perm][:, perm]
+        invperm = torch.argsort(perm)
+        perm_list = perm.tolist()
+    else:
+        perm = invperm = None
+        perm_list = list(range(d_in))
+
+    # group of each processed (permuted) column: original group for static grids, else processing-order group
+    col_group = [c // gs for c in perm_list] if static else [j // gs for j in range(d_in)]
+
+    hinv = _inverse_hessian_cholesky(h, config.damp)
+    del h
+
+    q_codes = torch.empty(d_out, d_in, dtype=torch.uint8, device=w.device)
+    bs = config.block_size
+    for i1 in range(0, d_in, bs):
+        i2 = min(i1 + bs, d_in)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.empty(d_out, count, dtype=torch.float64, device=w.device)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            g = col_group[col]
+            if not static and col % gs == 0:
+                # current values of the group's columns: in-block ones live in w1 (fully updated); later ones are
+                # in w, still missing this block's pending updates from columns i1 .. col-1
+                end = col + gs
+                cur = w1[:, i : min(count, end - i1)]
+                if end > i2:
+                    rest = w[:, i2:end]
+                    if i > 0:
+                        rest = rest - err1[:, :i] @ hinv[i1:col, i2:end]
+                    cur = torch.cat([cur, rest], dim=1)
+                s_g, z_g = _grid_params(cur.amin(dim=1), cur.amax(dim=1), maxq)
+                scales[:, g] = s_g
+                zeros[:, g] = z_g
+            s = scales[:, g]
+            z = zeros[:, g]
+            wc = w1[:, i]
+            q = _quantize_codes(wc, s, z, maxq)
+            q_codes[:, col] = q.to(torch.uint8)
+            e = (wc - (q - z) * s) / hinv1[i, i]
+            err1[:, i] = e
+            if i + 1 < count:
+                w1[:, i + 1 :].addr_(e, hinv1[i, i + 1 :], alpha=-1.0)
+        if i2 < d_in:
+            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)
+
+    g_idx = None
+    if invperm is not None:
+        q_codes = q_codes[:, invperm].contiguous()
+        if not static:
+            gi = (invperm // gs).to(torch.int32)
+            if not torch.equal(gi.long(), torch.arange(d_in, device=w.device) // gs):
+                g_idx = gi
+    return QuantizedWeight(
+        codes=q_codes,
+        scales=scales.to(torch.float16),
+        zeros=zeros.to(torch.uint8),
+        bits=bits,
+        group_size=gs,
+        g_idx=g_idx,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# dispatch / helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def quantize_weight(weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None) -> QuantizedWeight:
+    """Quantize ``weight`` with ``config.method``; GPTQ needs ``hessian`` (ValueError otherwise), RTN ignores it."""
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
+    if config.method is QuantMethod.RTN:
+        return quantize_rtn(weight, config.bits, config.group_size)
+    if hessian is None:
+        raise ValueError(f"method={config.method.value!r} needs a hessian (X^T X of the layer inputs); got None")
+    return quantize_gptq(weight, hessian, config)
+
+
+def quantization_error(weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+    """``W - W_deq`` in float64."""
+    if tuple(weight.shape) != qw.shape:
+        raise ValueError(f"weight shape {tuple(weight.shape)} does not match quantized shape {qw.shape}")
+    return weight.detach().to(torch.float64) - qw.dequantize(torch.float64).to(weight.device)

