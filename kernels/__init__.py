@@ -6,7 +6,7 @@ Public, stable API: :func:`hadamard_matrix`, :func:`wht`, :func:`iwht`, :func:`s
 
 from .hadamard import PUBLISHED_ORDERS, SUPPORTED_ORDERS, hadamard_k, hadamard_matrix, hadamard_order, is_supported_size
 from .reference import iwht_reference, spectral_adapter_reference, spectral_dense, wht_reference
-from .spectral import SpectralLayout, spectral_adapter
+from .spectral import SpectralLayout, dense_delta, spectral_adapter
 from .transform import hadamard_transform, iwht, wht, wht_torch
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "wht",
     "spectral_adapter",
     "SpectralLayout",
+    "dense_delta",
     "iwht",
     "wht_torch",
     "hadamard_transform",

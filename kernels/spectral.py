@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .transform import wht_torch
+from .reference import spectral_dense
+from .transform import hadamard_transform, wht_torch
 
-__all__ = ["SpectralLayout", "spectral_adapter", "spectral_adapter_torch"]
+__all__ = ["SpectralLayout", "dense_delta", "spectral_adapter", "spectral_adapter_torch"]
 
 
 @dataclass(frozen=True)
@@ -107,3 +108,11 @@ def spectral_adapter(x: torch.Tensor, values: torch.Tensor, layout: SpectralLayo
         if triton_spectral.available():
             return triton_spectral.spectral_adapter_triton(x, values, layout, scale)
     return spectral_adapter_torch(x, values, layout, scale)
+
+
+def dense_delta(
+    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, coefficient: float
+) -> torch.Tensor:
+    """Dense ``coefficient * F @ M`` in float64 (the merged weight delta), O(d_out d_in log d_in) via the fast WHT."""
+    f = spectral_dense(values.detach().to(torch.float64), rows, cols, d_out, d_in)
+    return coefficient * hadamard_transform(f, transpose=True)

@@ -1,0 +1,96 @@
+"""The QWHA layer: a frozen quantized base plus a sparse Walsh-Hadamard spectral adapter.
+
+``y = x @ W_deq.T + (s / (d_in * sqrt(d_out))) * wht(x) @ F.T + bias``
+
+``F`` (``d_out x d_in``) is sparse: ``values[e]`` at ``(rows[e], cols[e])`` (row = output channel, col = Walsh
+index). This equals the published QWHA layer, whose dense delta is ``Delta W = iwht(dense(F)) * s / sqrt(d_out)``
+with ``iwht(F) = F @ M / d_in`` (see :func:`delta_weight`). The training forward never builds ``Delta W``: the
+adapter runs on activations through :func:`qwha_export.kernels.spectral_adapter` (Triton on CUDA, torch on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .kernels import SpectralLayout, dense_delta, is_supported_size, spectral_adapter
+
+__all__ = ["QWHALinear", "adapter_coefficient", "delta_weight", "validate_spectrum"]
+
+
+def adapter_coefficient(scale: float, d_in: int, d_out: int) -> float:
+    """The factor in front of ``wht(x) @ F.T``: ``s / (d_in * sqrt(d_out))``."""
+    return float(scale) / (d_in * math.sqrt(d_out))
+
+
+def validate_spectrum(
+    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, name: str = "layer"
+) -> None:
+    """Raise ``ValueError`` (one line, naming the layer) for NaN/inf values or out-of-range indices."""
+    if values.numel() != rows.numel() or rows.numel() != cols.numel():
+        raise ValueError(f"{name}: spectrum has {values.numel()} values but {rows.numel()}/{cols.numel()} indices")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{name}: spectrum has {bad} NaN/inf value(s); the adapter file is corrupt")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= d_out):
+        raise ValueError(f"{name}: output-channel index {int(rows.max())} out of range for d_out={d_out}")
+    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= d_in):
+        raise ValueError(f"{name}: Walsh index {int(cols.max())} out of range for d_in={d_in}")
+
+
+def delta_weight(
+    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, scale: float
+) -> torch.Tensor:
+    """Dense ``Delta W = (s / (d_in sqrt(d_out))) * F @ M`` in float64, O(d_out d_in log d_in) from the sparse form."""
+    return dense_delta(values, rows, cols, d_out, d_in, adapter_coefficient(scale, d_in, d_out))
+
+
+class QWHALinear(nn.Module):
+    """QWHA layer around a frozen base (a :class:`~qwha_export.quant_linear.QuantLinear` or any linear module).
+
+    Args:
+        base: module computing ``x @ W_deq.T + bias``; its parameters are frozen.
+        values: ``(nnz,)`` spectrum values (trainable, float32).
+        rows, cols: ``(nnz,)`` output-channel and Walsh indices.
+        scale: ``s``; the adapter coefficient is ``s / (d_in * sqrt(d_out))``.
+    """
+
+    def __init__(
+        self, base: nn.Module, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float = 1.0
+    ):
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = base.out_features, base.in_features
+        if not is_supported_size(self.in_features):
+            raise ValueError(f"d_in={self.in_features} has no supported Walsh-Hadamard size")
+        validate_spectrum(values, rows, cols, self.out_features, self.in_features)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.spectrum = nn.Parameter(values.detach().to(torch.float32).clone())
+        self.register_buffer("indices", torch.stack([rows.long(), cols.long()]))
+        self.scale = float(scale)
+        self._layout: SpectralLayout | None = None
+
+    @property
+    def coefficient(self) -> float:
+        return adapter_coefficient(self.scale, self.in_features, self.out_features)
+
+    def layout(self) -> SpectralLayout:
+        lay = self._layout
+        if lay is None:
+            lay = SpectralLayout.build(self.indices[0], self.indices[1], self.out_features, self.in_features)
+        if lay.rows.device != self.indices.device:
+            lay = lay.to(self.indices.device)
+        self._layout = lay
+        return lay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + spectral_adapter(x, self.spectrum, self.layout(), self.coefficient).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return delta_weight(
+            self.spectrum, self.indices[0], self.indices[1], self.out_features, self.in_features, self.scale
+        )

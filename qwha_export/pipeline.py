@@ -1,0 +1,282 @@
+"""Pipeline stage ``init``: quantize a causal LM and initialise QWHA adapters, writing an adapter directory.
+
+Directory layout written by :func:`init_qwha` (everything later stages need):
+
+* ``adapter_config.json`` + ``adapter_model.safetensors`` -- the peft QWHA adapter (``PeftModel.from_pretrained``).
+* ``quantized_base.safetensors`` -- per quantized linear ``<name>.codes|scales|zeros|bits|group_size[|g_idx]``
+  (see :class:`~qwha_export.converters.quantize.QuantizedWeight`).
+* ``qwha_base.json`` -- base model path and SHA-256 of its config and weights, quantization settings, target
+  modules, layers skipped (no supported Hadamard size).
+* ``init_report.json`` -- per layer: name, shape, budget, relative output error before/after init on calibration
+  and held-out activations; totals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
+from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
+from .converters.qwha_init import InitConfig, init_layer
+from .kernels import is_supported_size
+from .quant_linear import QuantLinear, replace_linear
+
+__all__ = ["InitJob", "init_qwha", "load_quantized_base", "load_qwha_model", "base_fingerprint", "atomic_output_dir"]
+
+BASE_FILE = "quantized_base.safetensors"
+BASE_META = "qwha_base.json"
+REPORT_FILE = "init_report.json"
+
+
+@dataclass(frozen=True)
+class InitJob:
+    """Inputs of ``qwha-export init``."""
+
+    model: str
+    out: str
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    calib: str | None = None  # text or JSONL file; None = gensim's Lee corpus
+    calib_tokens: int = 4096
+    heldout_tokens: int = 2048
+    seq_len: int = 512
+    target_modules: tuple[str, ...] = TARGET_MODULES_DEFAULT
+    batch_size: int = 4
+    overwrite: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("calib_tokens", "heldout_tokens", "seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
+    """SHA-256 of the base model's ``config.json`` and each ``*.safetensors`` file (sorted by name)."""
+    p = Path(model_dir)
+    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
+    return {f.name: _sha256_file(f) for f in files if f.is_file()}
+
+
+class atomic_output_dir:  # noqa: N801 - used as a context manager
+    """Write into a temporary sibling folder; rename onto ``path`` only when the block completes without error.
+
+    Refuses an existing ``path`` unless ``overwrite``. On error the temporary folder is removed, so no partial
+    output is ever left looking complete.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.path.exists() and not self.overwrite:
+            raise ValueError(f"output folder {self.path} already exists; pass --overwrite or choose another --out")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{int(time.time())}")
+            self.path.rename(old)
+            self.tmp.rename(self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.tmp.rename(self.path)
+
+
+def _read_calibration_text(path: str | None) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"calibration file {p} does not exist")
+    if p.suffix == ".jsonl":
+        from .data import read_jsonl
+
+        recs = read_jsonl(p)
+        text = "\n\n".join(r.get("text") or f"{r.get('prompt', '')}\n{r.get('response', '')}" for r in recs)
+    else:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"calibration file {p} is empty; give a text or JSONL file with some text in it")
+    return text
+
+
+def init_qwha(job: InitJob) -> dict[str, Any]:
+    """Quantize ``job.model`` and initialise QWHA adapters; write the adapter directory ``job.out``.
+
+    Streams calibration text through the full-precision model one decoder block at a time (float64 Gram matrices),
+    quantizes each target linear (RTN or GPTQ on those activations) and fits its spectrum (AdaAlloc + refinement,
+    or a baseline). Held-out activations from a disjoint part of the text measure the error reduction. Returns the
+    report that is also written to ``init_report.json``.
+    """
+    from .data import calibration_and_heldout
+    from .models import load_causal_lm
+    from .peft_qwha import QWHAConfig, set_spectrum
+
+    t0 = time.time()
+    text = _read_calibration_text(job.calib)
+    model, tokenizer = load_causal_lm(job.model)
+    calib, heldout = calibration_and_heldout(tokenizer, job.seq_len, job.calib_tokens, job.heldout_tokens, text=text)
+
+    quantized: dict[str, QuantizedWeight] = {}
+    inits: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    calib_iter = iter_block_grams(model, calib, job.target_modules, job.batch_size, sequential=False)
+    held_iter = iter_block_grams(model, heldout, job.target_modules, job.batch_size, sequential=False)
+    n_blocks = model.config.num_hidden_layers
+    bar = tqdm(total=n_blocks, desc="quantize + init", unit="block", disable=job.quiet)
+    for (_, _, grams), (_, _, held) in zip(calib_iter, held_iter, strict=True):
+        for name, gram in grams.items():
+            linear = model.get_submodule(name)
+            w = linear.weight.detach()
+            qw = quantize_weight(w, job.quant, hessian=gram)
+            quantized[name] = qw
+            if not is_supported_size(w.shape[1]):
+                skipped.append(name)
+            else:
+                res = init_layer(w, qw.dequantize(), gram, job.init, eval_gram=held[name])
+                inits[name] = res
+                layers.append({"name": name, "shape": list(w.shape), **res.report})
+            replace_linear(model, name, QuantLinear.from_linear(linear, qw))
+        bar.update(1)
+    bar.close()
+
+    peft_model = _attach_adapters(model, job, inits, QWHAConfig, set_spectrum)
+    report = _summarise(layers, skipped, job, time.time() - t0)
+    with atomic_output_dir(job.out, job.overwrite) as tmp:
+        peft_model.save_pretrained(str(tmp))
+        save_file(_flatten_quantized(quantized), str(tmp / BASE_FILE))
+        meta = {
+            "tool": "qwha-export",
+            "tool_version": __version__,
+            "base_model": str(Path(job.model).resolve()),
+            "base_hash": base_fingerprint(job.model),
+            "quantization": {
+                "bits": job.quant.bits,
+                "group_size": job.quant.group_size,
+                "method": str(job.quant.method),
+                "act_order": job.quant.act_order,
+                "static_groups": job.quant.static_groups,
+            },
+            "init": asdict(job.init),
+            "target_modules": list(job.target_modules),
+            "quantized_layers": sorted(quantized),
+            "skipped_layers": skipped,
+        }
+        (tmp / BASE_META).write_text(json.dumps(meta, indent=2))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _attach_adapters(model, job: InitJob, inits, config_cls, set_spectrum):
+    from peft import get_peft_model
+
+    config = config_cls(
+        target_modules=list(job.target_modules), rank=job.init.rank, scale=job.init.scale, seed=job.init.seed
+    )
+    peft_model = get_peft_model(model, config)
+    for name, res in inits.items():
+        set_spectrum(peft_model, name, res.values, res.rows, res.cols)
+    return peft_model
+
+
+def _flatten_quantized(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, qw in quantized.items():
+        out.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{name}.").items()})
+    return out
+
+
+def _summarise(layers: list[dict[str, Any]], skipped: list[str], job: InitJob, seconds: float) -> dict[str, Any]:
+    def total(key: str) -> float | None:
+        vals = [layer[key] for layer in layers if key in layer]
+        return math.sqrt(sum(v * v for v in vals) / len(vals)) if vals else None
+
+    return {
+        "layers": layers,
+        "skipped": skipped,
+        "total": {
+            "n_layers": len(layers),
+            "budget": sum(layer["budget"] for layer in layers),
+            **{
+                f"rms_{k}": total(k)
+                for k in (
+                    "rel_err_before_calib",
+                    "rel_err_after_calib",
+                    "rel_err_before_heldout",
+                    "rel_err_after_heldout",
+                )
+            },
+            "layers_improved_heldout": sum(
+                1 for layer in layers if layer["rel_err_after_heldout"] < layer["rel_err_before_heldout"]
+            ),
+        },
+        "settings": {"quant": str(job.quant), "init": asdict(job.init), "calib_tokens": job.calib_tokens},
+        "seconds": seconds,
+    }
+
+
+def load_quantized_base(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, check_hash: bool = True):
+    """The base model of an adapter directory with its target linears replaced by :class:`QuantLinear`.
+
+    Returns ``(model, tokenizer, meta)``. Refuses (``ValueError``) a base whose files changed since ``init``.
+    """
+    from .models import load_causal_lm
+
+    d = Path(adapter_dir)
+    if not (d / BASE_META).is_file() or not (d / BASE_FILE).is_file():
+        raise ValueError(f"{d} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
+    meta = json.loads((d / BASE_META).read_text())
+    base = meta["base_model"]
+    if check_hash and Path(base).is_dir() and base_fingerprint(base) != meta["base_hash"]:
+        raise ValueError(f"base model {base} differs from the one this adapter was made for (hash mismatch)")
+    model, tokenizer = load_causal_lm(base, dtype=dtype)
+    tensors = load_file(str(d / BASE_FILE))
+    for name in meta["quantized_layers"]:
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized layer {name} does not exist in base model {base}") from None
+        qw = QuantizedWeight.from_dict(tensors, prefix=f"{name}.")
+        replace_linear(model, name, QuantLinear.from_linear(linear, qw))
+    return model, tokenizer, meta
+
+
+def load_qwha_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, targets: Sequence[str] | None = None):
+    """The training-time QWHA model of an adapter directory: quantized base + adapters. ``(peft_model, tokenizer)``."""
+    from .peft_qwha import load_qwha_adapter
+
+    model, tokenizer, _ = load_quantized_base(adapter_dir, dtype=dtype)
+    return load_qwha_adapter(model, str(adapter_dir)), tokenizer
