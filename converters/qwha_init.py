@@ -216,12 +216,13 @@ def init_layer(
     gram: torch.Tensor,
     config: InitConfig = InitConfig(),
     eval_gram: torch.Tensor | None = None,
+    report_calibration: bool = True,
 ) -> LayerInit:
     """Initialise one layer's spectrum so that ``W_q + Delta W`` approximates ``W`` on the calibration activations.
 
     ``weight``/``w_deq``: ``(d_out, d_in)``; ``gram``: ``X^T X`` (``d_in x d_in``) of the layer's calibration input.
     The report holds relative output errors ``||(.) X^T|| / ||W X^T||`` before and after, on ``gram`` and (when
-    given) on ``eval_gram`` (held-out activations).
+    given) on ``eval_gram`` (held-out activations); ``report_calibration=False`` skips the calibration figures.
     """
     w = weight.detach().to(torch.float64)
     e = w - w_deq.detach().to(device=w.device, dtype=torch.float64)
@@ -256,7 +257,7 @@ def init_layer(
 
     delta = dense_delta(values, rows, cols, d_out, d_in, coefficient)
     report = {"d_out": d_out, "d_in": d_in, "budget": int(rows.numel())}
-    for tag, gm in (("calib", gram), ("heldout", eval_gram)):
+    for tag, gm in (("calib", gram if report_calibration else None), ("heldout", eval_gram)):
         if gm is None:
             continue
         gm = gm.to(device=w.device, dtype=torch.float64)

@@ -13,6 +13,7 @@ import sys
 import click
 
 from . import __version__
+from .converters.calibration import TARGET_MODULES_DEFAULT
 
 
 def _friendly_errors(fn):
@@ -54,6 +55,12 @@ def main() -> None:
 @click.option("--calib-tokens", default=4096, show_default=True, type=int)
 @click.option("--heldout-tokens", default=2048, show_default=True, type=int)
 @click.option("--seq-len", default=512, show_default=True, type=int)
+@click.option(
+    "--target-modules",
+    default=",".join(TARGET_MODULES_DEFAULT),
+    show_default=True,
+    help="Comma-separated linear-layer names to quantize and adapt.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly_errors
@@ -70,10 +77,16 @@ def init_cmd(
     calib_tokens,
     heldout_tokens,
     seq_len,
+    target_modules,
     overwrite,
     quiet,
 ):
-    """Quantize MODEL (a local HF folder) and initialise QWHA adapters into --out."""
+    """Quantize MODEL and initialise QWHA adapters into --out.
+
+    MODEL is a local Hugging Face folder, or `smollm2` for the embedded SmolLM2-135M-Instruct.
+
+    Example: qwha-export init smollm2 --bits 4 --group-size 64 --quantizer gptq --rank 64 --out runs/q4
+    """
     from .converters.quantize import QuantConfig
     from .converters.qwha_init import InitConfig
     from .pipeline import InitJob, init_qwha
@@ -87,12 +100,94 @@ def init_cmd(
         calib_tokens=calib_tokens,
         heldout_tokens=heldout_tokens,
         seq_len=seq_len,
+        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
         overwrite=overwrite,
         quiet=quiet,
     )
     report = init_qwha(job)
     if not quiet:
         click.echo(json.dumps(report["total"], indent=2))
+    click.echo(f"wrote {out}")
+
+
+@main.command("train")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help='JSONL of {"prompt","response"} or {"text"} records.')
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
+@click.option("--max-steps", default=100, show_default=True, type=int, help="<= 0: train --epochs instead.")
+@click.option("--epochs", default=1.0, show_default=True, type=float)
+@click.option("--lr", default=2e-3, show_default=True, type=float)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--grad-accum", default=1, show_default=True, type=int)
+@click.option("--max-len", default=512, show_default=True, type=int)
+@click.option("--warmup-ratio", default=0.05, show_default=True, type=float)
+@click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--save-steps", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def train_cmd(
+    adapter_dir,
+    data,
+    out,
+    max_steps,
+    epochs,
+    lr,
+    batch_size,
+    grad_accum,
+    max_len,
+    warmup_ratio,
+    gradient_checkpointing,
+    save_steps,
+    resume,
+    seed,
+    overwrite,
+    quiet,
+):
+    """Fine-tune the spectrum of ADAPTER_DIR (from `init`) on --data; write the trained adapter to --out."""
+    from .training import TrainConfig, train_qwha
+
+    report = train_qwha(
+        TrainConfig(
+            adapter_dir=adapter_dir,
+            data=data,
+            out=out,
+            max_steps=max_steps,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_len=max_len,
+            warmup_ratio=warmup_ratio,
+            gradient_checkpointing=gradient_checkpointing,
+            save_steps=save_steps,
+            resume=resume,
+            seed=seed,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+    )
+    click.echo(f"loss {report['first_loss']:.4f} -> {report['final_loss']:.4f} in {report['steps']} steps; wrote {out}")
+
+
+@main.command("import-published")
+@click.argument("src", type=click.Path())
+@click.option(
+    "--base",
+    "base_dir",
+    required=True,
+    type=click.Path(),
+    help="Adapter directory from `init` whose quantized base the published adapter was trained on.",
+)
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@_friendly_errors
+def import_cmd(src, base_dir, out):
+    """Convert an adapter saved by the published QWHA code (qhft_* keys) into our adapter files."""
+    from .pipeline import import_published
+
+    import_published(src, base_dir, out)
     click.echo(f"wrote {out}")
 
 

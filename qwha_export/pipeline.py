@@ -35,7 +35,16 @@ from .converters.qwha_init import InitConfig, init_layer
 from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
-__all__ = ["InitJob", "init_qwha", "load_quantized_base", "load_qwha_model", "base_fingerprint", "atomic_output_dir"]
+__all__ = [
+    "InitJob",
+    "init_qwha",
+    "import_published",
+    "load_quantized_base",
+    "load_qwha_model",
+    "base_fingerprint",
+    "atomic_output_dir",
+    "resolve_model",
+]
 
 BASE_FILE = "quantized_base.safetensors"
 BASE_META = "qwha_base.json"
@@ -81,6 +90,12 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
     return {f.name: _sha256_file(f) for f in files if f.is_file()}
 
 
+def check_output_dir(path: str | Path, overwrite: bool) -> None:
+    """Refuse an existing output folder unless ``overwrite`` (call before any long work)."""
+    if Path(path).exists() and not overwrite:
+        raise ValueError(f"output folder {path} already exists; pass --overwrite or choose another --out")
+
+
 class atomic_output_dir:  # noqa: N801 - used as a context manager
     """Write into a temporary sibling folder; rename onto ``path`` only when the block completes without error.
 
@@ -94,8 +109,7 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
-        if self.path.exists() and not self.overwrite:
-            raise ValueError(f"output folder {self.path} already exists; pass --overwrite or choose another --out")
+        check_output_dir(self.path, self.overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
         return self.tmp
@@ -112,6 +126,15 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager
             shutil.rmtree(old, ignore_errors=True)
         else:
             self.tmp.rename(self.path)
+
+
+def resolve_model(model: str) -> str:
+    """A local model folder; ``"smollm2"`` names the embedded SmolLM2-135M-Instruct (built from its PyPI package)."""
+    if model == "smollm2":
+        from .models import smollm2_path
+
+        return str(smollm2_path())
+    return model
 
 
 def _read_calibration_text(path: str | None) -> str | None:
@@ -145,8 +168,10 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     from .peft_qwha import QWHAConfig, set_spectrum
 
     t0 = time.time()
+    check_output_dir(job.out, job.overwrite)
     text = _read_calibration_text(job.calib)
-    model, tokenizer = load_causal_lm(job.model)
+    model_dir = resolve_model(job.model)
+    model, tokenizer = load_causal_lm(model_dir)
     calib, heldout = calibration_and_heldout(tokenizer, job.seq_len, job.calib_tokens, job.heldout_tokens, text=text)
 
     quantized: dict[str, QuantizedWeight] = {}
@@ -181,8 +206,8 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         meta = {
             "tool": "qwha-export",
             "tool_version": __version__,
-            "base_model": str(Path(job.model).resolve()),
-            "base_hash": base_fingerprint(job.model),
+            "base_model": str(Path(model_dir).resolve()),
+            "base_hash": base_fingerprint(model_dir),
             "quantization": {
                 "bits": job.quant.bits,
                 "group_size": job.quant.group_size,
@@ -204,11 +229,16 @@ def _attach_adapters(model, job: InitJob, inits, config_cls, set_spectrum):
     from peft import get_peft_model
 
     config = config_cls(
-        target_modules=list(job.target_modules), rank=job.init.rank, scale=job.init.scale, seed=job.init.seed
+        target_modules=list(job.target_modules),
+        rank=job.init.rank,
+        scale=job.init.scale,
+        seed=job.init.seed,
+        init=job.init.method,  # "adaalloc"/"random": empty placeholders filled below; "zeros": random support
     )
     peft_model = get_peft_model(model, config)
-    for name, res in inits.items():
-        set_spectrum(peft_model, name, res.values, res.rows, res.cols)
+    if job.init.method != "zeros":
+        for name, res in inits.items():
+            set_spectrum(peft_model, name, res.values, res.rows, res.cols)
     return peft_model
 
 
@@ -280,3 +310,22 @@ def load_qwha_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32,
 
     model, tokenizer, _ = load_quantized_base(adapter_dir, dtype=dtype)
     return load_qwha_adapter(model, str(adapter_dir)), tokenizer
+
+
+def import_published(src: str | Path, base_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Convert a published QWHA adapter (``qhft_*`` keys) into a complete adapter directory ``out``.
+
+    ``base_dir`` is an adapter directory from ``init`` whose quantized base the published adapter was trained on; its
+    ``qwha_base.json`` and ``quantized_base.safetensors`` are copied so ``out`` loads with :func:`load_qwha_model`.
+    """
+    from .converters.import_published import convert_published_adapter
+
+    model, _, _ = load_quantized_base(base_dir)
+    with atomic_output_dir(out, overwrite) as tmp:
+        convert_published_adapter(src, model, tmp / "adapter")
+        for f in (tmp / "adapter").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "adapter").rmdir()
+        for name in (BASE_META, BASE_FILE):
+            shutil.copy2(Path(base_dir) / name, tmp / name)
+    return Path(out)

@@ -58,8 +58,11 @@ def test_layout_lists_are_consistent():
 
 @pytest.mark.parametrize(
     "rows,cols,match",
-    [([0, 5], [0, 1], r"row index out of range \[0, 5\)"), ([0, 1], [0, 12], r"column index out of range \[0, 12\)"),
-     ([0], [0, 1], "same length")],
+    [
+        ([0, 5], [0, 1], r"row index out of range \[0, 5\)"),
+        ([0, 1], [0, 12], r"column index out of range \[0, 12\)"),
+        ([0], [0, 1], "same length"),
+    ],
 )
 def test_layout_rejects_bad_indices(rows, cols, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,212 @@
+"""QWHA layer training step (forward + backward), side by side in one run, against two alternatives on the SAME
+frozen quantized base (4-bit, group 64 RTN of a random ``N(0, 0.02)`` weight, held by one shared ``QuantLinear``):
+
+* **QWHA**: :class:`qwha_export.layer.QWHALinear`, budget ``p = r * (d_in + d_out)`` (``--rank``, default 64) with
+  a random support (the same number of entries in every output channel up to one, random Walsh indices). The
+  adapter runs on activations, ``y += c * wht(x) @ F.T``, never building ``Delta W``: Triton kernels on CUDA,
+  torch sparse ops on CPU.
+* **LoRA**: a peft LoRA layer with the same number of trainable parameters, ``r_lora = p / (d_in + d_out)``
+  (``= --rank``). ``peft.get_peft_model`` refuses a ``QuantLinear`` target ("Target module ... is not supported"),
+  so the layer is built directly as ``peft.tuners.lora.Linear(QuantLinear, ...)`` (peft warns "Unsupported layer
+  type ... proceed at your own risk"; it works: the base output is bit-identical and only ``lora_A``/``lora_B`` train).
+* **dense-Delta W**: the formulation that materialises the delta every step, with autograd: ``F`` dense by
+  ``index_put`` of the trainable values, ``Delta W = c * hadamard_transform(F, transpose=True)`` (i.e. ``c * F @ M``),
+  then ``F.linear(x, W_deq + Delta W)``; all in the compute dtype.
+
+One "step" is ``y = layer(x); y.backward(dy)`` with ``x`` requiring grad (as inside a network; ``--no-input-grad``
+drops the input gradient), gradients reset to ``None`` before each step. Timing is interleaved: after one warm-up
+call each, every round runs QWHA, LoRA, dense-Delta W once in turn; the table reports the median over rounds, so
+load from other processes hits the three alike. Before timing, QWHA and dense-Delta W outputs are compared (they
+compute the same function) and the relative max difference is printed.
+
+Shapes are ``d_in x d_out`` (e.g. ``4096x14336`` is an up_proj: 4096 inputs, 14336 outputs). Tokens = batch x seq.
+CPU default: tokens 512 only (1 x 512; 16 x 512 = 8192 tokens takes minutes per QWHA step on 2 CPU cores, see
+``--tokens``); CUDA (when present): tokens 512 and 8192, compute dtype ``--cuda-dtype`` (default bfloat16).
+
+    python benchmarks/bench_layer.py [--shapes 4096x4096 4096x14336] [--tokens 512 8192] [--devices cpu cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qwha_export.converters.quantize import quantize_rtn
+from qwha_export.converters.qwha_init import allocate_budget
+from qwha_export.kernels import hadamard_transform
+from qwha_export.layer import QWHALinear, adapter_coefficient
+from qwha_export.quant_linear import QuantLinear
+
+
+class DenseDeltaLinear(nn.Module):
+    """``F.linear(x, W_deq + c * dense(F) @ M)``: the delta rebuilt from the trainable values every call."""
+
+    def __init__(self, base: QuantLinear, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float):
+        super().__init__()
+        self.base = base
+        self.out_features, self.in_features = base.out_features, base.in_features
+        self.spectrum = nn.Parameter(values.detach().to(torch.float32).clone())
+        self.register_buffer("rows", rows.long())
+        self.register_buffer("cols", cols.long())
+        self.coefficient = adapter_coefficient(scale, self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.base.weight  # cached dequantized weight, compute dtype, frozen
+        f = torch.zeros(self.out_features, self.in_features, dtype=w.dtype, device=w.device)
+        f = f.index_put((self.rows, self.cols), self.spectrum.to(w.dtype))
+        delta = self.coefficient * hadamard_transform(f, transpose=True)
+        return F.linear(x.to(w.dtype), w + delta.to(w.dtype), self.base.bias).to(x.dtype)
+
+
+def random_support(d_out: int, d_in: int, total: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform budgets (``allocate_budget`` with equal norms) and random Walsh indices per channel, sorted."""
+    budgets = allocate_budget(torch.ones(d_out, dtype=torch.float64), total, d_in)
+    order = torch.rand(d_out, d_in, generator=gen).argsort(dim=1)
+    width = int(budgets.max())
+    order = order[:, :width].sort(dim=1).values
+    keep = torch.arange(width)[None, :] < budgets[:, None]
+    rows = torch.arange(d_out)[:, None].expand(d_out, width)[keep]
+    return rows, order[keep]
+
+
+def build_lora(base: QuantLinear, r: int) -> nn.Module:
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as LoraLinear
+
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Unsupported layer type")
+        return LoraLinear(base, "default", config=config, r=r, lora_alpha=2 * r)
+
+
+def trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def interleaved_medians(fns: list, device: str, rounds: int, budget_s: float) -> list[float]:
+    """One warm-up call each, then rounds of one timed call per function in turn; median seconds per function."""
+
+    def sync() -> None:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    for fn in fns:
+        fn()
+        sync()
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    n = 0
+    while n < rounds or (time.perf_counter() - start < budget_s and n < 50):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[i].append(time.perf_counter() - t0)
+        n += 1
+    return [statistics.median(t) for t in times]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        d_in, d_out = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4096x14336 (d_in x d_out), got {text!r}") from None
+    return d_in, d_out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4096, 4096), (4096, 14336)],
+                    help="d_in x d_out, e.g. 4096x14336 (default: 4096x4096 4096x14336)")
+    ap.add_argument("--tokens", type=int, nargs="+", default=None,
+                    help="batch x seq token counts (default: 512 on CPU; 512 8192 on CUDA)")
+    ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    ap.add_argument("--rank", type=int, default=64, help="QWHA budget p = rank * (d_in + d_out); LoRA rank = rank")
+    ap.add_argument("--cuda-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--rounds", type=int, default=3, help="minimum timed rounds (after one warm-up) per config")
+    ap.add_argument("--budget", type=float, default=2.0, help="keep adding rounds until this many seconds are spent")
+    ap.add_argument("--no-input-grad", action="store_true", help="x does not require grad (no dL/dx)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}, "
+          f"input grad {not args.no_input_grad}, rounds >= {args.rounds} (interleaved, median)")
+    print("LoRA = peft.tuners.lora.Linear built directly on the QuantLinear base (get_peft_model refuses QuantLinear)")
+    header = (
+        f"{'d_in->d_out':>12} {'tokens':>6} {'device':>6} {'dtype':>8} | {'QWHA ms':>9} {'LoRA ms':>9} "
+        f"{'dense-dW ms':>11} | {'QWHA/LoRA':>9} {'QWHA/dense':>10} | {'QWHA params':>11} {'LoRA params':>11} "
+        f"{'dense params':>12}"
+    )
+    rows_out: list[str] = []
+    checks: list[str] = []
+    t_total = time.perf_counter()
+    for device in devices:
+        dtype = torch.float32 if device == "cpu" else getattr(torch, args.cuda_dtype)
+        token_list = args.tokens or ([512] if device == "cpu" else [512, 8192])
+        for d_in, d_out in args.shapes:
+            gen = torch.Generator().manual_seed(args.seed)
+            w = torch.randn(d_out, d_in, generator=gen) * 0.02
+            base = QuantLinear(quantize_rtn(w, 4, 64), dtype=dtype).to(device)
+            del w
+            total = args.rank * (d_in + d_out)
+            rows, cols = random_support(d_out, d_in, total, gen)
+            values = torch.randn(rows.numel(), generator=gen) * 0.01
+            qwha = QWHALinear(base, values, rows, cols, scale=1.0).to(device)
+            r_lora = total // (d_in + d_out)
+            lora = build_lora(base, r_lora).to(device)
+            dense = DenseDeltaLinear(base, values, rows, cols, scale=1.0).to(device)
+            layers = {"QWHA": qwha, "LoRA": lora, "dense": dense}
+            counts = {k: sum(p.numel() for p in trainable(m)) for k, m in layers.items()}
+            for tokens in token_list:
+                x = torch.randn(tokens, d_in, generator=gen).to(device=device, dtype=dtype)
+                x.requires_grad_(not args.no_input_grad)
+                dy = torch.randn(tokens, d_out, generator=gen).to(device=device, dtype=dtype)
+                with torch.no_grad():
+                    yq, yd = qwha(x).float(), dense(x).float()
+                    rel = float((yq - yd).abs().max() / yd.abs().max())
+                    del yq, yd
+                checks.append(f"{d_in}->{d_out} {tokens} {device}: max|y_QWHA - y_dense| / max|y| = {rel:.2e}")
+
+                def step(module: nn.Module, x=x, dy=dy) -> None:
+                    for p in trainable(module):
+                        p.grad = None
+                    x.grad = None
+                    module(x).backward(dy)
+
+                fns = [lambda m=m: step(m) for m in layers.values()]
+                t_q, t_l, t_d = interleaved_medians(fns, device, args.rounds, args.budget)
+                line = (
+                    f"{f'{d_in}->{d_out}':>12} {tokens:>6} {device:>6} {str(dtype).removeprefix('torch.'):>8} | "
+                    f"{t_q * 1e3:>9.1f} {t_l * 1e3:>9.1f} {t_d * 1e3:>11.1f} | {t_q / t_l:>8.2f}x {t_q / t_d:>9.2f}x | "
+                    f"{counts['QWHA']:>11,} {counts['LoRA']:>11,} {counts['dense']:>12,}"
+                )
+                rows_out.append(line)
+                so_far = time.perf_counter() - t_total
+                print(f"  done: {line.split('|')[0].strip()} ({so_far:.0f} s so far)", flush=True)
+                del x, dy
+            del qwha, lora, dense, base, layers
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print(header)
+    print("-" * len(header))
+    for line in rows_out:
+        print(line)
+    print()
+    for c in checks:
+        print(c)
+    print(f"total {time.perf_counter() - t_total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
