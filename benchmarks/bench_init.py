@@ -19,12 +19,18 @@ Cases:
   factor plus heteroscedastic noise), computed in float64. ``--loop-channels N`` restricts the loop to the first N
   output channels and extrapolates its refinement time linearly in channels (default: all channels).
 
-Memory: each variant runs in its own worker subprocess (this script with ``--worker``) that loads the prepared
-layers first, records ``ru_maxrss`` (the baseline), and reports the final ``ru_maxrss`` (peak) and peak minus
-baseline (the extra memory of the init itself) at the end, so the variants cannot contaminate each other. Timing
-is interleaved: the parent hands the layers to the two workers alternately (variant order swapped every layer), so
-load from other processes hits both alike. Values: the parent prints the max abs difference between the
-variants' values on what both computed.
+Memory: each variant runs in its own worker subprocess (this script with ``--worker``) that first loads the
+prepared layers, so the variants cannot contaminate each other. Around each phase of each layer the worker resets
+the kernel's peak-RSS mark (``/proc/self/clear_refs``; it also resets ``ru_maxrss``) and reads ``VmHWM`` after:
+'peak RSS' is the worker's peak (loaded layers included), 'init +' the largest peak above the RSS at the start of
+a layer, 'select +' / 'refine +' the same per phase. glibc keeps freed blocks below its dynamic mmap threshold
+(at most 32 MiB) for reuse, so for small layers (SmolLM2) these increments can be understated by up to a few tens
+of MiB; for the 4096 x 14336 layer every big buffer is mmapped and the numbers are exact to the page.
+
+Timing is interleaved: the parent hands the layers to the two workers alternately (variant order swapped every
+layer), so load from other processes hits both alike. Values: the parent prints the max abs difference between
+the variants' values on what both computed. ``--threads 1`` gives steadier numbers on a loaded 2-core machine
+(oversubscribed OpenMP threads make small ops erratic).
 
     python benchmarks/bench_init.py [--cases smollm2 synthetic] [--loop-blocks 1] [--loop-channels 512]
 """
@@ -233,8 +239,7 @@ class Worker:
         if variant == "loop" and args.loop_channels:
             cmd += ["--loop-channels", str(args.loop_channels)]
         self.variant = variant
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(2**20))  # big blocks go back to the OS when freed
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def ask(self, line: str) -> dict:
         assert self.proc.stdin is not None and self.proc.stdout is not None

@@ -192,7 +192,7 @@ def main() -> None:
                 )
                 rows_out.append(line)
                 so_far = time.perf_counter() - t_total
-                print(f"  done: {line.split('|')[0].strip()} ({so_far:.0f} s so far)", flush=True)
+                print(f"  {line}   ({so_far:.0f} s so far)", flush=True)
                 del x, dy
             del qwha, lora, dense, base, layers
             if device == "cuda":

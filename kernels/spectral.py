@@ -10,6 +10,7 @@ Reference: :func:`qwha_export.kernels.reference.spectral_adapter_reference` (den
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -81,14 +82,54 @@ class SpectralLayout:
         )
 
 
+def _csr(lines: _Lines, values: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """A torch CSR matrix of the gather lists with ``values`` (value order) placed in list order."""
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            lines.ptr.long(), lines.idx.long(), values[lines.vidx.long()], (n_rows, n_cols), check_invariants=False
+        )
+
+
+class _SparseProduct(torch.autograd.Function):
+    """``scale * z @ F.T`` for dense ``z`` (rows, d_in) and sparse ``F``; CSR products both ways, chunked SDDMM."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, values: torch.Tensor, layout: SpectralLayout, scale: float) -> torch.Tensor:
+        v = values.detach().to(z.dtype)
+        ctx.save_for_backward(z, v)
+        ctx.layout, ctx.scale = layout, scale
+        f = _csr(layout.csr, v, layout.d_out, layout.d_in)
+        return torch.sparse.mm(f, z.T).T * scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, v = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        grad = grad.contiguous()
+        dz = dv = None
+        if ctx.needs_input_grad[0]:
+            ft = _csr(layout.csc, v, layout.d_in, layout.d_out)  # F^T
+            dz = torch.sparse.mm(ft, grad.T).T * scale
+        if ctx.needs_input_grad[1]:
+            rows, cols = layout.rows.to(z.device), layout.cols.to(z.device)
+            dv = torch.empty(layout.nnz, dtype=z.dtype, device=z.device)
+            g_t, z_t = grad.T.contiguous(), z.T.contiguous()  # row gathers below read contiguous memory
+            chunk = max(1, (1 << 24) // max(1, z.shape[0]))
+            for s in range(0, layout.nnz, chunk):
+                r, c = rows[s : s + chunk], cols[s : s + chunk]
+                dv[s : s + chunk] = (g_t.index_select(0, r) * z_t.index_select(0, c)).sum(1) * scale
+        return dz, dv, None, None
+
+
 def spectral_adapter_torch(x: torch.Tensor, values: torch.Tensor, layout: SpectralLayout, scale: float) -> torch.Tensor:
-    """Torch path (CPU): butterfly WHT then a sparse COO product; differentiable in ``x`` and ``values``."""
-    z = wht_torch(x)
+    """Torch path (CPU): fast WHT, then CSR sparse products; differentiable in ``x`` and ``values``.
+
+    The value gradient is a sampled dense-dense product computed in chunks of entries (bounded memory).
+    """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    z2 = z.reshape(-1, layout.d_in).to(compute)
-    indices = torch.stack([layout.rows.to(x.device), layout.cols.to(x.device)])
-    f = torch.sparse_coo_tensor(indices, values.to(compute), (layout.d_out, layout.d_in), check_invariants=False)
-    y = torch.sparse.mm(f, z2.T).T * scale
+    z = wht_torch(x.to(compute)).reshape(-1, layout.d_in)
+    y = _SparseProduct.apply(z, values, layout, scale)
     return y.reshape(*x.shape[:-1], layout.d_out).to(x.dtype)
 
 

@@ -122,6 +122,7 @@ def init_cmd(
 @click.option("--max-len", default=512, show_default=True, type=int)
 @click.option("--warmup-ratio", default=0.05, show_default=True, type=float)
 @click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--logging-steps", default=10, show_default=True, type=int, help="Log the loss every N steps.")
 @click.option("--save-steps", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -140,6 +141,7 @@ def train_cmd(
     max_len,
     warmup_ratio,
     gradient_checkpointing,
+    logging_steps,
     save_steps,
     resume,
     seed,
@@ -162,6 +164,7 @@ def train_cmd(
             max_len=max_len,
             warmup_ratio=warmup_ratio,
             gradient_checkpointing=gradient_checkpointing,
+            logging_steps=logging_steps,
             save_steps=save_steps,
             resume=resume,
             seed=seed,

@@ -102,7 +102,7 @@ def test_cli_train_lowers_loss_on_real_text(adapter_dir, tmp_path):
 
     out, _ = adapter_dir
     data = tmp_path / "train.jsonl"
-    records = mmlu_cot_records()[:8]
+    records = mmlu_cot_records()[:4]
     data.write_text("\n".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) for r in records))
     r = _cli(
         "train",
@@ -112,18 +112,54 @@ def test_cli_train_lowers_loss_on_real_text(adapter_dir, tmp_path):
         "--out",
         str(tmp_path / "trained"),
         "--max-steps",
-        "8",
+        "4",
+        "--logging-steps",
+        "1",
         "--batch-size",
         "4",
         "--max-len",
-        "192",
+        "128",
         "--lr",
         "0.05",
         "--quiet",
     )
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "trained" / "train_report.json").read_text())
-    assert report["steps"] == 8
+    assert report["steps"] == 4
     assert report["final_loss"] < report["first_loss"], report["losses"]
     model, _ = load_qwha_model(tmp_path / "trained")
     assert model is not None
+
+
+def _corrupt_copy(src, dst, how):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.3.self_attn.q_proj.qwha_"
+    if how == "nan":
+        tensors[key + "spectrum"][5] = float("nan")
+    elif how == "index":
+        tensors[key + "indices"][1, 0] = 10_000
+    else:  # adapter made for another base: a layer of a different shape
+        tensors[key + "shape"] = torch.tensor([576, 1152], dtype=tensors[key + "shape"].dtype)
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "how,needle", [("nan", "NaN"), ("index", "out of range"), ("shape", "layers.3.self_attn.q_proj")]
+)
+def test_cli_rejects_corrupt_adapter(adapter_dir, tmp_path, how, needle):
+    out, _ = adapter_dir
+    bad = tmp_path / "bad"
+    _corrupt_copy(out, bad, how)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "Hello world. " * 20}) + "\n")
+    r = _cli("train", str(bad), "--data", str(data), "--out", str(tmp_path / "t"), "--max-steps", "1", "--quiet")
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln and "warn" not in ln]
+    assert r.returncode == 2, r.stderr[-1500:]
+    assert lines[-1].startswith("Error:") and needle in lines[-1], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "t").exists()

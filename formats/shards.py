@@ -1,0 +1,329 @@
+"""Streaming safetensors shard writer and a validating tensor-by-tensor checkpoint reader (HF layout).
+
+On-disk layout written by :class:`ShardWriter` (the Hugging Face convention, readable by ``transformers``,
+vLLM and ``safetensors``):
+
+* one shard: ``<prefix>.safetensors`` (no index file);
+* N > 1 shards: ``<prefix>-00001-of-0000N.safetensors`` ... plus ``<prefix>.safetensors.index.json``::
+
+      {"metadata": {"total_size": <sum of tensor bytes>}, "weight_map": {"<tensor name>": "<shard file>", ...}}
+
+  ``weight_map`` is sorted by tensor name; ``total_size`` counts tensor data bytes only (as ``transformers``
+  does), not headers. Every shard carries safetensors metadata ``{"format": "pt"}``.
+
+Tensors are added in order and packed greedily: a shard is written as soon as the next tensor would push it over
+``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own), so at most one shard's tensors are
+held at a time. Because N is unknown while streaming, shards are first written under hidden temporary names
+(``.<prefix>-part-00001.safetensors.tmp``) and renamed to their final names by :meth:`ShardWriter.close`.
+Use it inside :func:`qwha_export.pipeline.atomic_output_dir` so that an interrupted export never leaves a
+folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "ShardWriter",
+    "checkpoint_files",
+    "iter_checkpoint_tensors",
+    "validate_safetensors_file",
+    "join_key",
+]
+
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" in the Hugging Face (decimal) convention
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+
+
+def join_key(prefix: str, name: str) -> str:
+    """``"a.b" + "qweight" -> "a.b.qweight"``; a trailing dot on ``prefix`` is accepted; ``""`` -> ``name``."""
+    if not prefix:
+        return name
+    return f"{prefix}{name}" if prefix.endswith(".") else f"{prefix}.{name}"
+
+
+class ShardWriter:
+    """Write tensors into size-limited safetensors shards, streaming (see the module docstring for the layout).
+
+    ``add(name, tensor)`` buffers a tensor (moved to CPU, made contiguous; cloned only when it is a view into a
+    larger or shared storage, which safetensors cannot serialise); ``close()`` flushes, renames the shards to
+    their final names, writes the index (when more than one shard) and returns the index dict. Usable as a
+    context manager: a clean exit calls :meth:`close`, an exception calls :meth:`abort` (temporary shards are
+    deleted). ``out_dir`` is created if missing; final file names in it are overwritten.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+        prefix: str = "model",
+    ) -> None:
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+            raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+        if not isinstance(prefix, str) or not prefix or "/" in prefix or os.sep in prefix:
+            raise ValueError(f"prefix must be a non-empty file name stem, got {prefix!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self.prefix = prefix
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._buffer_storages: set[int] = set()
+        self._temp_files: list[Path] = []
+        self._shard_of: dict[str, int] = {}  # tensor name -> shard number (0-based)
+        self._total_size = 0
+        self._closed = False
+
+    # -- properties ---------------------------------------------------------------------------------------------
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data added so far."""
+        return self._total_size
+
+    @property
+    def num_shards(self) -> int:
+        """Shards written so far plus the one being filled (if any)."""
+        return len(self._temp_files) + (1 if self._buffer else 0)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffer_bytes
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer ``tensor`` under ``name``; writes the current shard first if ``tensor`` would overflow it."""
+        if self._closed:
+            raise ValueError("ShardWriter is closed")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor name must be a non-empty str, got {name!r}")
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        if name in self._shard_of:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        storage = t.untyped_storage()
+        if storage.nbytes() != t.nbytes or storage.data_ptr() in self._buffer_storages:
+            t = t.clone()
+            storage = t.untyped_storage()
+        nbytes = t.nbytes
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = t
+        if t.nbytes:
+            self._buffer_storages.add(storage.data_ptr())
+        self._buffer_bytes += nbytes
+        self._shard_of[name] = len(self._temp_files)
+        self._total_size += nbytes
+
+    def add_many(self, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            self.add(k, v)
+
+    def _temp_path(self, i: int) -> Path:
+        return self.out_dir / f".{self.prefix}-part-{i + 1:05d}.safetensors.tmp"
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self._temp_path(len(self._temp_files))
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._temp_files.append(path)
+        self._buffer = {}
+        self._buffer_bytes = 0
+        self._buffer_storages = set()
+
+    def close(self) -> dict[str, Any]:
+        """Write the last shard, give every shard its final name, write the index; return the index dict.
+
+        With a single shard (or no tensors at all) the file is ``<prefix>.safetensors`` and no index file is
+        written; the returned dict has the same form in every case.
+        """
+        if self._closed:
+            raise ValueError("ShardWriter is already closed")
+        if self._buffer or not self._temp_files:
+            path = self._temp_path(len(self._temp_files))
+            save_file(self._buffer, str(path), metadata={"format": "pt"})
+            self._temp_files.append(path)
+            self._buffer = {}
+            self._buffer_bytes = 0
+            self._buffer_storages = set()
+        n = len(self._temp_files)
+        if n == 1:
+            finals = [f"{self.prefix}.safetensors"]
+        else:
+            width = max(5, len(str(n)))
+            finals = [f"{self.prefix}-{i + 1:0{width}d}-of-{n:0{width}d}.safetensors" for i in range(n)]
+        for tmp, final in zip(self._temp_files, finals, strict=True):
+            os.replace(tmp, self.out_dir / final)
+        # a stale file of the other layout would shadow this one for loaders (the index wins over the single file)
+        stale = self.out_dir / (f"{self.prefix}.safetensors.index.json" if n == 1 else f"{self.prefix}.safetensors")
+        stale.unlink(missing_ok=True)
+        self._temp_files = []
+        index = {
+            "metadata": {"total_size": self._total_size},
+            "weight_map": {k: finals[self._shard_of[k]] for k in sorted(self._shard_of)},
+        }
+        if n > 1:
+            tmp_index = self.out_dir / f".{self.prefix}.safetensors.index.json.tmp"
+            tmp_index.write_text(json.dumps(index, indent=2) + "\n")
+            os.replace(tmp_index, self.out_dir / f"{self.prefix}.safetensors.index.json")
+        self._closed = True
+        return index
+
+    def abort(self) -> None:
+        """Drop buffered tensors and delete the temporary shards written so far."""
+        for p in self._temp_files:
+            p.unlink(missing_ok=True)
+        self._temp_files = []
+        self._buffer = {}
+        self._buffer_bytes = 0
+        self._buffer_storages = set()
+        self._closed = True
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def validate_safetensors_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a safetensors file's header and size; return the parsed header. One-line ValueError naming the file.
+
+    Checks: file exists and holds the 8-byte header length; the header is valid UTF-8 JSON object within the
+    file; every tensor entry has ``dtype``/``shape``/``data_offsets``; the file is exactly
+    ``8 + header_len + max(end offset)`` bytes long (so a truncated download is caught before any read).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: safetensors file is missing")
+    size = p.stat().st_size
+    if size < 8:
+        raise ValueError(f"{p}: truncated safetensors file ({size} bytes, no header)")
+    with open(p, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > _HEADER_LIMIT or 8 + n > size:
+            raise ValueError(f"{p}: corrupted or truncated safetensors header (header length {n}, file size {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise TypeError("header is not a JSON object")
+        end = 0
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            start, stop = info["data_offsets"]
+            _ = info["dtype"], info["shape"]
+            if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
+                raise TypeError(f"bad data_offsets for {key!r}")
+            end = max(end, stop)
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{p}: corrupted safetensors header ({msg})") from None
+    expected = 8 + n + end
+    if size != expected:
+        what = "truncated" if size < expected else "has trailing bytes"
+        raise ValueError(f"{p}: safetensors file {what} (expected {expected} bytes, found {size})")
+    return header
+
+
+def _read_index(index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{index_path}: invalid safetensors index ({type(e).__name__}: {msg})") from None
+    return weight_map
+
+
+def checkpoint_files(model_dir: str | os.PathLike[str]) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a HF checkpoint folder and its ``weight_map`` (None when not sharded).
+
+    Uses ``model.safetensors.index.json`` when present (ValueError naming every referenced shard that is
+    missing), else ``model.safetensors``, else the folder's only ``*.safetensors`` file.
+    """
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ValueError(f"{d}: checkpoint folder does not exist")
+    index_path = d / SAFE_WEIGHTS_INDEX_NAME
+    if index_path.is_file():
+        weight_map = _read_index(index_path)
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise ValueError(f"{index_path}: shard file(s) referenced by the index are missing: {', '.join(missing)}")
+        return [d / n for n in names], weight_map
+    single = d / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return [single], None
+    found = sorted(p for p in d.glob("*.safetensors") if p.is_file())
+    if len(found) == 1:
+        return found, None
+    if not found:
+        raise ValueError(f"{d}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found")
+    raise ValueError(f"{d}: {len(found)} safetensors files but no {SAFE_WEIGHTS_INDEX_NAME}")
+
+
+def iter_checkpoint_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of a (sharded or single-file) HF safetensors checkpoint.
+
+    Reads one tensor at a time with ``safe_open`` (memory: one tensor), files in sorted order, names in each
+    file's sorted order. Every file's header and size are validated before its first tensor is read, and every
+    tensor the index assigns to a file must be in it; all failures are one-line ValueErrors naming the file.
+    """
+    files, weight_map = checkpoint_files(model_dir)
+    expected: dict[str, set[str]] = {}
+    if weight_map is not None:
+        for k, v in weight_map.items():
+            expected.setdefault(v, set()).add(k)
+    for path in files:
+        header = validate_safetensors_file(path)
+        names = sorted(k for k in header if k != "__metadata__")
+        want = expected.get(path.name)
+        if want is not None:
+            absent = sorted(want.difference(names))
+            if absent:
+                more = f" (+{len(absent) - 3} more)" if len(absent) > 3 else ""
+                raise ValueError(f"{path}: tensors listed in the index are missing: {', '.join(absent[:3])}{more}")
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as e:  # SafetensorError and friends
+            raise ValueError(f"{path}: cannot open safetensors file ({str(e).splitlines()[0]})") from None
+        with handle as f:
+            for name in names:
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:
+                    raise ValueError(f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+                yield name, tensor
