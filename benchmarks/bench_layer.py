@@ -20,8 +20,10 @@ load from other processes hits the three alike. Before timing, QWHA and dense-De
 compute the same function) and the relative max difference is printed.
 
 Shapes are ``d_in x d_out`` (e.g. ``4096x14336`` is an up_proj: 4096 inputs, 14336 outputs). Tokens = batch x seq.
-CPU default: tokens 512 only (1 x 512; 16 x 512 = 8192 tokens takes minutes per QWHA step on 2 CPU cores, see
-``--tokens``); CUDA (when present): tokens 512 and 8192, compute dtype ``--cuda-dtype`` (default bfloat16).
+CPU default: tokens 512 only (about a minute on 2 cores); 16 x 512 = 8192 tokens costs about 100 s per QWHA step
+for 4096x4096 on 2 CPU cores (pass ``--tokens 512 8192``; ``--rounds 1 --budget 0`` to keep it short). CUDA (when
+present): tokens 512 and 8192, compute dtype ``--cuda-dtype`` (default bfloat16). On a loaded machine
+``--threads 1`` gives steadier numbers (oversubscribed OpenMP threads make the many small ops erratic).
 
     python benchmarks/bench_layer.py [--shapes 4096x4096 4096x14336] [--tokens 512 8192] [--devices cpu cuda]
 """

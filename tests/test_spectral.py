@@ -75,3 +75,15 @@ def test_shape_mismatch_errors():
         spectral_adapter(torch.randn(1, 24), torch.randn(1), lay)
     with pytest.raises(ValueError, match="2 values for 1"):
         spectral_adapter(torch.randn(1, 12), torch.randn(2), lay)
+
+
+@pytest.mark.parametrize("nnz", [50, 5000])  # sparse (chunked gathers) and dense (dy^T z) value-gradient paths
+def test_value_gradient_paths_agree_with_reference(nnz):
+    rows, cols = _spectrum(100, 1536, nnz, seed=nnz)
+    layout = SpectralLayout.build(rows, cols, 100, 1536)
+    x = torch.randn(7, 1536, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(nnz, dtype=torch.float64, requires_grad=True)
+    gx, gv = torch.autograd.grad(spectral_adapter(x, v, layout, 0.3).pow(2).sum(), (x, v))
+    rx, rv = torch.autograd.grad(spectral_adapter_reference(x, v, rows, cols, 100, 0.3).pow(2).sum(), (x, v))
+    torch.testing.assert_close(gx, rx, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(gv, rv, rtol=1e-11, atol=1e-11)
