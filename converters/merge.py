@@ -1,0 +1,560 @@
+"""Streaming merge of a QWHA adapter directory into an exportable checkpoint (``qwha-export merge``).
+
+The base checkpoint is read one tensor at a time (:func:`~qwha_export.formats.shards.iter_checkpoint_tensors`);
+the model is never instantiated. For each tensor:
+
+* ``<layer>.weight`` of an adapted layer: ``W = dequant(base) + coefficient * F @ M`` in float64
+  (:func:`merged_weight`), then either cast once to ``dtype`` (``fmt="dense"``, ``bits=16``) or re-quantized
+  (:func:`requantize`: ``"rtn"``, ``"gptq"`` with a Gram matrix, or ``"grid"`` = the base layer's own grid) and
+  written with the format's layer writer (:data:`qwha_export.formats.WRITERS`) under the layer prefix;
+* ``<layer>.weight`` of a quantized layer without adapter (e.g. skipped ``d_in``): written from its quantized base
+  (dequantized for dense; as is when the target grid equals the base grid, else re-quantized);
+* anything else (embeddings, norms, ``lm_head``, biases, non-quantized linears): passed through bit-identical.
+
+Output: a Hugging Face folder written atomically (:func:`qwha_export.pipeline.atomic_output_dir`) through
+:class:`~qwha_export.formats.shards.ShardWriter`, with ``config.json`` (+ the format's ``quantization_config``),
+the tokenizer / generation files of the base, and a ``qwha_export.json`` manifest (tool version, sources, SHA-256 of
+the adapter files, settings, per-layer report). Peak memory: one layer's tensors plus the (small) spectra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ..formats import ExportFormat, get_writer, needs_desc_act
+from ..formats.dense import DenseFormat
+from ..formats.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardWriter,
+    checkpoint_files,
+    iter_checkpoint_tensors,
+    validate_safetensors_file,
+)
+from ..kernels.spectral import dense_delta
+from ..layer import adapter_coefficient
+from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
+
+__all__ = [
+    "REQUANT_METHODS",
+    "MANIFEST_FILE",
+    "read_adapter_spectra",
+    "merged_weight",
+    "grid_requantize",
+    "requantize",
+    "relative_output_error",
+    "stream_merge",
+]
+
+REQUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "grid")
+MANIFEST_FILE = "qwha_export.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+BASE_FILE = "quantized_base.safetensors"
+BASE_META = "qwha_base.json"
+_KEY_PREFIX = "base_model.model."
+_SUFFIXES = ("qwha_spectrum", "qwha_indices", "qwha_shape")
+_DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# adapter reading
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _layer_of(key: str) -> tuple[str, str] | None:
+    """``base_model.model.<layer>.qwha_spectrum[.default]`` -> ``(<layer>, "qwha_spectrum")``."""
+    if not key.startswith(_KEY_PREFIX):
+        return None
+    rest = key[len(_KEY_PREFIX) :]
+    for suffix in _SUFFIXES:
+        for tail in (f".{suffix}", f".{suffix}.default"):
+            if rest.endswith(tail):
+                return rest[: -len(tail)], suffix
+    return None
+
+
+def _read_adapter_config(adapter_dir: Path) -> tuple[float, dict[str, float]]:
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a peft adapter directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: must hold a JSON object")
+    if cfg.get("peft_type") not in (None, "QWHA"):
+        raise ValueError(f"{path}: adapter has peft_type {cfg.get('peft_type')!r}, expected 'QWHA'")
+    scale = cfg.get("scale", 1.0)
+    pattern = cfg.get("scale_pattern") or {}
+
+    def ok(s: Any) -> bool:
+        return isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s != 0
+
+    if not ok(scale):
+        raise ValueError(f"{path}: scale must be a finite non-zero number, got {scale!r}")
+    if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
+        raise ValueError(f"{path}: scale_pattern must map layer names to finite non-zero numbers")
+    return float(scale), {str(k): float(v) for k, v in pattern.items()}
+
+
+def read_adapter_spectra(adapter_dir: str | Path) -> dict[str, Spectrum]:
+    """``{layer: (values float32, rows int64, cols int64, scale)}`` read from ``adapter_model.safetensors`` and
+    ``adapter_config.json`` with safetensors only (no peft model, no base model).
+
+    Validation (one-line ``ValueError`` naming the layer): all three of ``qwha_spectrum``/``qwha_indices``/
+    ``qwha_shape`` present, 1-D floating values, ``(2, nnz)`` integer indices matching the values, a 2-value shape,
+    finite values, indices inside the recorded ``(d_out, d_in)``.
+    """
+    d = Path(adapter_dir)
+    scale, pattern = _read_adapter_config(d)
+    path = d / ADAPTER_WEIGHTS
+    if not path.is_file():
+        extra = " (pickled adapter_model.bin files are not read)" if (d / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
+    validate_safetensors_file(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
+            hit = _layer_of(key)
+            if hit is not None:
+                parts.setdefault(hit[0], {})[hit[1]] = f.get_tensor(key)
+    if not parts:
+        raise ValueError(f"{path}: no QWHA spectra (qwha_spectrum/qwha_indices/qwha_shape entries) found")
+    out: dict[str, Spectrum] = {}
+    for layer in sorted(parts):
+        p = parts[layer]
+        missing = [s for s in _SUFFIXES if s not in p]
+        if missing:
+            raise ValueError(f"{layer}: adapter file lacks {', '.join(missing)}")
+        values, indices, shape = p["qwha_spectrum"], p["qwha_indices"], p["qwha_shape"]
+        if values.dim() != 1 or not values.dtype.is_floating_point:
+            raise ValueError(
+                f"{layer}: spectrum values must be a 1-D float tensor, got {values.dtype} {tuple(values.shape)}"
+            )
+        if (
+            indices.dim() != 2
+            or indices.shape[0] != 2
+            or indices.dtype.is_floating_point
+            or indices.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"{layer}: spectrum indices must be an integer (2, nnz) tensor, got {indices.dtype} "
+                f"{tuple(indices.shape)}"
+            )
+        if indices.shape[1] != values.numel():
+            raise ValueError(f"{layer}: spectrum has {values.numel()} values but {indices.shape[1]} indices")
+        if shape.numel() != 2 or shape.dtype.is_floating_point:
+            raise ValueError(f"{layer}: malformed qwha_shape entry {shape.reshape(-1).tolist()}")
+        d_out, d_in = (int(v) for v in shape.reshape(-1).tolist())
+        if d_out < 1 or d_in < 1:
+            raise ValueError(f"{layer}: malformed qwha_shape entry {[d_out, d_in]}")
+        rows, cols = indices[0].long(), indices[1].long()
+        _validate(layer, values, rows, cols, d_out, d_in)
+        out[layer] = (values.float(), rows, cols, pattern.get(layer, scale))
+    return out
+
+
+def _validate(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> None:
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(f"{layer}: spectrum has {bad} NaN/inf value(s); the adapter file is corrupt")
+    if rows.numel():
+        if int(rows.min()) < 0 or int(rows.max()) >= d_out:
+            raise ValueError(
+                f"{layer}: output-channel index out of range for d_out={d_out} "
+                f"(min {int(rows.min())}, max {int(rows.max())})"
+            )
+        if int(cols.min()) < 0 or int(cols.max()) >= d_in:
+            raise ValueError(
+                f"{layer}: Walsh index out of range for d_in={d_in} (min {int(cols.min())}, max {int(cols.max())})"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# per-layer math (float64)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def merged_weight(
+    qw: QuantizedWeight | torch.Tensor, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``dequant(qw) + adapter_coefficient(scale, d_in, d_out) * F @ M`` as a float64 ``(d_out, d_in)`` tensor.
+
+    ``qw`` may also be a dense base weight (a layer adapted but not quantized)."""
+    base = qw.dequantize(torch.float64) if isinstance(qw, QuantizedWeight) else qw.detach().to(torch.float64)
+    d_out, d_in = int(base.shape[0]), int(base.shape[1])
+    coeff = adapter_coefficient(scale, d_in, d_out)
+    delta = dense_delta(values, rows.long(), cols.long(), d_out, d_in, coeff)
+    return base + delta.to(device=base.device, dtype=torch.float64)
+
+
+def grid_requantize(w_merged: torch.Tensor, qw: QuantizedWeight) -> QuantizedWeight:
+    """Re-quantize onto ``qw``'s own grid: scales, zeros, ``g_idx`` kept; codes = ``clamp(round(w / s) + z, 0,
+    maxq)`` in float64 (round half to even)."""
+    if tuple(w_merged.shape) != qw.shape:
+        raise ValueError(f"merged weight {tuple(w_merged.shape)} does not match quantized base {qw.shape}")
+    w = w_merged.detach().to(torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("merged weight contains non-finite values")
+    g = qw.group_index().to(w.device)
+    s = qw.scales.to(w.device).double().index_select(1, g)
+    z = qw.zeros.to(w.device).double().index_select(1, g)
+    codes = (torch.round(w / s) + z).clamp_(0, qw.maxq).to(torch.uint8)
+    return QuantizedWeight(
+        codes=codes.to(qw.codes.device),
+        scales=qw.scales.clone(),
+        zeros=qw.zeros.clone(),
+        bits=qw.bits,
+        group_size=qw.group_size,
+        g_idx=None if qw.g_idx is None else qw.g_idx.clone(),
+    )
+
+
+def _config_group_size(group_size: int | None, base_qw: QuantizedWeight | None, d_in: int) -> int:
+    """The :class:`QuantConfig` group size: explicit, else the base layer's (per-channel -> -1)."""
+    if group_size is not None:
+        return int(group_size)
+    if base_qw is None:
+        raise ValueError("group_size is required for a layer without a quantized base")
+    gs = base_qw.group_size
+    return -1 if gs == d_in and gs not in (32, 64, 128) else gs
+
+
+def requantize(
+    w_merged: torch.Tensor,
+    method: str,
+    bits: int,
+    group_size: int | None,
+    base_qw: QuantizedWeight | None,
+    hessian: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """Re-quantize a merged float64 weight: ``"rtn"``, ``"gptq"`` (needs ``hessian``) or ``"grid"`` (``base_qw``'s
+    grid; ``bits``/``group_size`` must match it or be None)."""
+    m = str(method).strip().lower()
+    if m not in REQUANT_METHODS:
+        raise ValueError(f"requant method {method!r} is not supported; choose one of {REQUANT_METHODS}")
+    d_in = int(w_merged.shape[1])
+    if m == "grid":
+        if base_qw is None:
+            raise ValueError("grid re-quantization needs the quantized base layer")
+        if bits is not None and bits != base_qw.bits:
+            raise ValueError(f"grid re-quantization keeps the base grid: bits={bits} != base bits={base_qw.bits}")
+        if group_size is not None:
+            gs = d_in if group_size == -1 else group_size
+            if gs != base_qw.group_size:
+                raise ValueError(
+                    f"grid re-quantization keeps the base grid: group_size={group_size} != base {base_qw.group_size}"
+                )
+        return grid_requantize(w_merged, base_qw)
+    gs = _config_group_size(group_size, base_qw, d_in)
+    if m == "rtn":
+        return quantize_rtn(w_merged, bits, gs)
+    if hessian is None:
+        raise ValueError("gptq re-quantization needs a Hessian (Gram matrix of the layer inputs); pass grams")
+    return quantize_gptq(w_merged, hessian, QuantConfig(bits=bits, group_size=gs, method="gptq"))
+
+
+def relative_output_error(w_ref: torch.Tensor, w_test: torch.Tensor, gram: torch.Tensor) -> float:
+    """``sqrt(tr(D G D^T) / tr(W G W^T))`` with ``D = w_test - w_ref``, ``W = w_ref`` (float64)."""
+    w = w_ref.detach().to(torch.float64)
+    g = gram.detach().to(device=w.device, dtype=torch.float64)
+    d = w_test.detach().to(device=w.device, dtype=torch.float64) - w
+    num = float(((d @ g) * d).sum())
+    den = float(((w @ g) * w).sum())
+    if den <= 0:
+        return 0.0 if num == 0 else math.inf
+    return math.sqrt(max(num, 0.0) / den)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# streaming merge
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_names(model_dir: Path) -> set[str]:
+    files, _ = checkpoint_files(model_dir)
+    names: set[str] = set()
+    for p in files:
+        names.update(k for k in validate_safetensors_file(p) if k != "__metadata__")
+    return names
+
+
+def _read_base_meta(adapter_dir: Path) -> dict[str, Any]:
+    if not (adapter_dir / BASE_META).is_file() or not (adapter_dir / BASE_FILE).is_file():
+        raise ValueError(f"{adapter_dir} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
+    try:
+        meta = json.loads((adapter_dir / BASE_META).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{adapter_dir / BASE_META}: invalid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("base_model"), str):
+        raise ValueError(f"{adapter_dir / BASE_META}: no base_model path")
+    ql = meta.get("quantized_layers", [])
+    if not isinstance(ql, list) or not all(isinstance(x, str) for x in ql):
+        raise ValueError(f"{adapter_dir / BASE_META}: quantized_layers must be a list of layer names")
+    return meta
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.strip().lower(), None)
+    if dtype not in _DENSE_DTYPES:
+        raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
+    return dtype
+
+
+def stream_merge(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    bits: int,
+    group_size: int | None,
+    requant: str,
+    fmt: ExportFormat | str,
+    dtype: torch.dtype | str = torch.float16,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+    grams: Mapping[str, torch.Tensor] | None = None,
+    check_hash: bool = True,
+) -> dict[str, Any]:
+    """Merge the adapter of ``adapter_dir`` into its base, streaming tensor by tensor, and write ``out_dir``.
+
+    ``bits`` 16 writes merged float weights (``fmt`` must be ``dense``; cast once to ``dtype``); bits in
+    {2, 3, 4, 8} re-quantizes with ``requant`` (``rtn``/``gptq``/``grid``) and writes with ``fmt``'s layer writer
+    (``dense`` then stores the dequantized re-quantized weight in ``dtype``). ``group_size`` None keeps each base
+    layer's. ``grams`` (``{layer: d_in x d_in Gram}``) adds ``rel_err_requant_vs_merged`` to the report and is
+    required by ``gptq``. Returns the report (also in ``qwha_export.json``).
+    """
+    from .. import __version__
+    from ..pipeline import atomic_output_dir, base_fingerprint, check_output_dir
+
+    t0 = time.time()
+    adapter_dir = Path(adapter_dir)
+    fmt = ExportFormat.parse(fmt)
+    writer = get_writer(fmt)
+    dtype = _parse_dtype(dtype)
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"bits must be an int, got {bits!r}")
+    dense_merge = bits == 16
+    if dense_merge and fmt != ExportFormat.DENSE:
+        raise ValueError(f"bits=16 writes merged float weights; use fmt='dense', not {fmt.value!r}")
+    method = str(requant).strip().lower()
+    if not dense_merge:
+        if method not in REQUANT_METHODS:
+            raise ValueError(f"requant method {requant!r} is not supported; choose one of {REQUANT_METHODS}")
+        QuantConfig(bits=bits, group_size=-1 if group_size is None else group_size)  # validates both
+    check_output_dir(out_dir, overwrite)
+
+    meta = _read_base_meta(adapter_dir)
+    base_dir = Path(meta["base_model"])
+    if not base_dir.is_dir():
+        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
+    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
+        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
+    quantized = set(meta.get("quantized_layers", []))
+    spectra = read_adapter_spectra(adapter_dir)
+    names = _checkpoint_names(base_dir)
+    for layer in sorted(quantized | set(spectra)):
+        if f"{layer}.weight" not in names:
+            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
+    if not dense_merge and method == "gptq":
+        lacking = sorted(layer for layer in spectra if grams is None or layer not in grams)
+        if lacking:
+            raise ValueError(
+                f"gptq re-quantization needs a Gram matrix per adapted layer; missing for {lacking[0]}"
+                + (f" (+{len(lacking) - 1} more)" if len(lacking) > 1 else "")
+            )
+
+    by_weight = {f"{layer}.weight": layer for layer in quantized | set(spectra)}
+    layers: list[dict[str, Any]] = []
+    desc_act = False
+    group_sizes: set[int] = set()
+    out_bits: set[int] = set()
+    written: list[str] = []
+    with atomic_output_dir(out_dir, overwrite) as tmp, safe_open(str(adapter_dir / BASE_FILE), framework="pt") as qf:
+        qkeys = set(qf.keys())
+        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
+            for name, tensor in iter_checkpoint_tensors(base_dir):
+                layer = by_weight.get(name)
+                if layer is None:
+                    shards.add(name, tensor)  # pass-through, bit-identical
+                    continue
+                base_qw = None
+                if layer in quantized:
+                    wanted = {k for k in qkeys if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]}
+                    base_qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
+                    if base_qw.shape != tuple(tensor.shape):
+                        raise ValueError(
+                            f"{layer}: quantized base {base_qw.shape} does not match base weight {tuple(tensor.shape)}"
+                        )
+                rec, tensors, qw_out = _merge_layer(
+                    layer,
+                    tensor,
+                    base_qw,
+                    spectra.get(layer),
+                    grams,
+                    dense_merge,
+                    method,
+                    bits,
+                    group_size,
+                    writer,
+                    fmt,
+                    dtype,
+                )
+                shards.add_many(tensors)
+                written.extend(tensors)
+                if qw_out is not None:
+                    desc_act = desc_act or needs_desc_act(qw_out)
+                    d_in = qw_out.shape[1]
+                    group_sizes.add(-1 if qw_out.group_size == d_in and qw_out.n_groups == 1 else qw_out.group_size)
+                    out_bits.add(qw_out.bits)
+                layers.append(rec)
+                del tensor, base_qw, tensors, qw_out
+            index = shards.close()
+
+        qconfig = None
+        if fmt != ExportFormat.DENSE:
+            if len(out_bits) > 1 or len(group_sizes) > 1:
+                raise ValueError(
+                    f"layers were quantized with mixed settings (bits {sorted(out_bits)}, group sizes "
+                    f"{sorted(group_sizes)}); one quantization_config cannot describe them"
+                )
+            qbits = next(iter(out_bits), bits)
+            qgs = next(iter(group_sizes), -1 if group_size is None else group_size)
+            if fmt == ExportFormat.COMPRESSED_TENSORS:
+                qconfig = writer.quantization_config(qbits, qgs, targets=sorted(by_weight.values()))
+            else:
+                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act)
+        DenseFormat.write_config(
+            tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
+        )
+        aux = DenseFormat.copy_aux_files(base_dir, tmp)
+        adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
+        report = {
+            "tool": "qwha-export",
+            "tool_version": __version__,
+            "source": {
+                "adapter_dir": str(adapter_dir.resolve()),
+                "base_model": str(base_dir.resolve()),
+                "base_hash": meta.get("base_hash"),
+                "adapter_sha256": {p.name: _sha256_file(p) for p in adapter_files if p.is_file()},
+            },
+            "settings": {
+                "bits": bits,
+                "group_size": group_size,
+                "requant": None if dense_merge else method,
+                "format": fmt.value,
+                "dtype": str(dtype).removeprefix("torch."),
+                "max_shard_bytes": max_shard_bytes,
+                "grams": grams is not None,
+            },
+            "quantization_config": qconfig,
+            "layers": layers,
+            "total": _totals(layers),
+            "files": {
+                "shards": sorted(set(index["weight_map"].values())),
+                "aux": aux,
+                "total_size": index["metadata"]["total_size"],
+            },
+            "seconds": time.time() - t0,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _merge_layer(
+    layer: str,
+    base_weight: torch.Tensor,
+    base_qw: QuantizedWeight | None,
+    spectrum: Spectrum | None,
+    grams: Mapping[str, torch.Tensor] | None,
+    dense_merge: bool,
+    method: str,
+    bits: int,
+    group_size: int | None,
+    writer,
+    fmt: ExportFormat,
+    dtype: torch.dtype,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], QuantizedWeight | None]:
+    """One layer: report record, tensors to write, and the written QuantizedWeight (None for dense merges)."""
+    d_out, d_in = int(base_weight.shape[0]), int(base_weight.shape[1])
+    rec: dict[str, Any] = {
+        "name": layer,
+        "shape": [d_out, d_in],
+        "adapted": spectrum is not None,
+        "quantized_base": base_qw is not None,
+    }
+    gram = None if grams is None else grams.get(layer)
+    if spectrum is not None:
+        values, rows, cols, scale = spectrum
+        _validate(layer, values, rows, cols, d_out, d_in)
+        w_ref = merged_weight(base_qw if base_qw is not None else base_weight, values, rows, cols, scale)
+        rec.update(nnz=int(values.numel()), scale=scale)
+    elif base_qw is not None:
+        w_ref = base_qw.dequantize(torch.float64)
+    else:  # pragma: no cover - by_weight only holds adapted or quantized layers
+        raise AssertionError(layer)
+
+    if dense_merge:
+        w_out = w_ref.to(dtype).contiguous()
+        rec["action"] = "merged-dense" if spectrum is not None else "dequantized-base"
+        if gram is not None:
+            rec["rel_err_requant_vs_merged"] = relative_output_error(w_ref, w_out, gram)
+        return rec, {f"{layer}.weight": w_out}, None
+
+    real_gs = None if group_size is None else (d_in if group_size == -1 else group_size)
+    keep_base = (
+        spectrum is None
+        and base_qw is not None
+        and (method == "grid" or (bits == base_qw.bits and real_gs in (None, base_qw.group_size)))
+    )
+    if keep_base:
+        qw = base_qw
+        rec["action"] = "base-quantized"
+    else:
+        qw = requantize(w_ref, method, bits, group_size, base_qw, hessian=gram)
+        rec["action"] = f"requantized-{method}" if spectrum is not None else f"base-requantized-{method}"
+        if method == "grid":
+            rec["max_abs_code_change"] = (
+                int((qw.codes.int() - base_qw.codes.int()).abs().max()) if qw.codes.numel() else 0
+            )
+    if gram is not None:
+        rec["rel_err_requant_vs_merged"] = relative_output_error(w_ref, qw.dequantize(torch.float64), gram)
+    if fmt == ExportFormat.DENSE:
+        tensors = writer.write_layer(qw, prefix=layer, dtype=dtype)
+    else:
+        tensors = writer.write_layer(qw, prefix=layer)
+    return rec, tensors, qw
+
+
+def _totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    errs = [r["rel_err_requant_vs_merged"] for r in layers if "rel_err_requant_vs_merged" in r]
+    out: dict[str, Any] = {
+        "n_layers": len(layers),
+        "n_adapted": sum(1 for r in layers if r["adapted"]),
+    }
+    if errs:
+        out["rms_rel_err_requant_vs_merged"] = math.sqrt(sum(e * e for e in errs) / len(errs))
+    changes = [r["max_abs_code_change"] for r in layers if "max_abs_code_change" in r]
+    if changes:
+        out["max_abs_code_change"] = max(changes)
+    return out

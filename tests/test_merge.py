@@ -1,0 +1,267 @@
+"""Streaming merge (``qwha_export.converters.merge``) on a tiny random Llama adapter directory built by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwha_export.converters import merge as M
+from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
+from qwha_export.formats import WRITERS, ExportFormat
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # o_proj: quantized, not adapted
+BITS, GS = 4, 32
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+def _quantized_model(base_dir, quantized):
+    from transformers import LlamaForCausalLM
+
+    from qwha_export.quant_linear import QuantLinear, replace_linear
+
+    model = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    for name, qw in quantized.items():
+        replace_linear(model, name, QuantLinear.from_linear(model.get_submodule(name), qw))
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    from peft import get_peft_model
+
+    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
+
+    root = tmp_path_factory.mktemp("merge")
+    base_dir, adir = root / "base", root / "adapter"
+    model = _tiny_llama()
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    quantized = {
+        name: quantize_rtn(mod.weight.detach(), BITS, GS)
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS
+    }
+    qmodel = _quantized_model(base_dir, quantized)
+    peft_model = get_peft_model(qmodel, QWHAConfig(target_modules=list(ADAPTED), rank=4, scale=2.0, init="random"))
+    gen = torch.Generator().manual_seed(1)
+    for i, name in enumerate(sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED)):
+        d_out, d_in = quantized[name].shape
+        nnz = 5 * d_out
+        flat = torch.randperm(d_out * d_in, generator=gen)[:nnz]
+        values = torch.randn(nnz, generator=gen)
+        scale = 3.0 if i == 0 else None  # one per-layer override (scale_pattern)
+        set_spectrum(peft_model, name, values, flat // d_in, flat % d_in, scale=scale)
+    adir.mkdir()
+    peft_model.save_pretrained(str(adir))
+    flat_q = {}
+    for name, qw in quantized.items():
+        flat_q.update(qw.to_dict(prefix=f"{name}."))
+    save_file(flat_q, str(adir / "quantized_base.safetensors"))
+    meta = {"base_model": str(base_dir), "quantized_layers": sorted(quantized)}
+    (adir / "qwha_base.json").write_text(json.dumps(meta))
+    return adir, base_dir, quantized
+
+
+def _merge(adapter, out, **kw):
+    args = dict(bits=16, group_size=None, requant="rtn", fmt="dense", dtype=torch.float32)
+    args.update(kw)
+    return M.stream_merge(adapter, out, **args)
+
+
+def test_read_adapter_spectra_and_validation(adapter_dir, tmp_path):
+    adir, _, quantized = adapter_dir
+    sp = M.read_adapter_spectra(adir)
+    assert sorted(sp) == sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED)
+    scales = sorted({s for *_, s in sp.values()})
+    assert scales == [2.0, 3.0]
+    import shutil
+
+    name = "model.layers.1.mlp.up_proj"
+    key = f"base_model.model.{name}.qwha_"
+    for how, needle in (("nan", "NaN"), ("index", "out of range")):
+        bad = tmp_path / how
+        shutil.copytree(adir, bad)
+        t = load_file(str(bad / "adapter_model.safetensors"))
+        if how == "nan":
+            t[key + "spectrum"][3] = float("nan")
+        else:
+            t[key + "indices"][1, 0] = 10_000
+        save_file(t, str(bad / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match=needle) as ei:
+            M.read_adapter_spectra(bad)
+        assert name in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_dense_merge_matches_training_model(adapter_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qwha_export.peft_qwha import load_qwha_adapter
+
+    adir, base_dir, quantized = adapter_dir
+    out = tmp_path / "dense"
+    report = _merge(adir, out)
+    assert (out / "qwha_export.json").is_file() and (out / "config.json").is_file()
+    manifest = json.loads((out / "qwha_export.json").read_text())
+    assert set(manifest["source"]["adapter_sha256"]) >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert len(report["layers"]) == len(quantized) and "quantization_config" not in json.loads(
+        (out / "config.json").read_text()
+    )
+    assert all("rel_err_requant_vs_merged" not in r for r in report["layers"])
+
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    ref = load_qwha_adapter(_quantized_model(base_dir, quantized), str(adir)).eval()
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = merged(input_ids=ids).logits.double()
+        b = ref(input_ids=ids).logits.double()
+        q = _quantized_model(base_dir, quantized)(input_ids=ids).logits.double()
+    rel = float((a - b).norm() / b.norm())
+    assert rel < 1e-5, rel
+    assert float((q - b).norm() / b.norm()) > 1e-3  # the adapter really changes the model
+
+    base = load_file(str(base_dir / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    assert set(got) == set(base)
+    for k, v in base.items():
+        layer = k.removesuffix(".weight")
+        if layer not in quantized:  # embeddings, norms, lm_head
+            assert torch.equal(got[k], v), k
+    o = "model.layers.0.self_attn.o_proj"
+    assert torch.equal(got[f"{o}.weight"], quantized[o].dequantize(torch.float32))
+
+
+def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path):
+    adir, _, quantized = adapter_dir
+    grams = {}
+    gen = torch.Generator().manual_seed(2)
+    for name, qw in quantized.items():
+        x = torch.randn(64, qw.shape[1], generator=gen, dtype=torch.float64)
+        grams[name] = x.T @ x
+    out = tmp_path / "grid"
+    report = _merge(adir, out, bits=BITS, requant="grid", fmt="gptq_v2", grams=grams)
+    got = load_file(str(out / "model.safetensors"))
+    sp = M.read_adapter_spectra(adir)
+    recs = {r["name"]: r for r in report["layers"]}
+    any_change = False
+    for name, qw in quantized.items():
+        new = WRITERS[ExportFormat.GPTQ_V2].read_layer(got, name, BITS, GS)
+        assert torch.equal(new.scales, qw.scales) and torch.equal(new.zeros, qw.zeros), name
+        assert "rel_err_requant_vs_merged" in recs[name]
+        if name not in sp:
+            assert torch.equal(new.codes, qw.codes) and recs[name]["action"] == "base-quantized"
+            continue
+        w = M.merged_weight(qw, *sp[name])
+        delta_steps = (w - qw.dequantize(torch.float64)) / qw.scales.double().repeat_interleave(GS, dim=1)
+        expected = (qw.codes.double() + torch.round(delta_steps)).clamp(0, qw.maxq)
+        mismatch = new.codes.double() != expected
+        near_tie = ((delta_steps.abs() % 1) - 0.5).abs() < 1e-9
+        assert not bool((mismatch & ~near_tie).any()), name
+        changed = new.codes != qw.codes
+        assert not bool((changed & (delta_steps.abs() < 0.5)).any()), name
+        assert recs[name]["max_abs_code_change"] == int((new.codes.int() - qw.codes.int()).abs().max())
+        any_change |= bool(changed.any())
+        assert float(changed.double().mean()) < 0.5, name  # most codes stay: the delta is a fraction of a step
+        assert torch.equal(new.codes, M.grid_requantize(w, qw).codes)
+    assert any_change
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["checkpoint_format"] == "gptq_v2" and cfg["bits"] == BITS and cfg["group_size"] == GS
+
+
+@pytest.mark.parametrize("fmt", ["gptq_v2", "compressed-tensors"])
+def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fmt):
+    adir, _, quantized = adapter_dir
+    out = tmp_path / fmt
+    _merge(adir, out, bits=4, group_size=GS, requant="rtn", fmt=fmt, max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()  # several shards
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    got = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        got.update(load_file(str(out / shard)))
+    sp = M.read_adapter_spectra(adir)
+    reader = WRITERS[ExportFormat.parse(fmt)].read_layer
+    for name, qw in quantized.items():
+        back = reader(got, name, 4, GS)
+        want = M.requantize(M.merged_weight(qw, *sp[name]), "rtn", 4, GS, qw) if name in sp else qw
+        for attr in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(back, attr), getattr(want, attr)), (name, attr)
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == ("gptq" if fmt == "gptq_v2" else "compressed-tensors")
+
+
+def test_never_instantiates_the_model(adapter_dir, tmp_path, monkeypatch):
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("stream_merge must not load the full model")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(boom))
+    report = _merge(adir := adapter_dir[0], tmp_path / "o", dtype=torch.float16)
+    assert report["total"]["n_adapted"] == len(M.read_adapter_spectra(adir))
+
+
+def test_existing_out_refused_and_failure_leaves_nothing(adapter_dir, tmp_path, monkeypatch):
+    adir = adapter_dir[0]
+    out = tmp_path / "exists"
+    out.mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        _merge(adir, out)
+    _merge(adir, out, overwrite=True)
+    assert (out / "model.safetensors").is_file()
+
+    calls = {"n": 0}
+    real = M.merged_weight
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk on fire")
+        return real(*a, **k)
+
+    monkeypatch.setattr(M, "merged_weight", flaky)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        _merge(adir, fresh)
+    assert not fresh.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh")]
+
+
+def test_requant_argument_errors(adapter_dir, tmp_path):
+    adir, _, quantized = adapter_dir
+    qw = next(iter(quantized.values()))
+    w = qw.dequantize(torch.float64)
+    with pytest.raises(ValueError, match="Hessian"):
+        M.requantize(w, "gptq", 4, GS, qw)
+    with pytest.raises(ValueError, match="gptq"):
+        _merge(adir, tmp_path / "g", bits=4, requant="gptq", fmt="gptq_v2")
+    with pytest.raises(ValueError, match="dense"):
+        _merge(adir, tmp_path / "x", bits=16, fmt="gptq_v2")
+    assert not (tmp_path / "g").exists() and not (tmp_path / "x").exists()
+    h = torch.eye(qw.shape[1], dtype=torch.float64)
+    assert isinstance(M.requantize(w, "gptq", 4, GS, qw, hessian=h), QuantizedWeight)
+    assert M.relative_output_error(w, w, h) == 0.0
+    assert M.relative_output_error(w, 1.1 * w, h) == pytest.approx(0.1)
