@@ -194,5 +194,52 @@ def import_cmd(src, base_dir, out):
     click.echo(f"wrote {out}")
 
 
+@main.command("merge")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Checkpoint folder to write.")
+@click.option("--bits", default=4, show_default=True, type=int, help="2, 3, 4, 8, or 16 for a dense merged model.")
+@click.option("--group-size", default=None, type=int, help="Group size of the re-quantization (default: the base's).")
+@click.option(
+    "--requant",
+    default="rtn",
+    show_default=True,
+    type=click.Choice(["rtn", "gptq", "grid"]),
+    help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    default="dense",
+    show_default=True,
+    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors"]),
+)
+@click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
+@click.option("--calib-tokens", default=1024, show_default=True, type=int, help="For gptq and the error report.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_friendly_errors
+def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tokens, overwrite, quiet):
+    """Merge the adapter of ADAPTER_DIR into its base (inverse WHT), re-quantize, and write a checkpoint."""
+    from .pipeline import MergeJob, merge_qwha
+
+    report = merge_qwha(
+        MergeJob(
+            adapter_dir=adapter_dir,
+            out=out,
+            bits=bits,
+            group_size=group_size,
+            requant=requant,
+            format=fmt,
+            dtype=dtype,
+            calib_tokens=calib_tokens,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+    )
+    if not quiet:
+        click.echo(json.dumps(report.get("total", {}), indent=2))
+    click.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     main()

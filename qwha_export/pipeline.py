@@ -112,6 +112,7 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager
         check_output_dir(self.path, self.overwrite)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self.tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are meant to be shared
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -119,6 +120,9 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        for f in self.tmp.rglob("*"):  # temp files (mkstemp) are 0600: give them ordinary permissions
+            if f.is_file() and not f.stat().st_mode & 0o044:
+                f.chmod(0o644)
         if self.path.exists():
             old = self.path.with_name(f".{self.path.name}.old-{int(time.time())}")
             self.path.rename(old)
@@ -329,3 +333,66 @@ def import_published(src: str | Path, base_dir: str | Path, out: str | Path, ove
         for name in (BASE_META, BASE_FILE):
             shutil.copy2(Path(base_dir) / name, tmp / name)
     return Path(out)
+
+
+@dataclass(frozen=True)
+class MergeJob:
+    """Inputs of ``qwha-export merge``."""
+
+    adapter_dir: str
+    out: str
+    bits: int = 4
+    group_size: int | None = None  # None: keep the base's
+    requant: str = "rtn"
+    format: str = "dense"
+    dtype: str = "float16"
+    calib_tokens: int = 1024  # calibration activations for gptq and the per-layer report; 0 = no report
+    seq_len: int = 256
+    overwrite: bool = False
+    quiet: bool = False
+
+
+def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True):
+    """Float64 Grams ``X^T X`` of every quantized layer's input, from the full-precision base on Lee-corpus text.
+
+    Holds all layers' Grams at once (about 0.8 GB for a 135M model); intended for small and medium models.
+    """
+    from .data import token_chunks
+    from .models import load_causal_lm
+
+    meta = json.loads((Path(adapter_dir) / BASE_META).read_text())
+    model, tokenizer = load_causal_lm(meta["base_model"])
+    from .data import lee_corpus_text
+
+    chunks = token_chunks(tokenizer, lee_corpus_text(), seq_len, max_tokens=n_tokens)
+    targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in meta["quantized_layers"]}))
+    grams: dict[str, torch.Tensor] = {}
+    it = iter_block_grams(model, chunks, targets, batch_size=4, sequential=False)
+    for _, _, block_grams in tqdm(it, total=model.config.num_hidden_layers, desc="calibration", disable=quiet):
+        grams.update(block_grams)
+    return grams
+
+
+def merge_qwha(job: MergeJob) -> dict[str, Any]:
+    """Merge (and re-quantize) an adapter directory into a deployable checkpoint; see :func:`stream_merge`."""
+    from .converters.merge import stream_merge
+
+    check_output_dir(job.out, job.overwrite)
+    if not (Path(job.adapter_dir) / BASE_META).is_file():
+        raise ValueError(f"{job.adapter_dir} is not a qwha-export adapter directory (no {BASE_META}); run `init` first")
+    grams = None
+    if job.calib_tokens > 0 and job.bits != 16:
+        grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
+    elif job.requant == "gptq" and job.bits != 16:
+        raise ValueError("--requant gptq needs calibration activations; pass --calib-tokens > 0")
+    return stream_merge(
+        job.adapter_dir,
+        job.out,
+        bits=job.bits,
+        group_size=job.group_size,
+        requant=job.requant,
+        fmt=job.format,
+        dtype=job.dtype,
+        overwrite=job.overwrite,
+        grams=grams,
+    )

@@ -163,3 +163,49 @@ def test_cli_rejects_corrupt_adapter(adapter_dir, tmp_path, how, needle):
     assert lines[-1].startswith("Error:") and needle in lines[-1], r.stderr[-1500:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_cli_merge_dense_matches_training_time_model(adapter_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = adapter_dir
+    merged = tmp_path / "merged16"
+    r = _cli(
+        "merge", str(out), "--bits", "16", "--format", "dense", "--dtype", "float32", "--out", str(merged), "--quiet"
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    manifest = json.loads((merged / "qwha_export.json").read_text())
+    assert manifest["total"]["n_adapted"] == 60
+    ids = torch.randint(0, 1000, (2, 32))
+    with torch.no_grad():
+        ref = load_qwha_model(out)[0](input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32)(input_ids=ids).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() > 0.99
+
+
+def test_cli_merge_gptq_v2_reports_requant_error(adapter_dir, tmp_path):
+    out, _ = adapter_dir
+    merged = tmp_path / "m4"
+    r = _cli(
+        "merge",
+        str(out),
+        "--bits",
+        "4",
+        "--requant",
+        "rtn",
+        "--format",
+        "gptq_v2",
+        "--calib-tokens",
+        "256",
+        "--out",
+        str(merged),
+        "--quiet",
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    cfg = json.loads((merged / "config.json").read_text())
+    assert cfg["quantization_config"]["bits"] == 4
+    total = json.loads((merged / "qwha_export.json").read_text())["total"]
+    assert 0 < total["rms_rel_err_requant_vs_merged"] < 0.5
+    r = _cli("merge", str(out), "--bits", "4", "--format", "gptq_v2", "--out", str(merged), "--quiet")
+    assert r.returncode == 2 and "already exists" in r.stderr

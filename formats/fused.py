@@ -1,0 +1,189 @@
+"""Fused-adapter checkpoints: an exported quantized base, bit-identical, with the QWHA spectrum stored beside it.
+
+I/O only (no math). A fused folder is a normal exported Hugging Face folder of the *unchanged* quantized base
+(``base_format`` ``gptq_v2`` (default), ``compressed-tensors`` or ``dense``: ``config.json`` with the base format's
+``quantization_config``, weight shards, tokenizer files) plus two files:
+
+``qwha_fused.json`` (:data:`FUSED_CONFIG_NAME`)::
+
+    {
+      "format_version": 1,
+      "base_format": "gptq_v2" | "compressed-tensors" | "dense",
+      "adapter_file": "qwha_adapter.safetensors",
+      "layers": {"<layer>": {"d_in": int, "d_out": int, "scale": float, "coefficient": float, "nnz": int}},
+      "quantized_layers": {"<layer>": {"bits": int, "group_size": int}},   # real group size (d_in = per channel)
+      ...                                                                  # free-form extra keys are kept
+    }
+
+``coefficient`` is ``scale / (d_in * sqrt(d_out))``, the factor of ``wht(x) @ F.T`` in the layer forward
+(:func:`qwha_export.layer.adapter_coefficient`); it is informative -- loaders recompute it from ``scale``.
+
+``qwha_adapter.safetensors`` (:data:`FUSED_ADAPTER_NAME`), per adapted layer ``<layer>`` (the module path in the
+Hugging Face model, e.g. ``model.layers.0.self_attn.q_proj``):
+
+==========================  =======  ============  =====================================================
+tensor                      dtype    shape         content
+==========================  =======  ============  =====================================================
+``<layer>.qwha_values``     float32  ``[nnz]``     spectrum values ``F[rows[e], cols[e]]``
+``<layer>.qwha_indices``    int32    ``[2, nnz]``  row 0 = output channel, row 1 = Walsh index
+==========================  =======  ============  =====================================================
+
+The quantized base layers are stored by the base format's own writer (:data:`qwha_export.formats.WRITERS`) and
+read back with its ``read_layer``; the quantized codes are never stored in a private layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "FUSED_CONFIG_NAME",
+    "FUSED_ADAPTER_NAME",
+    "FUSED_FORMAT_VERSION",
+    "FUSED_BASE_FORMATS",
+    "make_fused_config",
+    "write_fused_config",
+    "read_fused_config",
+    "write_fused_adapter",
+    "read_fused_adapter",
+]
+
+FUSED_CONFIG_NAME = "qwha_fused.json"
+FUSED_ADAPTER_NAME = "qwha_adapter.safetensors"
+FUSED_FORMAT_VERSION = 1
+FUSED_BASE_FORMATS: tuple[str, ...] = ("gptq_v2", "compressed-tensors", "dense")
+_LAYER_KEYS = ("d_in", "d_out", "scale", "coefficient", "nnz")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def make_fused_config(
+    base_format: str,
+    layers: Mapping[str, Mapping[str, Any]],
+    quantized_layers: Mapping[str, Mapping[str, int]],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The ``qwha_fused.json`` dict (validated; see the module docstring)."""
+    cfg = {
+        **extra,
+        "format_version": FUSED_FORMAT_VERSION,
+        "base_format": str(base_format),
+        "adapter_file": FUSED_ADAPTER_NAME,
+        "layers": {str(k): dict(v) for k, v in sorted(layers.items())},
+        "quantized_layers": {str(k): dict(v) for k, v in sorted(quantized_layers.items())},
+    }
+    _validate_config(cfg, "qwha_fused config")
+    return cfg
+
+
+def _validate_config(cfg: Any, where: str) -> None:
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: must hold a JSON object")
+    if cfg.get("format_version") != FUSED_FORMAT_VERSION:
+        raise ValueError(f"{where}: format_version {cfg.get('format_version')!r} is not supported (expected 1)")
+    if cfg.get("base_format") not in FUSED_BASE_FORMATS:
+        raise ValueError(f"{where}: base_format {cfg.get('base_format')!r} is not one of {FUSED_BASE_FORMATS}")
+    layers = cfg.get("layers")
+    if not isinstance(layers, dict):
+        raise ValueError(f"{where}: 'layers' must map layer names to records")
+    for name, rec in layers.items():
+        if not isinstance(rec, dict) or any(k not in rec for k in _LAYER_KEYS):
+            raise ValueError(f"{where}: layer {name} needs keys {_LAYER_KEYS}")
+        if not all(_is_int(rec[k]) and rec[k] >= 0 for k in ("d_in", "d_out", "nnz")):
+            raise ValueError(f"{where}: layer {name} has non-integer d_in/d_out/nnz")
+        if not (_is_num(rec["scale"]) and rec["scale"] != 0 and _is_num(rec["coefficient"])):
+            raise ValueError(f"{where}: layer {name} needs a finite non-zero scale and a finite coefficient")
+    ql = cfg.get("quantized_layers", {})
+    if not isinstance(ql, dict) or not all(
+        isinstance(r, dict) and _is_int(r.get("bits")) and _is_int(r.get("group_size")) for r in ql.values()
+    ):
+        raise ValueError(f"{where}: 'quantized_layers' must map layer names to {{bits, group_size}} integers")
+
+
+def write_fused_config(out_dir: str | os.PathLike[str], cfg: Mapping[str, Any]) -> Path:
+    """Write ``out_dir/qwha_fused.json`` (validated, indent 2)."""
+    _validate_config(dict(cfg), "qwha_fused config")
+    path = Path(out_dir) / FUSED_CONFIG_NAME
+    path.write_text(json.dumps(dict(cfg), indent=2) + "\n")
+    return path
+
+
+def read_fused_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``model_dir/qwha_fused.json``; one-line ``ValueError`` on any problem."""
+    path = Path(model_dir) / FUSED_CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{model_dir}: no {FUSED_CONFIG_NAME}; not a fused QWHA checkpoint")
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+    _validate_config(cfg, str(path))
+    return cfg
+
+
+def write_fused_adapter(
+    out_dir: str | os.PathLike[str], spectra: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> Path:
+    """Write ``out_dir/qwha_adapter.safetensors`` from ``{layer: (values, rows, cols)}`` (layout in the docstring)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for layer, (values, rows, cols) in sorted(spectra.items()):
+        v = values.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
+        idx = torch.stack([rows.detach().reshape(-1).cpu(), cols.detach().reshape(-1).cpu()])
+        if idx.shape[1] != v.numel():
+            raise ValueError(f"{layer}: {v.numel()} spectrum values but {idx.shape[1]} indices")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2**31):
+            raise ValueError(f"{layer}: spectrum indices do not fit int32")
+        tensors[f"{layer}.qwha_values"] = v
+        tensors[f"{layer}.qwha_indices"] = idx.to(torch.int32).contiguous()
+    path = Path(out_dir) / FUSED_ADAPTER_NAME
+    save_file(tensors, str(path), metadata={"format": "pt", "qwha_fused_version": str(FUSED_FORMAT_VERSION)})
+    return path
+
+
+def read_fused_adapter(
+    model_dir: str | os.PathLike[str], cfg: Mapping[str, Any] | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``{layer: (values float32, rows int64, cols int64)}`` for every layer of the config, checked against its
+    ``nnz``/``d_out``/``d_in`` (one-line ``ValueError`` naming the layer)."""
+    d = Path(model_dir)
+    cfg = read_fused_config(d) if cfg is None else cfg
+    path = d / str(cfg.get("adapter_file", FUSED_ADAPTER_NAME))
+    if not path.is_file():
+        raise ValueError(f"{d}: no {path.name}; the fused checkpoint is incomplete")
+    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for layer, rec in cfg["layers"].items():
+            vk, ik = f"{layer}.qwha_values", f"{layer}.qwha_indices"
+            if vk not in keys or ik not in keys:
+                raise ValueError(f"{layer}: {path.name} lacks {vk if vk not in keys else ik}")
+            values, idx = f.get_tensor(vk), f.get_tensor(ik)
+            nnz = int(rec["nnz"])
+            if values.dtype != torch.float32 or tuple(values.shape) != (nnz,):
+                raise ValueError(f"{layer}: qwha_values must be float32 [{nnz}], got {values.dtype} {list(values.shape)}")
+            if idx.dtype != torch.int32 or tuple(idx.shape) != (2, nnz):
+                raise ValueError(f"{layer}: qwha_indices must be int32 [2, {nnz}], got {idx.dtype} {list(idx.shape)}")
+            rows, cols = idx[0].long(), idx[1].long()
+            if nnz and (
+                int(rows.min()) < 0 or int(rows.max()) >= rec["d_out"] or int(cols.min()) < 0 or int(cols.max()) >= rec["d_in"]
+            ):
+                raise ValueError(f"{layer}: spectrum index out of range for (d_out={rec['d_out']}, d_in={rec['d_in']})")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError(f"{layer}: spectrum has NaN/inf values; the adapter file is corrupt")
+            out[layer] = (values, rows, cols)
+    return out
