@@ -175,12 +175,17 @@ def read_fused_adapter(
             values, idx = f.get_tensor(vk), f.get_tensor(ik)
             nnz = int(rec["nnz"])
             if values.dtype != torch.float32 or tuple(values.shape) != (nnz,):
-                raise ValueError(f"{layer}: qwha_values must be float32 [{nnz}], got {values.dtype} {list(values.shape)}")
+                raise ValueError(
+                    f"{layer}: qwha_values must be float32 [{nnz}], got {values.dtype} {list(values.shape)}"
+                )
             if idx.dtype != torch.int32 or tuple(idx.shape) != (2, nnz):
                 raise ValueError(f"{layer}: qwha_indices must be int32 [2, {nnz}], got {idx.dtype} {list(idx.shape)}")
             rows, cols = idx[0].long(), idx[1].long()
             if nnz and (
-                int(rows.min()) < 0 or int(rows.max()) >= rec["d_out"] or int(cols.min()) < 0 or int(cols.max()) >= rec["d_in"]
+                int(rows.min()) < 0
+                or int(rows.max()) >= rec["d_out"]
+                or int(cols.min()) < 0
+                or int(cols.max()) >= rec["d_in"]
             ):
                 raise ValueError(f"{layer}: spectrum index out of range for (d_out={rec['d_out']}, d_in={rec['d_in']})")
             if not bool(torch.isfinite(values).all()):

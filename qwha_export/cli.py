@@ -211,7 +211,8 @@ def import_cmd(src, base_dir, out):
     "fmt",
     default="dense",
     show_default=True,
-    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors"]),
+    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors", "fused"]),
+    help="fused = keep the adapter beside the untouched quantized base (same as `fuse`).",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
 @click.option("--calib-tokens", default=1024, show_default=True, type=int, help="For gptq and the error report.")
@@ -222,6 +223,12 @@ def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tok
     """Merge the adapter of ADAPTER_DIR into its base (inverse WHT), re-quantize, and write a checkpoint."""
     from .pipeline import MergeJob, merge_qwha
 
+    if fmt == "fused":
+        from .fused import write_fused
+
+        write_fused(adapter_dir, out, overwrite=overwrite)
+        click.echo(f"wrote {out}")
+        return
     report = merge_qwha(
         MergeJob(
             adapter_dir=adapter_dir,
@@ -239,6 +246,49 @@ def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tok
     if not quiet:
         click.echo(json.dumps(report.get("total", {}), indent=2))
     click.echo(f"wrote {out}")
+
+
+@main.command("fuse")
+@click.argument("adapter_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option(
+    "--base-format", default="gptq_v2", show_default=True, type=click.Choice(["gptq_v2", "compressed-tensors", "dense"])
+)
+@click.option("--overwrite", is_flag=True)
+@_friendly_errors
+def fuse_cmd(adapter_dir, out, base_format, overwrite):
+    """Keep the adapter: write the untouched quantized base plus the spectrum (qwha_adapter.safetensors)."""
+    from .fused import write_fused
+
+    write_fused(adapter_dir, out, base_format=base_format, overwrite=overwrite)
+    click.echo(f"wrote {out}")
+
+
+@main.command("verify")
+@click.argument("export_dir", type=click.Path())
+@click.option("--against", "adapter_dir", required=True, type=click.Path(), help="The adapter directory it came from.")
+@click.option("--text", type=click.Path(), default=None, help="Text file to evaluate on (default: Lee corpus).")
+@click.option("--tokens", default=2048, show_default=True, type=int)
+@click.option("--seq-len", default=256, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly_errors
+def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
+    """Compare an exported model with the training-time QWHA model on the same tokens."""
+    from pathlib import Path
+
+    from .verify import verify_export
+
+    body = None
+    if text is not None:
+        if not Path(text).is_file():
+            raise ValueError(f"text file {text} does not exist")
+        body = Path(text).read_text(encoding="utf-8", errors="replace")
+    result = verify_export(export_dir, adapter_dir, text=body, tokens=tokens, seq_len=seq_len)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for k, v in result.items():
+            click.echo(f"{k:20} {v}")
 
 
 if __name__ == "__main__":

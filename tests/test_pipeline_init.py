@@ -209,3 +209,21 @@ def test_cli_merge_gptq_v2_reports_requant_error(adapter_dir, tmp_path):
     assert 0 < total["rms_rel_err_requant_vs_merged"] < 0.5
     r = _cli("merge", str(out), "--bits", "4", "--format", "gptq_v2", "--out", str(merged), "--quiet")
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_cli_fuse_then_verify_matches_training_time_model(adapter_dir, tmp_path):
+    """The fused checkpoint (untouched gptq_v2 base + spectrum) reproduces the training-time model exactly."""
+    out, _ = adapter_dir
+    fused = tmp_path / "fused"
+    r = _cli("fuse", str(out), "--out", str(fused))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (fused / "qwha_fused.json").is_file() and (fused / "qwha_adapter.safetensors").is_file()
+    r = _cli("verify", str(fused), "--against", str(out), "--tokens", "2048", "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("tokens", "max_abs_logit_diff", "kl_per_token", "top1_agreement", "ppl_export", "ppl_reference"):
+        assert key in result
+    assert result["tokens"] >= 2000
+    assert result["top1_agreement"] >= 0.999 and result["kl_per_token"] < 1e-6
+    r = _cli("verify", str(tmp_path), "--against", str(out), "--json")
+    assert r.returncode == 2 and r.stderr.startswith("Error:")

@@ -1,0 +1,330 @@
+"""Fused-adapter export: the quantized base written unchanged in a standard format, the QWHA spectrum beside it.
+
+:func:`write_fused` streams the base checkpoint tensor by tensor (like
+:func:`~qwha_export.converters.merge.stream_merge`, never instantiating the model): every quantized layer is
+written by the base format's layer writer from its *unchanged* :class:`QuantizedWeight` (so the codes, scales
+and zero points read back bit-identical to ``quantized_base.safetensors``), everything else passes through
+bit-identical. The spectra go to ``qwha_adapter.safetensors`` and ``qwha_fused.json`` (layout:
+:mod:`qwha_export.formats.fused`); ``qwha_export.json`` is the manifest. The folder is written atomically.
+
+:func:`load_fused` rebuilds the model without transformers' quantization machinery (pure torch): the HF model is
+instantiated from ``config.json`` (``quantization_config`` removed), the non-quantized tensors are loaded into it,
+quantized layers become :class:`~qwha_export.quant_linear.QuantLinear` (read with the format's ``read_layer``) and
+adapted layers are wrapped in :class:`~qwha_export.layer.QWHALinear`. :func:`load_quantized_checkpoint` is the same
+loader for plain ``gptq``/``gptq_v2``/``compressed-tensors`` exports (GPTQModel is not needed).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .converters.merge import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BASE_FILE,
+    BASE_META,
+    MANIFEST_FILE,
+    _checkpoint_names,
+    _read_base_meta,
+    _sha256_file,
+    read_adapter_spectra,
+)
+from .converters.quantize import QuantizedWeight
+from .formats import ExportFormat, get_writer, needs_desc_act
+from .formats.dense import DenseFormat
+from .formats.fused import (
+    FUSED_BASE_FORMATS,
+    make_fused_config,
+    read_fused_adapter,
+    read_fused_config,
+    write_fused_adapter,
+    write_fused_config,
+)
+from .formats.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, checkpoint_files, iter_checkpoint_tensors
+from .layer import QWHALinear, adapter_coefficient
+from .quant_linear import QuantLinear, replace_linear
+
+__all__ = ["write_fused", "load_fused", "load_quantized_checkpoint", "instantiate_from_config"]
+
+_MARKERS = {
+    ExportFormat.GPTQ: ("qweight", ("qweight", "qzeros", "scales", "g_idx")),
+    ExportFormat.GPTQ_V2: ("qweight", ("qweight", "qzeros", "scales", "g_idx")),
+    ExportFormat.COMPRESSED_TENSORS: (
+        "weight_packed",
+        ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def write_fused(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    base_format: str = "gptq_v2",
+    overwrite: bool = False,
+    *,
+    dtype: torch.dtype = torch.float32,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    check_hash: bool = True,
+) -> dict[str, Any]:
+    """Write the fused checkpoint of ``adapter_dir`` into ``out_dir``; returns the manifest (``qwha_export.json``).
+
+    ``base_format``: ``gptq_v2`` (default), ``compressed-tensors`` or ``dense`` (dequantized base weights in
+    ``dtype``; not bit-identical codes, but the exact ``(code - zero) * scale`` values for float32).
+    """
+    from . import __version__
+    from .pipeline import atomic_output_dir, base_fingerprint, check_output_dir
+
+    t0 = time.time()
+    fmt = ExportFormat.parse(base_format)
+    if fmt.value not in FUSED_BASE_FORMATS:
+        raise ValueError(f"fused base_format {fmt.value!r} is not supported; choose one of {FUSED_BASE_FORMATS}")
+    writer = get_writer(fmt)
+    check_output_dir(out_dir, overwrite)
+    adapter_dir = Path(adapter_dir)
+    meta = _read_base_meta(adapter_dir)
+    base_dir = Path(meta["base_model"])
+    if not base_dir.is_dir():
+        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
+    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
+        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
+    quantized = set(meta.get("quantized_layers", []))
+    spectra = read_adapter_spectra(adapter_dir)
+    names = _checkpoint_names(base_dir)
+    for layer in sorted(quantized | set(spectra)):
+        if f"{layer}.weight" not in names:
+            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
+
+    by_weight = {f"{layer}.weight": layer for layer in quantized}
+    qrecords: dict[str, dict[str, int]] = {}
+    layer_recs: dict[str, dict[str, Any]] = {}
+    desc_act = False
+    settings: set[tuple[int, int]] = set()
+    with atomic_output_dir(out_dir, overwrite) as tmp, safe_open(str(adapter_dir / BASE_FILE), framework="pt") as qf:
+        qkeys = set(qf.keys())
+        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
+            for name, tensor in iter_checkpoint_tensors(base_dir):
+                layer = by_weight.get(name)
+                if layer is None:
+                    shards.add(name, tensor)  # pass-through, bit-identical
+                    continue
+                wanted = {k for k in qkeys if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]}
+                qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
+                if qw.shape != tuple(tensor.shape):
+                    raise ValueError(
+                        f"{layer}: quantized base {qw.shape} does not match base weight {tuple(tensor.shape)}"
+                    )
+                if fmt == ExportFormat.DENSE:
+                    shards.add_many(writer.write_layer(qw, prefix=layer, dtype=dtype))
+                else:
+                    shards.add_many(writer.write_layer(qw, prefix=layer))
+                desc_act = desc_act or needs_desc_act(qw)
+                d_in = qw.shape[1]
+                settings.add((qw.bits, -1 if qw.group_size == d_in and qw.n_groups == 1 else qw.group_size))
+                qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
+                del tensor, qw
+            index = shards.close()
+
+        for layer, (values, _rows, _cols, scale) in spectra.items():
+            shape = _layer_shape(base_dir, layer)
+            d_out, d_in = shape
+            layer_recs[layer] = {
+                "d_in": d_in,
+                "d_out": d_out,
+                "scale": scale,
+                "coefficient": adapter_coefficient(scale, d_in, d_out),
+                "nnz": int(values.numel()),
+            }
+        qconfig = None
+        if fmt != ExportFormat.DENSE and settings:
+            if len(settings) > 1:
+                raise ValueError(
+                    f"quantized layers use mixed (bits, group_size) settings {sorted(settings)}; one "
+                    "quantization_config cannot describe them"
+                )
+            qbits, qgs = next(iter(settings))
+            if fmt == ExportFormat.COMPRESSED_TENSORS:
+                qconfig = writer.quantization_config(qbits, qgs, targets=sorted(quantized))
+            else:
+                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act)
+        DenseFormat.write_config(
+            tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
+        )
+        aux = DenseFormat.copy_aux_files(base_dir, tmp)
+        write_fused_adapter(tmp, {k: (v, r, c) for k, (v, r, c, _s) in spectra.items()})
+        cfg = make_fused_config(fmt.value, layer_recs, qrecords)
+        write_fused_config(tmp, cfg)
+        adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
+        report = {
+            "tool": "qwha-export",
+            "tool_version": __version__,
+            "source": {
+                "adapter_dir": str(adapter_dir.resolve()),
+                "base_model": str(base_dir.resolve()),
+                "base_hash": meta.get("base_hash"),
+                "adapter_sha256": {p.name: _sha256_file(p) for p in adapter_files if p.is_file()},
+            },
+            "settings": {
+                "format": ExportFormat.FUSED.value,
+                "base_format": fmt.value,
+                "max_shard_bytes": max_shard_bytes,
+            },
+            "quantization_config": qconfig,
+            "fused": cfg,
+            "files": {
+                "shards": sorted(set(index["weight_map"].values())),
+                "aux": aux,
+                "total_size": index["metadata"]["total_size"],
+            },
+            "seconds": time.time() - t0,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _layer_shape(base_dir: Path, layer: str) -> tuple[int, int]:
+    """``(d_out, d_in)`` of ``<layer>.weight`` from the safetensors headers (no tensor data read)."""
+    files, _ = checkpoint_files(base_dir)
+    key = f"{layer}.weight"
+    for p in files:
+        with safe_open(str(p), framework="pt") as f:
+            if key in set(f.keys()):
+                shape = f.get_slice(key).get_shape()
+                return int(shape[0]), int(shape[1])
+    raise ValueError(f"{layer}: no {key} in base model {base_dir}")  # pragma: no cover - checked before
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# loading (pure torch)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def instantiate_from_config(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """An HF causal LM built from ``model_dir/config.json`` with any ``quantization_config`` removed (random init,
+    eval mode, ``dtype``); weights are loaded by the caller."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval()
+
+
+def _quant_settings(model_dir: Path, fmt: ExportFormat) -> tuple[int, int]:
+    cfg = DenseFormat.load_config(model_dir).get("quantization_config")
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{model_dir}: config.json has no quantization_config for format {fmt.value!r}")
+    if fmt == ExportFormat.COMPRESSED_TENSORS:
+        try:
+            w = next(iter(cfg["config_groups"].values()))["weights"]
+            return int(w["num_bits"]), -1 if w.get("group_size") is None else int(w["group_size"])
+        except (KeyError, TypeError, StopIteration, ValueError):
+            raise ValueError(f"{model_dir}: malformed compressed-tensors quantization_config") from None
+    try:
+        return int(cfg["bits"]), int(cfg["group_size"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{model_dir}: malformed GPTQ quantization_config (needs bits and group_size)") from None
+
+
+def load_quantized_checkpoint(
+    model_dir: str | Path,
+    fmt: str | ExportFormat,
+    dtype: torch.dtype = torch.float32,
+    layer_settings: Mapping[str, tuple[int, int]] | None = None,
+):
+    """Pure-torch loader of a ``gptq``/``gptq_v2``/``compressed-tensors``/``dense`` export folder.
+
+    The model is instantiated from ``config.json`` (no quantization backend), non-quantized tensors are loaded with
+    ``load_state_dict`` and every quantized layer (found by its ``qweight``/``weight_packed`` tensor) becomes a
+    :class:`QuantLinear` of the format reader's :class:`QuantizedWeight`. ``layer_settings`` (``{layer: (bits,
+    group_size)}``) overrides the config's single setting. ``ValueError`` for unexpected or missing tensors.
+    """
+    d = Path(model_dir)
+    fmt = ExportFormat.parse(fmt)
+    model = instantiate_from_config(d, dtype)
+    marker, suffixes = _MARKERS.get(fmt, (None, ()))
+    reader = get_writer(fmt).read_layer if marker else None
+    qtensors: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    qlayers: set[str] = set()
+    for name, tensor in iter_checkpoint_tensors(d):
+        layer, _, leaf = name.rpartition(".")
+        if marker and leaf in suffixes:
+            qtensors[name] = tensor
+            if leaf == marker:
+                qlayers.add(layer)
+        else:
+            state[name] = tensor
+    stray = sorted(k for k in qtensors if k.rpartition(".")[0] not in qlayers)
+    if stray:
+        raise ValueError(f"{d}: quantization tensor {stray[0]} has no {marker} for its layer")
+    default = _quant_settings(d, fmt) if qlayers and layer_settings is None else None
+    _load_state(model, state, {f"{q}.weight" for q in qlayers}, d)
+    for layer in sorted(qlayers):
+        bits, gs = layer_settings[layer] if layer_settings is not None else default
+        try:
+            linear = model.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"{d}: quantized layer {layer} does not exist in the model") from None
+        qw = reader(qtensors, layer, bits, gs)
+        replace_linear(model, layer, QuantLinear.from_linear(linear, qw))
+    return model.eval()
+
+
+def _load_state(model, state: dict[str, torch.Tensor], quantized_weights: set[str], where: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        k = sorted(result.unexpected_keys)
+        raise ValueError(f"{where}: tensor {k[0]} (+{len(k) - 1} more) does not belong to the model")
+    missing = [k for k in result.missing_keys if k not in quantized_weights]
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and missing:
+        model.tie_weights()
+        out_emb = model.get_output_embeddings()
+        missing = [k for k in missing if out_emb is None or not k.startswith("lm_head.")]
+    if missing:
+        raise ValueError(
+            f"{where}: checkpoint lacks {missing[0]}" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+
+def load_fused(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` of a fused folder: quantized base (:class:`QuantLinear`) + :class:`QWHALinear`
+    adapters. ``tokenizer`` is None when the folder has no loadable tokenizer."""
+    d = Path(model_dir)
+    cfg = read_fused_config(d)
+    fmt = ExportFormat.parse(cfg["base_format"])
+    settings = {k: (int(v["bits"]), int(v["group_size"])) for k, v in cfg.get("quantized_layers", {}).items()}
+    model = load_quantized_checkpoint(
+        d, fmt, dtype=dtype, layer_settings=settings if fmt != ExportFormat.DENSE else None
+    )
+    spectra = read_fused_adapter(d, cfg)
+    for layer, (values, rows, cols) in spectra.items():
+        rec = cfg["layers"][layer]
+        base = model.get_submodule(layer)
+        if (int(base.out_features), int(base.in_features)) != (rec["d_out"], rec["d_in"]):
+            raise ValueError(f"{layer}: fused config shape {(rec['d_out'], rec['d_in'])} does not match the model")
+        if values.numel() == 0:
+            continue
+        replace_linear(model, layer, QWHALinear(base, values, rows, cols, scale=float(rec["scale"])))
+    return model.eval(), _try_tokenizer(d)
+
+
+def _try_tokenizer(model_dir: Path):
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

@@ -1,0 +1,181 @@
+"""``verify_export``: compare an exported folder with the training-time QWHA model it came from.
+
+Reference: the training-time model of the adapter directory (base model with its quantized layers as
+:class:`~qwha_export.quant_linear.QuantLinear` + the peft QWHA adapter, as :func:`qwha_export.pipeline.
+load_qwha_model` builds it; here the tokenizer is optional so tokenizer-less test folders work).
+
+Export, by detected format:
+
+* ``fused`` (``qwha_fused.json`` present): :func:`qwha_export.fused.load_fused`;
+* ``dense``: ``AutoModelForCausalLM.from_pretrained``;
+* ``gptq``/``gptq_v2``/``compressed-tensors``: a pure-torch loader
+  (:func:`qwha_export.fused.load_quantized_checkpoint`: model built from ``config.json``, quantized layers
+  replaced by ``QuantLinear`` read with the formats' ``read_layer``) -- GPTQModel / compressed-tensors kernels are
+  not needed (and GPTQModel is not installed). This checks the *stored values*; a real serving stack's kernels may
+  differ by their own rounding.
+
+The format comes from ``qwha_export.json`` (``settings.format``, written by ``stream_merge``/``write_fused``), else
+from ``config.json``'s ``quantization_config`` (none = dense).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .formats import ExportFormat
+from .formats.fused import FUSED_CONFIG_NAME
+from .metrics import compare_logits, logits_for
+
+__all__ = ["detect_format", "load_export", "load_reference", "verify_export"]
+
+MANIFEST_FILE = "qwha_export.json"
+
+
+def detect_format(export_dir: str | Path) -> ExportFormat:
+    """The :class:`ExportFormat` of an export folder; one-line ``ValueError`` for folders that are not exports."""
+    d = Path(export_dir)
+    if not d.is_dir():
+        raise ValueError(f"export folder {d} does not exist")
+    if (d / FUSED_CONFIG_NAME).is_file():
+        return ExportFormat.FUSED
+    manifest = d / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            fmt = json.loads(manifest.read_text()).get("settings", {}).get("format")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            fmt = None
+        if isinstance(fmt, str):
+            try:
+                return ExportFormat.parse(fmt)
+            except ValueError:
+                raise ValueError(f"{manifest}: unknown export format {fmt!r}") from None
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file() or not any(d.glob("*.safetensors")):
+        raise ValueError(
+            f"{d} is not an exported model folder (no {MANIFEST_FILE}, {FUSED_CONFIG_NAME} or config.json)"
+        )
+    try:
+        qcfg = json.loads(cfg_path.read_text()).get("quantization_config")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        raise ValueError(f"{cfg_path}: invalid config.json") from None
+    if qcfg is None:
+        return ExportFormat.DENSE
+    method = qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+    if method == "compressed-tensors":
+        return ExportFormat.COMPRESSED_TENSORS
+    if method == "gptq":
+        ck = qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq"
+        return ExportFormat.GPTQ_V2 if ck == "gptq_v2" else ExportFormat.GPTQ
+    raise ValueError(f"{d}: unsupported quantization_config quant_method {method!r}")
+
+
+def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """``(model, format)`` of an export folder (see the module docstring for the loader per format)."""
+    fmt = detect_format(export_dir)
+    if fmt == ExportFormat.FUSED:
+        from .fused import load_fused
+
+        return load_fused(export_dir, dtype=dtype)[0], fmt
+    if fmt == ExportFormat.DENSE:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            str(export_dir), dtype=dtype, use_safetensors=True, local_files_only=True
+        )
+        return model.eval(), fmt
+    if fmt in (ExportFormat.GPTQ, ExportFormat.GPTQ_V2, ExportFormat.COMPRESSED_TENSORS):
+        from .fused import load_quantized_checkpoint
+
+        return load_quantized_checkpoint(export_dir, fmt, dtype=dtype), fmt
+    raise ValueError(f"{export_dir}: format {fmt.value!r} cannot be verified with a torch model")
+
+
+def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The training-time model of ``adapter_dir`` (quantized base + peft adapter) and its tokenizer (or None).
+
+    Same construction as :func:`qwha_export.pipeline.load_qwha_model`, but a base without tokenizer files or without
+    a recorded ``base_hash`` is accepted."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .converters.quantize import QuantizedWeight
+    from .peft_qwha import load_qwha_adapter
+    from .pipeline import BASE_FILE, BASE_META, base_fingerprint
+    from .quant_linear import QuantLinear, replace_linear
+
+    d = Path(adapter_dir)
+    if not (d / BASE_META).is_file() or not (d / BASE_FILE).is_file():
+        raise ValueError(f"{d} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
+    meta = json.loads((d / BASE_META).read_text())
+    base = Path(meta["base_model"])
+    if not base.is_dir():
+        raise ValueError(f"base model folder {base} (from {BASE_META}) does not exist")
+    if meta.get("base_hash") and base_fingerprint(base) != meta["base_hash"]:
+        raise ValueError(f"base model {base} differs from the one this adapter was made for (hash mismatch)")
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, use_safetensors=True, local_files_only=True)
+    tensors = load_file(str(d / BASE_FILE))
+    for name in meta.get("quantized_layers", []):
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantized layer {name} does not exist in base model {base}") from None
+        replace_linear(model, name, QuantLinear.from_linear(linear, QuantizedWeight.from_dict(tensors, f"{name}.")))
+    from .fused import _try_tokenizer
+
+    return load_qwha_adapter(model.eval(), str(d)).eval(), _try_tokenizer(base)
+
+
+def verify_export(
+    export_dir: str | Path,
+    adapter_dir: str | Path,
+    text: str | None = None,
+    tokens: int = 2048,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    chunks: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Logit / perplexity comparison of ``export_dir`` against the training-time model of ``adapter_dir``.
+
+    Evaluation tokens: ``chunks`` (a ``(n, seq_len)`` LongTensor, bypasses text and tokenizer) or ``text`` (default:
+    the Lee corpus) cut with :func:`qwha_export.data.token_chunks` into ``seq_len`` chunks, at most ``tokens``
+    tokens, using the export's tokenizer (else the base model's). Returns ``tokens``, ``max_abs_logit_diff``,
+    ``mean_abs_logit_diff``, ``kl_per_token`` (KL(reference || export)), ``top1_agreement``, ``ppl_export``,
+    ``ppl_reference`` and ``format``.
+    """
+    from .fused import _try_tokenizer
+
+    fmt = detect_format(export_dir)  # fail fast on unknown folders
+    reference, ref_tok = load_reference(adapter_dir, dtype=dtype)
+    if chunks is None:
+        from .data import lee_corpus_text, token_chunks
+
+        tok = _try_tokenizer(Path(export_dir)) or ref_tok
+        if tok is None:
+            raise ValueError(f"neither {export_dir} nor the base model has a tokenizer; pass chunks= token ids")
+        chunks = token_chunks(tok, lee_corpus_text() if text is None else text, seq_len, max_tokens=tokens)
+    if not isinstance(chunks, torch.Tensor) or chunks.dim() != 2 or chunks.dtype.is_floating_point:
+        raise ValueError("chunks must be a 2-D integer tensor of token ids (n_chunks, seq_len)")
+    ref_logits = logits_for(reference, chunks, batch_size)
+    del reference
+    export, _ = load_export(export_dir, dtype=dtype)
+    exp_logits = logits_for(export, chunks, batch_size)
+    ppl_ref, ppl_exp = _ppl(ref_logits, chunks), _ppl(exp_logits, chunks)
+    out: dict[str, Any] = dict(compare_logits(ref_logits, exp_logits))
+    out.update(ppl_export=ppl_exp, ppl_reference=ppl_ref, format=fmt.value)
+    return out
+
+
+def _ppl(logits: torch.Tensor, chunks: torch.Tensor) -> float:
+    """Perplexity from precomputed logits, as :func:`qwha_export.metrics.perplexity` computes it (no 2nd forward)."""
+    if chunks.shape[1] < 2:
+        raise ValueError("perplexity needs chunks of at least 2 tokens")
+    pred = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    target = chunks[:, 1:].reshape(-1).long()
+    nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double()
+    return math.exp(float(nll.sum()) / target.numel())

@@ -1,0 +1,208 @@
+"""Fused-adapter export (``qwha_export.fused``) and ``verify_export`` on a tiny hand-built adapter directory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from qwha_export.converters import merge as M
+from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
+from qwha_export.formats import WRITERS, ExportFormat
+from qwha_export.formats.fused import FUSED_ADAPTER_NAME, FUSED_CONFIG_NAME, read_fused_config
+from qwha_export.fused import load_fused, load_quantized_checkpoint, write_fused
+from qwha_export.verify import detect_format, load_reference, verify_export
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # o_proj: quantized, not adapted
+BITS, GS = 4, 32
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """Same construction as tests/test_merge.py: RTN base, random spectra, one per-layer scale override."""
+    from peft import get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
+    from qwha_export.quant_linear import QuantLinear, replace_linear
+
+    root = tmp_path_factory.mktemp("fused")
+    base_dir, adir = root / "base", root / "adapter"
+    model = _tiny_llama()
+    model.save_pretrained(str(base_dir), safe_serialization=True)
+    quantized = {
+        name: quantize_rtn(mod.weight.detach(), BITS, GS)
+        for name, mod in model.named_modules()
+        if name.rsplit(".", 1)[-1] in TARGETS
+    }
+    qmodel = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    for name, qw in quantized.items():
+        replace_linear(qmodel, name, QuantLinear.from_linear(qmodel.get_submodule(name), qw))
+    peft_model = get_peft_model(qmodel, QWHAConfig(target_modules=list(ADAPTED), rank=4, scale=2.0, init="random"))
+    gen = torch.Generator().manual_seed(1)
+    for i, name in enumerate(sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED)):
+        d_out, d_in = quantized[name].shape
+        nnz = 5 * d_out
+        flat = torch.randperm(d_out * d_in, generator=gen)[:nnz]
+        values = torch.randn(nnz, generator=gen)
+        set_spectrum(peft_model, name, values, flat // d_in, flat % d_in, scale=3.0 if i == 0 else None)
+    adir.mkdir()
+    peft_model.save_pretrained(str(adir))
+    flat_q = {}
+    for name, qw in quantized.items():
+        flat_q.update(qw.to_dict(prefix=f"{name}."))
+    save_file(flat_q, str(adir / "quantized_base.safetensors"))
+    (adir / "qwha_base.json").write_text(
+        json.dumps({"base_model": str(base_dir), "quantized_layers": sorted(quantized)})
+    )
+    return adir, base_dir, quantized
+
+
+@pytest.fixture(scope="module")
+def chunks():
+    return torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def fused_dir(adapter_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fused_out") / "fused"
+    report = write_fused(adapter_dir[0], out)
+    return out, report
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_fused_layout_and_base_bit_identical(adapter_dir, fused_dir):
+    adir, _, quantized = adapter_dir
+    out, report = fused_dir
+    assert report["settings"]["format"] == "fused" and report["settings"]["base_format"] == "gptq_v2"
+    cfg = read_fused_config(out)
+    assert cfg["format_version"] == 1 and cfg["base_format"] == "gptq_v2"
+    sp = M.read_adapter_spectra(adir)
+    assert sorted(cfg["layers"]) == sorted(sp)
+    first = sorted(sp)[0]
+    assert cfg["layers"][first]["scale"] == 3.0 and cfg["layers"][first]["nnz"] == sp[first][0].numel()
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["checkpoint_format"] == "gptq_v2" and qcfg["bits"] == BITS and qcfg["group_size"] == GS
+
+    adapter = load_file(str(out / FUSED_ADAPTER_NAME))
+    for layer, (values, rows, cols, _) in sp.items():
+        assert adapter[f"{layer}.qwha_values"].dtype == torch.float32
+        idx = adapter[f"{layer}.qwha_indices"]
+        assert idx.dtype == torch.int32 and idx.shape == (2, values.numel())
+        assert torch.equal(adapter[f"{layer}.qwha_values"], values)
+        assert torch.equal(idx[0].long(), rows) and torch.equal(idx[1].long(), cols)
+
+    base_q = load_file(str(adir / "quantized_base.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    for name in quantized:
+        want = QuantizedWeight.from_dict(base_q, prefix=f"{name}.")
+        back = WRITERS[ExportFormat.GPTQ_V2].read_layer(got, name, BITS, GS)
+        for attr in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(back, attr), getattr(want, attr)), (name, attr)
+    base = load_file(str(adapter_dir[1] / "model.safetensors"))
+    for k, v in base.items():
+        if k.removesuffix(".weight") not in quantized:
+            assert torch.equal(got[k], v), k
+
+
+def test_load_fused_matches_training_model(adapter_dir, fused_dir, chunks):
+    from qwha_export.layer import QWHALinear
+
+    out, _ = fused_dir
+    model, tok = load_fused(out)
+    assert tok is None  # the tiny base has no tokenizer
+    assert sum(isinstance(m, QWHALinear) for m in model.modules()) == len(M.read_adapter_spectra(adapter_dir[0]))
+    ref, _ = load_reference(adapter_dir[0])
+    a, b = _logits(model, chunks), _logits(ref, chunks)
+    rel = float((a - b).double().norm() / b.double().norm())
+    assert torch.equal(a, b) or rel <= 1e-6, rel
+
+
+def test_fused_dense_base_and_errors(adapter_dir, tmp_path, chunks):
+    out = tmp_path / "fd"
+    write_fused(adapter_dir[0], out, base_format="dense")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model, _ = load_fused(out)
+    ref, _ = load_reference(adapter_dir[0])
+    a, b = _logits(model, chunks).double(), _logits(ref, chunks).double()
+    assert float((a - b).norm() / b.norm()) < 1e-5
+    with pytest.raises(ValueError, match="already exists"):
+        write_fused(adapter_dir[0], out)
+    with pytest.raises(ValueError, match="not supported"):
+        write_fused(adapter_dir[0], tmp_path / "x", base_format="gptq")
+    assert not (tmp_path / "x").exists()
+    cfg = json.loads((out / FUSED_CONFIG_NAME).read_text())
+    cfg["format_version"] = 99
+    (out / FUSED_CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="format_version"):
+        load_fused(out)
+
+
+def test_verify_dense_merge(adapter_dir, tmp_path, chunks):
+    out = tmp_path / "dense"
+    M.stream_merge(adapter_dir[0], out, bits=16, group_size=None, requant="rtn", fmt="dense", dtype=torch.float32)
+    assert detect_format(out) == ExportFormat.DENSE
+    r = verify_export(out, adapter_dir[0], chunks=chunks, batch_size=2)
+    assert r["format"] == "dense" and r["tokens"] == chunks.numel()
+    assert r["top1_agreement"] >= 0.999 and r["kl_per_token"] < 1e-8
+    assert r["ppl_export"] == pytest.approx(r["ppl_reference"], rel=1e-5)
+
+
+def test_verify_fused(adapter_dir, fused_dir, chunks):
+    r = verify_export(fused_dir[0], adapter_dir[0], chunks=chunks)
+    assert r["format"] == "fused" and r["max_abs_logit_diff"] <= 1e-4 and r["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("fmt", ["gptq_v2", "compressed-tensors"])
+def test_verify_requantized_merge(adapter_dir, tmp_path, chunks, fmt):
+    adir, _, quantized = adapter_dir
+    out = tmp_path / fmt
+    M.stream_merge(adir, out, bits=4, group_size=GS, requant="rtn", fmt=fmt, dtype=torch.float32)
+    assert detect_format(out) == ExportFormat.parse(fmt)
+    model = load_quantized_checkpoint(out, fmt)
+    from qwha_export.quant_linear import QuantLinear
+
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == len(quantized)
+    r = verify_export(out, adir, chunks=chunks)
+    assert r["format"] == fmt
+    for k in ("max_abs_logit_diff", "mean_abs_logit_diff", "kl_per_token", "ppl_export", "ppl_reference"):
+        assert torch.isfinite(torch.tensor(r[k])), k
+    assert 0.0 <= r["top1_agreement"] <= 1.0 and r["max_abs_logit_diff"] > 0
+
+
+def test_verify_unknown_folder(adapter_dir, tmp_path):
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(ValueError, match="not an exported model folder") as ei:
+        verify_export(tmp_path / "junk", adapter_dir[0], chunks=torch.zeros(1, 4, dtype=torch.long))
+    assert "\n" not in str(ei.value)
+    with pytest.raises(ValueError, match="does not exist"):
+        detect_format(tmp_path / "nope")
