@@ -6,81 +6,21 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from tiny_adapter import BITS, GS, build_adapter_dir
 
 from qwha_export.converters import merge as M
-from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
+from qwha_export.converters.quantize import QuantizedWeight
 from qwha_export.formats import WRITERS, ExportFormat
 from qwha_export.formats.fused import FUSED_ADAPTER_NAME, FUSED_CONFIG_NAME, read_fused_config
 from qwha_export.fused import load_fused, load_quantized_checkpoint, write_fused
 from qwha_export.verify import detect_format, load_reference, verify_export
 
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # o_proj: quantized, not adapted
-BITS, GS = 4, 32
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    return model
-
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    """Same construction as tests/test_merge.py: RTN base, random spectra, one per-layer scale override."""
-    from peft import get_peft_model
-    from transformers import LlamaForCausalLM
-
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
-    from qwha_export.quant_linear import QuantLinear, replace_linear
-
-    root = tmp_path_factory.mktemp("fused")
-    base_dir, adir = root / "base", root / "adapter"
-    model = _tiny_llama()
-    model.save_pretrained(str(base_dir), safe_serialization=True)
-    quantized = {
-        name: quantize_rtn(mod.weight.detach(), BITS, GS)
-        for name, mod in model.named_modules()
-        if name.rsplit(".", 1)[-1] in TARGETS
-    }
-    qmodel = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    for name, qw in quantized.items():
-        replace_linear(qmodel, name, QuantLinear.from_linear(qmodel.get_submodule(name), qw))
-    peft_model = get_peft_model(qmodel, QWHAConfig(target_modules=list(ADAPTED), rank=4, scale=2.0, init="random"))
-    gen = torch.Generator().manual_seed(1)
-    for i, name in enumerate(sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED)):
-        d_out, d_in = quantized[name].shape
-        nnz = 5 * d_out
-        flat = torch.randperm(d_out * d_in, generator=gen)[:nnz]
-        values = torch.randn(nnz, generator=gen)
-        set_spectrum(peft_model, name, values, flat // d_in, flat % d_in, scale=3.0 if i == 0 else None)
-    adir.mkdir()
-    peft_model.save_pretrained(str(adir))
-    flat_q = {}
-    for name, qw in quantized.items():
-        flat_q.update(qw.to_dict(prefix=f"{name}."))
-    save_file(flat_q, str(adir / "quantized_base.safetensors"))
-    (adir / "qwha_base.json").write_text(
-        json.dumps({"base_model": str(base_dir), "quantized_layers": sorted(quantized)})
-    )
-    return adir, base_dir, quantized
+    """RTN base, random spectra, one per-layer scale override (see tests/tiny_adapter.py)."""
+    return build_adapter_dir(tmp_path_factory.mktemp("fused"))
 
 
 @pytest.fixture(scope="module")

@@ -7,83 +7,17 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_adapter import ADAPTED, BITS, GS, build_adapter_dir
+from tiny_adapter import quantized_model as _quantized_model
 
 from qwha_export.converters import merge as M
-from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
+from qwha_export.converters.quantize import QuantizedWeight
 from qwha_export.formats import WRITERS, ExportFormat
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  # o_proj: quantized, not adapted
-BITS, GS = 4, 32
-
-
-def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    return model
-
-
-def _quantized_model(base_dir, quantized):
-    from transformers import LlamaForCausalLM
-
-    from qwha_export.quant_linear import QuantLinear, replace_linear
-
-    model = LlamaForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
-    for name, qw in quantized.items():
-        replace_linear(model, name, QuantLinear.from_linear(model.get_submodule(name), qw))
-    return model
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
-    from peft import get_peft_model
-
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
-
-    root = tmp_path_factory.mktemp("merge")
-    base_dir, adir = root / "base", root / "adapter"
-    model = _tiny_llama()
-    model.save_pretrained(str(base_dir), safe_serialization=True)
-    quantized = {
-        name: quantize_rtn(mod.weight.detach(), BITS, GS)
-        for name, mod in model.named_modules()
-        if name.rsplit(".", 1)[-1] in TARGETS
-    }
-    qmodel = _quantized_model(base_dir, quantized)
-    peft_model = get_peft_model(qmodel, QWHAConfig(target_modules=list(ADAPTED), rank=4, scale=2.0, init="random"))
-    gen = torch.Generator().manual_seed(1)
-    for i, name in enumerate(sorted(n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED)):
-        d_out, d_in = quantized[name].shape
-        nnz = 5 * d_out
-        flat = torch.randperm(d_out * d_in, generator=gen)[:nnz]
-        values = torch.randn(nnz, generator=gen)
-        scale = 3.0 if i == 0 else None  # one per-layer override (scale_pattern)
-        set_spectrum(peft_model, name, values, flat // d_in, flat % d_in, scale=scale)
-    adir.mkdir()
-    peft_model.save_pretrained(str(adir))
-    flat_q = {}
-    for name, qw in quantized.items():
-        flat_q.update(qw.to_dict(prefix=f"{name}."))
-    save_file(flat_q, str(adir / "quantized_base.safetensors"))
-    meta = {"base_model": str(base_dir), "quantized_layers": sorted(quantized)}
-    (adir / "qwha_base.json").write_text(json.dumps(meta))
-    return adir, base_dir, quantized
+    return build_adapter_dir(tmp_path_factory.mktemp("merge"))
 
 
 def _merge(adapter, out, **kw):
