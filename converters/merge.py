@@ -322,6 +322,26 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def open_adapter_source(adapter_dir: Path, check_hash: bool = True):
+    """Check an adapter directory against its base checkpoint (exists, same hash, every layer present) before any
+    work. Returns ``(meta, base_dir, quantized_layer_names, spectra)``."""
+    from ..pipeline import base_fingerprint
+
+    meta = _read_base_meta(adapter_dir)
+    base_dir = Path(meta["base_model"])
+    if not base_dir.is_dir():
+        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
+    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
+        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
+    quantized = set(meta.get("quantized_layers", []))
+    spectra = read_adapter_spectra(adapter_dir)
+    names = _checkpoint_names(base_dir)
+    for layer in sorted(quantized | set(spectra)):
+        if f"{layer}.weight" not in names:
+            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
+    return meta, base_dir, quantized, spectra
+
+
 def stream_merge(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -345,7 +365,7 @@ def stream_merge(
     required by ``gptq``. Returns the report (also in ``qwha_export.json``).
     """
     from .. import __version__
-    from ..pipeline import atomic_output_dir, base_fingerprint, check_output_dir
+    from ..pipeline import atomic_output_dir, check_output_dir
 
     t0 = time.time()
     adapter_dir = Path(adapter_dir)
@@ -364,18 +384,7 @@ def stream_merge(
         QuantConfig(bits=bits, group_size=-1 if group_size is None else group_size)  # validates both
     check_output_dir(out_dir, overwrite)
 
-    meta = _read_base_meta(adapter_dir)
-    base_dir = Path(meta["base_model"])
-    if not base_dir.is_dir():
-        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
-    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
-        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
-    quantized = set(meta.get("quantized_layers", []))
-    spectra = read_adapter_spectra(adapter_dir)
-    names = _checkpoint_names(base_dir)
-    for layer in sorted(quantized | set(spectra)):
-        if f"{layer}.weight" not in names:
-            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
+    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash)
     if not dense_merge and method == "gptq":
         lacking = sorted(layer for layer in spectra if grams is None or layer not in grams)
         if lacking:

@@ -31,10 +31,8 @@ from .converters.merge import (
     BASE_FILE,
     BASE_META,
     MANIFEST_FILE,
-    _checkpoint_names,
-    _read_base_meta,
     _sha256_file,
-    read_adapter_spectra,
+    open_adapter_source,
 )
 from .converters.quantize import QuantizedWeight
 from .formats import ExportFormat, get_writer, needs_desc_act
@@ -84,7 +82,7 @@ def write_fused(
     ``dtype``; not bit-identical codes, but the exact ``(code - zero) * scale`` values for float32).
     """
     from . import __version__
-    from .pipeline import atomic_output_dir, base_fingerprint, check_output_dir
+    from .pipeline import atomic_output_dir, check_output_dir
 
     t0 = time.time()
     fmt = ExportFormat.parse(base_format)
@@ -93,18 +91,7 @@ def write_fused(
     writer = get_writer(fmt)
     check_output_dir(out_dir, overwrite)
     adapter_dir = Path(adapter_dir)
-    meta = _read_base_meta(adapter_dir)
-    base_dir = Path(meta["base_model"])
-    if not base_dir.is_dir():
-        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
-    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
-        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
-    quantized = set(meta.get("quantized_layers", []))
-    spectra = read_adapter_spectra(adapter_dir)
-    names = _checkpoint_names(base_dir)
-    for layer in sorted(quantized | set(spectra)):
-        if f"{layer}.weight" not in names:
-            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
+    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash)
 
     by_weight = {f"{layer}.weight": layer for layer in quantized}
     qrecords: dict[str, dict[str, int]] = {}
