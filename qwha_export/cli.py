@@ -203,8 +203,9 @@ def import_cmd(src, base_dir, out):
     "--requant",
     default="rtn",
     show_default=True,
-    type=click.Choice(["rtn", "gptq", "grid"]),
-    help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros.",
+    type=click.Choice(["rtn", "gptq", "grid", "refit"]),
+    help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros; "
+    "refit: GPTQ re-quantization plus a freshly fitted adapter, written as a fused checkpoint.",
 )
 @click.option(
     "--format",

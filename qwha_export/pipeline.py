@@ -378,6 +378,8 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
     from .converters.merge import stream_merge
 
     check_output_dir(job.out, job.overwrite)
+    if job.requant == "refit":
+        return _refit_and_fuse(job)
     if not (Path(job.adapter_dir) / BASE_META).is_file():
         raise ValueError(f"{job.adapter_dir} is not a qwha-export adapter directory (no {BASE_META}); run `init` first")
     grams = None
@@ -396,3 +398,22 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         overwrite=job.overwrite,
         grams=grams,
     )
+
+
+def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
+    """``merge --requant refit``: re-quantize the merged weights, fit a fresh adapter, write a fused checkpoint."""
+    from .converters.refit import refit_adapter
+    from .fused import write_fused
+
+    if job.bits == 16:
+        raise ValueError("--requant refit re-quantizes; use --bits 2, 3, 4 or 8")
+    if job.calib_tokens <= 0:
+        raise ValueError("--requant refit fits the new adapter on calibration activations; pass --calib-tokens > 0")
+    grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
+    with tempfile.TemporaryDirectory(prefix=".refit-", dir=Path(job.out).resolve().parent) as tmp:
+        report = refit_adapter(
+            job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="gptq", grams=grams
+        )
+        base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
+        write_fused(tmp, job.out, base_format=base, overwrite=job.overwrite)
+    return report
