@@ -5,6 +5,12 @@ from qwha_export.kernels import spectral_adapter, spectral_adapter_reference
 from qwha_export.kernels.spectral import SpectralLayout
 
 
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-12) -> None:
+    """float64 agreement relative to the largest reference entry (rounding of long sums scales with it)."""
+    err = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300))
+    assert err < tol, f"relative error {err:.3e} >= {tol:.0e}"
+
+
 def _spectrum(d_out, d_in, nnz, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, d_out, (nnz,), generator=g), torch.randint(0, d_in, (nnz,), generator=g)
@@ -19,11 +25,11 @@ def test_torch_path_matches_dense_reference_float64(d_in, d_out):
     y = spectral_adapter(x, v, layout, 0.25)
     ref = spectral_adapter_reference(x, v, rows, cols, d_out, 0.25)
     assert y.shape == (2, 3, d_out)
-    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    _close(y, ref)
     gx, gv = torch.autograd.grad(y.sum(), (x, v))
     rx, rv = torch.autograd.grad(ref.sum(), (x, v))
-    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(gv, rv, rtol=1e-12, atol=1e-12)
+    _close(gx, rx)
+    _close(gv, rv)
 
 
 def test_gradcheck_torch_path():
@@ -81,9 +87,11 @@ def test_shape_mismatch_errors():
 def test_value_gradient_paths_agree_with_reference(nnz):
     rows, cols = _spectrum(100, 1536, nnz, seed=nnz)
     layout = SpectralLayout.build(rows, cols, 100, 1536)
-    x = torch.randn(7, 1536, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(nnz, dtype=torch.float64, requires_grad=True)
+    g = torch.Generator().manual_seed(nnz)
+    x = torch.randn(7, 1536, dtype=torch.float64, generator=g).requires_grad_()
+    v = torch.randn(nnz, dtype=torch.float64, generator=g).requires_grad_()
     gx, gv = torch.autograd.grad(spectral_adapter(x, v, layout, 0.3).pow(2).sum(), (x, v))
     rx, rv = torch.autograd.grad(spectral_adapter_reference(x, v, rows, cols, 100, 0.3).pow(2).sum(), (x, v))
-    torch.testing.assert_close(gx, rx, rtol=1e-11, atol=1e-11)
-    torch.testing.assert_close(gv, rv, rtol=1e-11, atol=1e-11)
+    # float64 rounding of sums over thousands of terms: compare relative to each gradient's largest entry
+    _close(gx, rx)
+    _close(gv, rv)
