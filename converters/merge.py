@@ -19,7 +19,6 @@ the adapter files, settings, per-layer report). Peak memory: one layer's tensors
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -37,6 +36,7 @@ from ..formats.shards import (
     ShardWriter,
     checkpoint_files,
     iter_checkpoint_tensors,
+    sha256_file,
     validate_safetensors_file,
 )
 from ..kernels.spectral import dense_delta
@@ -283,12 +283,15 @@ def relative_output_error(w_ref: torch.Tensor, w_test: torch.Tensor, gram: torch
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def source_record(adapter_dir: Path, base_dir: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest's ``source`` entry: adapter and base paths, base hash, SHA-256 of the adapter files."""
+    adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
+    return {
+        "adapter_dir": str(adapter_dir.resolve()),
+        "base_model": str(base_dir.resolve()),
+        "base_hash": meta.get("base_hash"),
+        "adapter_sha256": {p.name: sha256_file(p) for p in adapter_files if p.is_file()},
+    }
 
 
 def _checkpoint_names(model_dir: Path) -> set[str]:
@@ -457,16 +460,10 @@ def stream_merge(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )
         aux = DenseFormat.copy_aux_files(base_dir, tmp)
-        adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
         report = {
             "tool": "qwha-export",
             "tool_version": __version__,
-            "source": {
-                "adapter_dir": str(adapter_dir.resolve()),
-                "base_model": str(base_dir.resolve()),
-                "base_hash": meta.get("base_hash"),
-                "adapter_sha256": {p.name: _sha256_file(p) for p in adapter_files if p.is_file()},
-            },
+            "source": source_record(adapter_dir, base_dir, meta),
             "settings": {
                 "bits": bits,
                 "group_size": group_size,

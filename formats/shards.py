@@ -21,6 +21,7 @@ folder that looks complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -327,3 +328,12 @@ def iter_checkpoint_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple
                 except Exception as e:
                     raise ValueError(f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
                 yield name, tensor
+
+
+def sha256_file(path: str | Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,13 +26,10 @@ import torch
 from safetensors import safe_open
 
 from .converters.merge import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     BASE_FILE,
-    BASE_META,
     MANIFEST_FILE,
-    _sha256_file,
     open_adapter_source,
+    source_record,
 )
 from .converters.quantize import QuantizedWeight
 from .formats import ExportFormat, get_writer, needs_desc_act
@@ -152,16 +149,10 @@ def write_fused(
         write_fused_adapter(tmp, {k: (v, r, c) for k, (v, r, c, _s) in spectra.items()})
         cfg = make_fused_config(fmt.value, layer_recs, qrecords)
         write_fused_config(tmp, cfg)
-        adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
         report = {
             "tool": "qwha-export",
             "tool_version": __version__,
-            "source": {
-                "adapter_dir": str(adapter_dir.resolve()),
-                "base_model": str(base_dir.resolve()),
-                "base_hash": meta.get("base_hash"),
-                "adapter_sha256": {p.name: _sha256_file(p) for p in adapter_files if p.is_file()},
-            },
+            "source": source_record(adapter_dir, base_dir, meta),
             "settings": {
                 "format": ExportFormat.FUSED.value,
                 "base_format": fmt.value,

@@ -13,7 +13,6 @@ Directory layout written by :func:`init_qwha` (everything later stages need):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -32,6 +31,7 @@ from . import __version__
 from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
 from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
+from .formats.shards import sha256_file
 from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
@@ -75,19 +75,11 @@ class InitJob:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
     """SHA-256 of the base model's ``config.json`` and each ``*.safetensors`` file (sorted by name)."""
     p = Path(model_dir)
     files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
-    return {f.name: _sha256_file(f) for f in files if f.is_file()}
+    return {f.name: sha256_file(f) for f in files if f.is_file()}
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> None:
