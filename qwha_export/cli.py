@@ -292,5 +292,49 @@ def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
             click.echo(f"{k:20} {v}")
 
 
+@main.command("push")
+@click.argument("folder", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub model repo ORG/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing). Default: main.")
+@click.option("--token", default=None, help="Hub token. Default: HF_TOKEN or the saved login. Never printed.")
+@click.option("--commit-message", default=None, help="Default: 'Upload <format> export made with qwha-export'.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--base-model-id", default=None, help="Hub id of the base model for the card (ORG/NAME).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@_friendly_errors
+def push_cmd(folder, repo_id, private, revision, token, commit_message, create_pr, base_model_id, quiet):
+    """Check an exported FOLDER, add a model card (README.md) if it has none, and upload it to the Hub.
+
+    The endpoint is HF_ENDPOINT (default huggingface.co). A folder that is not a complete export is refused
+    before any request (exit code 2); a failed upload exits with code 1.
+
+    Example: qwha-export push runs/q4-gptq --repo-id my-org/SmolLM2-135M-QWHA-int4 --private
+    """
+    from .hub import HubPushError, push_folder
+
+    try:
+        result = push_folder(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            quiet=quiet,
+            base_model_id=base_model_id,
+        )
+    except HubPushError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if result["model_card"] == "generated":
+        click.echo(f"wrote model card {folder.rstrip('/')}/README.md")
+    where = result["pr_url"] or result["commit_url"]
+    click.echo(f"pushed {len(result['files'])} files to {result['repo_id']} ({result['revision']}): {where}")
+
+
 if __name__ == "__main__":
     main()
