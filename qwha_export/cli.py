@@ -336,5 +336,57 @@ def push_cmd(folder, repo_id, private, revision, token, commit_message, create_p
     click.echo(f"pushed {len(result['files'])} files to {result['repo_id']} ({result['revision']}): {where}")
 
 
+@main.command("generate")
+@click.argument("onnx_dir", type=click.Path())
+@click.option("--prompt", "prompts", required=True, multiple=True, help="A prompt; repeat for a batch.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=int)
+@click.option("--greedy/--sample", default=True, show_default=True, help="Argmax decoding, or sampling.")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="Sampling temperature (> 0).")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass, in (0, 1].")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Sample among the k most likely (0: all).")
+@click.option("--seed", default=None, type=int, help="Seed of the sampler (reproducible output).")
+@click.option("--no-chat-template", is_flag=True, help="Tokenize the prompt as is, without the chat template.")
+@click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--quiet", is_flag=True, help="Only the generated text (no timing line).")
+@_friendly_errors
+def generate_cmd(
+    onnx_dir, prompts, max_new_tokens, greedy, temperature, top_p, top_k, seed, no_chat_template, provider, quiet
+):
+    """Generate text with an exported ONNX folder in onnxruntime (one prompt streams as it is produced).
+
+    Example: qwha-export generate runs/q4-onnx --prompt "What is a Hadamard matrix?" --sample --top-p 0.9 --seed 0
+    """
+    from .serving import GenerationConfig, OnnxCausalLM
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+    )
+    lm = OnnxCausalLM.from_folder(onnx_dir, provider=provider)
+    single = len(prompts) == 1
+
+    def stream(_: int, piece: str) -> None:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+
+    out = lm.generate(list(prompts), config, stream=stream if single else None, chat_template=not no_chat_template)
+    if single:
+        click.echo()
+    else:
+        for i, text in enumerate(out.texts):
+            click.echo(f"--- prompt {i + 1} ---\n{text}")
+    if not quiet:
+        n = sum(len(t) for t in out.token_ids)
+        click.echo(
+            f"[{lm.device}] prefill {out.prefill_seconds * 1000:.0f} ms ({max(out.prompt_lengths)} tokens x "
+            f"{len(prompts)}), {n} new tokens, decode {out.decode_tokens_per_second:.1f} steps/s",
+            err=True,
+        )
+
+
 if __name__ == "__main__":
     main()
