@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +34,21 @@ from ..formats.dense import DenseFormat
 from ..formats.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
-    checkpoint_files,
     iter_checkpoint_tensors,
-    sha256_file,
-    validate_safetensors_file,
 )
 from ..kernels.spectral import dense_delta
 from ..layer import adapter_coefficient
+from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_source etc. predate the split
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    BASE_FILE,
+    BASE_META,
+    Spectrum,
+    _validate,
+    open_adapter_source,
+    read_adapter_spectra,
+    source_record,
+)
 from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
 
 __all__ = [
@@ -51,135 +59,13 @@ __all__ = [
     "grid_requantize",
     "requantize",
     "relative_output_error",
+    "relative_output_errors",
     "stream_merge",
 ]
 
 REQUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "grid")
 MANIFEST_FILE = "qwha_export.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-BASE_FILE = "quantized_base.safetensors"
-BASE_META = "qwha_base.json"
-_KEY_PREFIX = "base_model.model."
-_SUFFIXES = ("qwha_spectrum", "qwha_indices", "qwha_shape")
 _DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-Spectrum = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# adapter reading
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _layer_of(key: str) -> tuple[str, str] | None:
-    """``base_model.model.<layer>.qwha_spectrum[.default]`` -> ``(<layer>, "qwha_spectrum")``."""
-    if not key.startswith(_KEY_PREFIX):
-        return None
-    rest = key[len(_KEY_PREFIX) :]
-    for suffix in _SUFFIXES:
-        for tail in (f".{suffix}", f".{suffix}.default"):
-            if rest.endswith(tail):
-                return rest[: -len(tail)], suffix
-    return None
-
-
-def _read_adapter_config(adapter_dir: Path) -> tuple[float, dict[str, float]]:
-    path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a peft adapter directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
-    if cfg.get("peft_type") not in (None, "QWHA"):
-        raise ValueError(f"{path}: adapter has peft_type {cfg.get('peft_type')!r}, expected 'QWHA'")
-    scale = cfg.get("scale", 1.0)
-    pattern = cfg.get("scale_pattern") or {}
-
-    def ok(s: Any) -> bool:
-        return isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s != 0
-
-    if not ok(scale):
-        raise ValueError(f"{path}: scale must be a finite non-zero number, got {scale!r}")
-    if not isinstance(pattern, dict) or not all(ok(v) for v in pattern.values()):
-        raise ValueError(f"{path}: scale_pattern must map layer names to finite non-zero numbers")
-    return float(scale), {str(k): float(v) for k, v in pattern.items()}
-
-
-def read_adapter_spectra(adapter_dir: str | Path) -> dict[str, Spectrum]:
-    """``{layer: (values float32, rows int64, cols int64, scale)}`` read from ``adapter_model.safetensors`` and
-    ``adapter_config.json`` with safetensors only (no peft model, no base model).
-
-    Validation (one-line ``ValueError`` naming the layer): all three of ``qwha_spectrum``/``qwha_indices``/
-    ``qwha_shape`` present, 1-D floating values, ``(2, nnz)`` integer indices matching the values, a 2-value shape,
-    finite values, indices inside the recorded ``(d_out, d_in)``.
-    """
-    d = Path(adapter_dir)
-    scale, pattern = _read_adapter_config(d)
-    path = d / ADAPTER_WEIGHTS
-    if not path.is_file():
-        extra = " (pickled adapter_model.bin files are not read)" if (d / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
-    validate_safetensors_file(path)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            hit = _layer_of(key)
-            if hit is not None:
-                parts.setdefault(hit[0], {})[hit[1]] = f.get_tensor(key)
-    if not parts:
-        raise ValueError(f"{path}: no QWHA spectra (qwha_spectrum/qwha_indices/qwha_shape entries) found")
-    out: dict[str, Spectrum] = {}
-    for layer in sorted(parts):
-        p = parts[layer]
-        missing = [s for s in _SUFFIXES if s not in p]
-        if missing:
-            raise ValueError(f"{layer}: adapter file lacks {', '.join(missing)}")
-        values, indices, shape = p["qwha_spectrum"], p["qwha_indices"], p["qwha_shape"]
-        if values.dim() != 1 or not values.dtype.is_floating_point:
-            raise ValueError(
-                f"{layer}: spectrum values must be a 1-D float tensor, got {values.dtype} {tuple(values.shape)}"
-            )
-        if (
-            indices.dim() != 2
-            or indices.shape[0] != 2
-            or indices.dtype.is_floating_point
-            or indices.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"{layer}: spectrum indices must be an integer (2, nnz) tensor, got {indices.dtype} "
-                f"{tuple(indices.shape)}"
-            )
-        if indices.shape[1] != values.numel():
-            raise ValueError(f"{layer}: spectrum has {values.numel()} values but {indices.shape[1]} indices")
-        if shape.numel() != 2 or shape.dtype.is_floating_point:
-            raise ValueError(f"{layer}: malformed qwha_shape entry {shape.reshape(-1).tolist()}")
-        d_out, d_in = (int(v) for v in shape.reshape(-1).tolist())
-        if d_out < 1 or d_in < 1:
-            raise ValueError(f"{layer}: malformed qwha_shape entry {[d_out, d_in]}")
-        rows, cols = indices[0].long(), indices[1].long()
-        _validate(layer, values, rows, cols, d_out, d_in)
-        out[layer] = (values.float(), rows, cols, pattern.get(layer, scale))
-    return out
-
-
-def _validate(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> None:
-    if not bool(torch.isfinite(values).all()):
-        bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"{layer}: spectrum has {bad} NaN/inf value(s); the adapter file is corrupt")
-    if rows.numel():
-        if int(rows.min()) < 0 or int(rows.max()) >= d_out:
-            raise ValueError(
-                f"{layer}: output-channel index out of range for d_out={d_out} "
-                f"(min {int(rows.min())}, max {int(rows.max())})"
-            )
-        if int(cols.min()) < 0 or int(cols.max()) >= d_in:
-            raise ValueError(
-                f"{layer}: Walsh index out of range for d_in={d_in} (min {int(cols.min())}, max {int(cols.max())})"
-            )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -268,53 +154,27 @@ def requantize(
 
 def relative_output_error(w_ref: torch.Tensor, w_test: torch.Tensor, gram: torch.Tensor) -> float:
     """``sqrt(tr(D G D^T) / tr(W G W^T))`` with ``D = w_test - w_ref``, ``W = w_ref`` (float64)."""
+    return relative_output_errors(w_ref, [w_test], gram)[0]
+
+
+def relative_output_errors(w_ref: torch.Tensor, w_tests: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
+    """:func:`relative_output_error` of several weights against one reference (``tr(W G W^T)`` computed once).
+
+    With ``G = X^T X`` this is ``||X (W_test - W_ref)^T|| / ||X W_ref^T||`` on the calibration activations ``X``."""
     w = w_ref.detach().to(torch.float64)
     g = gram.detach().to(device=w.device, dtype=torch.float64)
-    d = w_test.detach().to(device=w.device, dtype=torch.float64) - w
-    num = float(((d @ g) * d).sum())
     den = float(((w @ g) * w).sum())
-    if den <= 0:
-        return 0.0 if num == 0 else math.inf
-    return math.sqrt(max(num, 0.0) / den)
+    out = []
+    for w_test in w_tests:
+        d = w_test.detach().to(device=w.device, dtype=torch.float64) - w
+        num = float(((d @ g) * d).sum())
+        out.append((0.0 if num == 0 else math.inf) if den <= 0 else math.sqrt(max(num, 0.0) / den))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # streaming merge
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def source_record(adapter_dir: Path, base_dir: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest's ``source`` entry: adapter and base paths, base hash, SHA-256 of the adapter files."""
-    adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
-    return {
-        "adapter_dir": str(adapter_dir.resolve()),
-        "base_model": str(base_dir.resolve()),
-        "base_hash": meta.get("base_hash"),
-        "adapter_sha256": {p.name: sha256_file(p) for p in adapter_files if p.is_file()},
-    }
-
-
-def _checkpoint_names(model_dir: Path) -> set[str]:
-    files, _ = checkpoint_files(model_dir)
-    names: set[str] = set()
-    for p in files:
-        names.update(k for k in validate_safetensors_file(p) if k != "__metadata__")
-    return names
-
-
-def _read_base_meta(adapter_dir: Path) -> dict[str, Any]:
-    if not (adapter_dir / BASE_META).is_file() or not (adapter_dir / BASE_FILE).is_file():
-        raise ValueError(f"{adapter_dir} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
-    try:
-        meta = json.loads((adapter_dir / BASE_META).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{adapter_dir / BASE_META}: invalid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("base_model"), str):
-        raise ValueError(f"{adapter_dir / BASE_META}: no base_model path")
-    ql = meta.get("quantized_layers", [])
-    if not isinstance(ql, list) or not all(isinstance(x, str) for x in ql):
-        raise ValueError(f"{adapter_dir / BASE_META}: quantized_layers must be a list of layer names")
-    return meta
 
 
 def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -323,26 +183,6 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if dtype not in _DENSE_DTYPES:
         raise ValueError(f"dtype must be one of float16, bfloat16, float32, got {dtype!r}")
     return dtype
-
-
-def open_adapter_source(adapter_dir: Path, check_hash: bool = True):
-    """Check an adapter directory against its base checkpoint (exists, same hash, every layer present) before any
-    work. Returns ``(meta, base_dir, quantized_layer_names, spectra)``."""
-    from ..pipeline import base_fingerprint
-
-    meta = _read_base_meta(adapter_dir)
-    base_dir = Path(meta["base_model"])
-    if not base_dir.is_dir():
-        raise ValueError(f"base model folder {base_dir} (from {BASE_META}) does not exist")
-    if check_hash and meta.get("base_hash") and base_fingerprint(base_dir) != meta["base_hash"]:
-        raise ValueError(f"base model {base_dir} differs from the one this adapter was made for (hash mismatch)")
-    quantized = set(meta.get("quantized_layers", []))
-    spectra = read_adapter_spectra(adapter_dir)
-    names = _checkpoint_names(base_dir)
-    for layer in sorted(quantized | set(spectra)):
-        if f"{layer}.weight" not in names:
-            raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
-    return meta, base_dir, quantized, spectra
 
 
 def stream_merge(
@@ -358,6 +198,7 @@ def stream_merge(
     overwrite: bool = False,
     grams: Mapping[str, torch.Tensor] | None = None,
     check_hash: bool = True,
+    on_written: Callable[[Path], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter of ``adapter_dir`` into its base, streaming tensor by tensor, and write ``out_dir``.
 
@@ -365,7 +206,13 @@ def stream_merge(
     {2, 3, 4, 8} re-quantizes with ``requant`` (``rtn``/``gptq``/``grid``) and writes with ``fmt``'s layer writer
     (``dense`` then stores the dequantized re-quantized weight in ``dtype``). ``group_size`` None keeps each base
     layer's. ``grams`` (``{layer: d_in x d_in Gram}``) adds ``rel_err_requant_vs_merged`` to the report and is
-    required by ``gptq``. Returns the report (also in ``qwha_export.json``).
+    required by ``gptq``; for adapted layers it also adds ``rel_err_base_vs_merged`` (the untouched quantized base
+    against the merged target) and ``kept_fraction = (err_base - err_requant) / err_base``, the share of the
+    adapter's error reduction that survives the re-quantization (1 = all of it, the fused adapter; 0 = none).
+    ``report["adapter_gain"]`` holds the total ``kept_fraction`` and, for a same-bit merge that kept less than
+    half, a one-line ``advice``. ``on_written(folder)`` is called on the complete temporary folder before it is
+    renamed into place; the entries it returns are added to the report and the manifest (the parity check).
+    Returns the report (also in ``qwha_export.json``).
     """
     from .. import __version__
     from ..pipeline import atomic_output_dir, check_output_dir
@@ -401,6 +248,7 @@ def stream_merge(
     desc_act = False
     group_sizes: set[int] = set()
     out_bits: set[int] = set()
+    base_bits: set[int] = set()  # bits of the quantized base of the adapted layers
     written: list[str] = []
     with atomic_output_dir(out_dir, overwrite) as tmp, safe_open(str(adapter_dir / BASE_FILE), framework="pt") as qf:
         qkeys = set(qf.keys())
@@ -439,6 +287,8 @@ def stream_merge(
                     d_in = qw_out.shape[1]
                     group_sizes.add(-1 if qw_out.group_size == d_in and qw_out.n_groups == 1 else qw_out.group_size)
                     out_bits.add(qw_out.bits)
+                if base_qw is not None and layer in spectra:
+                    base_bits.add(base_qw.bits)
                 layers.append(rec)
                 del tensor, base_qw, tensors, qw_out
             index = shards.close()
@@ -476,6 +326,7 @@ def stream_merge(
             "quantization_config": qconfig,
             "layers": layers,
             "total": _totals(layers),
+            "adapter_gain": {},
             "files": {
                 "shards": sorted(set(index["weight_map"].values())),
                 "aux": aux,
@@ -483,8 +334,25 @@ def stream_merge(
             },
             "seconds": time.time() - t0,
         }
+        same_bit = not dense_merge and base_bits == {bits}
+        report["adapter_gain"] = _adapter_gain(report["total"].get("kept_fraction"), same_bit, bits, method)
         (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if on_written is not None:
+            report.update(on_written(tmp))
+            (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _adapter_gain(kept: float | None, same_bit: bool, bits: int, method: str) -> dict[str, Any]:
+    """``{"kept_fraction", "same_bit", "advice"}``: advice (one line) when a same-bit merge kept < half the gain."""
+    advice = None
+    if same_bit and kept is not None and kept < 0.5:
+        advice = (
+            f"the same-bit re-quantization ({bits}-bit {method}) kept only {kept:.0%} of the adapter's error reduction "
+            "on calibration activations (lost more than half); keep the adapter with `qwha-export fuse`, fit a new "
+            "one with `--requant refit`, or merge at `--bits 8`"
+        )
+    return {"kept_fraction": kept, "same_bit": same_bit, "advice": advice}
 
 
 def _merge_layer(
@@ -524,7 +392,7 @@ def _merge_layer(
         w_out = w_ref.to(dtype).contiguous()
         rec["action"] = "merged-dense" if spectrum is not None else "dequantized-base"
         if gram is not None:
-            rec["rel_err_requant_vs_merged"] = relative_output_error(w_ref, w_out, gram)
+            _record_errors(rec, w_ref, w_out, base_qw if spectrum is not None else None, gram)
         return rec, {f"{layer}.weight": w_out}, None
 
     real_gs = None if group_size is None else (d_in if group_size == -1 else group_size)
@@ -544,12 +412,30 @@ def _merge_layer(
                 int((qw.codes.int() - base_qw.codes.int()).abs().max()) if qw.codes.numel() else 0
             )
     if gram is not None:
-        rec["rel_err_requant_vs_merged"] = relative_output_error(w_ref, qw.dequantize(torch.float64), gram)
+        _record_errors(rec, w_ref, qw.dequantize(torch.float64), base_qw if spectrum is not None else None, gram)
     if fmt == ExportFormat.DENSE:
         tensors = writer.write_layer(qw, prefix=layer, dtype=dtype)
     else:
         tensors = writer.write_layer(qw, prefix=layer)
     return rec, tensors, qw
+
+
+def _record_errors(
+    rec: dict[str, Any],
+    w_merged: torch.Tensor,
+    w_out: torch.Tensor,
+    base_qw: QuantizedWeight | None,
+    gram: torch.Tensor,
+) -> None:
+    """``rel_err_requant_vs_merged`` and, for an adapted quantized layer, ``rel_err_base_vs_merged`` and
+    ``kept_fraction`` (float64, Gram-based: ``||X A^T||^2 = tr(A G A^T)``)."""
+    if base_qw is None:
+        rec["rel_err_requant_vs_merged"] = relative_output_error(w_merged, w_out, gram)
+        return
+    err_out, err_base = relative_output_errors(w_merged, [w_out, base_qw.dequantize(torch.float64)], gram)
+    rec["rel_err_requant_vs_merged"] = err_out
+    rec["rel_err_base_vs_merged"] = err_base
+    rec["kept_fraction"] = (err_base - err_out) / err_base if err_base > 0 else None
 
 
 def _totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
@@ -560,6 +446,13 @@ def _totals(layers: list[dict[str, Any]]) -> dict[str, Any]:
     }
     if errs:
         out["rms_rel_err_requant_vs_merged"] = math.sqrt(sum(e * e for e in errs) / len(errs))
+    pairs = [(r["rel_err_base_vs_merged"], r["rel_err_requant_vs_merged"]) for r in layers if "kept_fraction" in r]
+    if pairs:  # adapted layers only: how much of the adapter's error reduction the written weights keep
+        rms_base = math.sqrt(sum(b * b for b, _ in pairs) / len(pairs))
+        rms_out = math.sqrt(sum(e * e for _, e in pairs) / len(pairs))
+        out["rms_rel_err_base_vs_merged"] = rms_base
+        out["rms_rel_err_requant_vs_merged_adapted"] = rms_out
+        out["kept_fraction"] = (rms_base - rms_out) / rms_base if rms_base > 0 else None
     changes = [r["max_abs_code_change"] for r in layers if "max_abs_code_change" in r]
     if changes:
         out["max_abs_code_change"] = max(changes)

@@ -43,7 +43,8 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .shards import save_safetensors
 
 __all__ = [
     "FUSED_CONFIG_NAME",
@@ -151,7 +152,7 @@ def write_fused_adapter(
         tensors[f"{layer}.qwha_values"] = v
         tensors[f"{layer}.qwha_indices"] = idx.to(torch.int32).contiguous()
     path = Path(out_dir) / FUSED_ADAPTER_NAME
-    save_file(tensors, str(path), metadata={"format": "pt", "qwha_fused_version": str(FUSED_FORMAT_VERSION)})
+    save_safetensors(tensors, path, metadata={"format": "pt", "qwha_fused_version": str(FUSED_FORMAT_VERSION)})
     return path
 
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
     "ShardWriter",
     "checkpoint_files",
+    "save_safetensors",
+    "validate_checkpoint",
     "iter_checkpoint_tensors",
     "validate_safetensors_file",
     "join_key",
@@ -48,6 +51,23 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" in the Hugging Face (decimal) conve
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+REDOWNLOAD_HINT = "re-download it or export it again"
+_OS_ERROR = re.compile(r"os error (\d+)")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file`` whose I/O failures (disk full, quota, permissions) surface as ``OSError``
+    with the errno and the path, instead of safetensors' ``SafetensorError("... (os error 28)")``."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        m = _OS_ERROR.search(str(e))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def join_key(prefix: str, name: str) -> str:
@@ -144,7 +164,7 @@ class ShardWriter:
         if not self._buffer:
             return
         path = self._temp_path(len(self._temp_files))
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        save_safetensors(self._buffer, path, metadata={"format": "pt"})
         self._temp_files.append(path)
         self._buffer = {}
         self._buffer_bytes = 0
@@ -160,7 +180,7 @@ class ShardWriter:
             raise ValueError("ShardWriter is already closed")
         if self._buffer or not self._temp_files:
             path = self._temp_path(len(self._temp_files))
-            save_file(self._buffer, str(path), metadata={"format": "pt"})
+            save_safetensors(self._buffer, path, metadata={"format": "pt"})
             self._temp_files.append(path)
             self._buffer = {}
             self._buffer_bytes = 0
@@ -222,14 +242,17 @@ def validate_safetensors_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"{p}: safetensors file is missing")
+        raise ValueError(f"{p}: safetensors file is missing; {REDOWNLOAD_HINT}")
     size = p.stat().st_size
     if size < 8:
-        raise ValueError(f"{p}: truncated safetensors file ({size} bytes, no header)")
+        raise ValueError(f"{p}: truncated safetensors file ({size} bytes, no header); {REDOWNLOAD_HINT}")
     with open(p, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n > _HEADER_LIMIT or 8 + n > size:
-            raise ValueError(f"{p}: corrupted or truncated safetensors header (header length {n}, file size {size})")
+            raise ValueError(
+                f"{p}: corrupted or truncated safetensors header (header length {n}, file size {size}); "
+                f"{REDOWNLOAD_HINT}"
+            )
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -246,11 +269,11 @@ def validate_safetensors_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             end = max(end, stop)
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{p}: corrupted safetensors header ({msg})") from None
+        raise ValueError(f"{p}: corrupted safetensors header ({msg}); {REDOWNLOAD_HINT}") from None
     expected = 8 + n + end
     if size != expected:
         what = "truncated" if size < expected else "has trailing bytes"
-        raise ValueError(f"{p}: safetensors file {what} (expected {expected} bytes, found {size})")
+        raise ValueError(f"{p}: safetensors file {what} (expected {expected} bytes, found {size}); {REDOWNLOAD_HINT}")
     return header
 
 
@@ -283,7 +306,10 @@ def checkpoint_files(model_dir: str | os.PathLike[str]) -> tuple[list[Path], dic
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (d / n).is_file()]
         if missing:
-            raise ValueError(f"{index_path}: shard file(s) referenced by the index are missing: {', '.join(missing)}")
+            raise ValueError(
+                f"{index_path}: shard file(s) referenced by the index are missing: {', '.join(missing)}; "
+                "re-download the model (every shard) or export it again"
+            )
         return [d / n for n in names], weight_map
     single = d / SAFE_WEIGHTS_NAME
     if single.is_file():
@@ -294,6 +320,17 @@ def checkpoint_files(model_dir: str | os.PathLike[str]) -> tuple[list[Path], dic
     if not found:
         raise ValueError(f"{d}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME} found")
     raise ValueError(f"{d}: {len(found)} safetensors files but no {SAFE_WEIGHTS_INDEX_NAME}")
+
+
+def validate_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Check every safetensors file of a checkpoint folder (index, shards present, headers, sizes) without reading
+    tensor data; return ``{tensor name: header entry}`` (``dtype``, ``shape``, ``data_offsets``). One-line
+    ``ValueError`` naming the bad file."""
+    files, _ = checkpoint_files(model_dir)
+    entries: dict[str, dict[str, Any]] = {}
+    for p in files:
+        entries.update((k, v) for k, v in validate_safetensors_file(p).items() if k != "__metadata__")
+    return entries
 
 
 def iter_checkpoint_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -320,13 +357,17 @@ def iter_checkpoint_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple
         try:
             handle = safe_open(str(path), framework="pt")
         except Exception as e:  # SafetensorError and friends
-            raise ValueError(f"{path}: cannot open safetensors file ({str(e).splitlines()[0]})") from None
+            raise ValueError(
+                f"{path}: cannot open safetensors file ({str(e).splitlines()[0]}); {REDOWNLOAD_HINT}"
+            ) from None
         with handle as f:
             for name in names:
                 try:
                     tensor = f.get_tensor(name)
                 except Exception as e:
-                    raise ValueError(f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]})") from None
+                    raise ValueError(
+                        f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]}); {REDOWNLOAD_HINT}"
+                    ) from None
                 yield name, tensor
 
 

@@ -1,19 +1,54 @@
 """The ``qwha-export`` command line. Each command is a thin wrapper over one typed library function.
 
-Bad input (a ``ValueError`` from the library, a missing file) prints one line, ``Error: ...``, and exits with
-code 2; no traceback.
+Bad input (a ``ValueError`` from the library, a missing file, a corrupt safetensors file, a full disk) prints one
+line, ``Error: ...``, and exits with code 2; no traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import re
 import sys
 
 import click
+from safetensors import SafetensorError
 
 from . import __version__
 from .converters.calibration import TARGET_MODULES_DEFAULT
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some disk space or choose another --out",
+    errno.EDQUOT: "free some disk space (quota exceeded) or choose another --out",
+    errno.EFBIG: "the file system refused a file this large; choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "check the permissions or choose another --out",
+    errno.EPERM: "check the permissions or choose another --out",
+}
+
+
+def _os_error_line(code: int | None, strerror: str, filename: object = None) -> str:
+    where = f": {filename}" if filename else ""
+    hint = _OS_HINTS.get(code)
+    return f"{strerror}{where}" + (f"; {hint}" if hint else "")
+
+
+def _error_line(exc: BaseException) -> str:
+    """One line for a library error: the message's first line; OSErrors as ``strerror: path; what to do``;
+    safetensors' own errors as a corrupt/truncated file (or, for its I/O errors, like an OSError)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return _os_error_line(exc.errno, exc.strerror, exc.filename)
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    if isinstance(exc, SafetensorError):
+        m = re.search(r"os error (\d+)", text)
+        if m:
+            code = int(m.group(1))
+            return _os_error_line(code, f"{os.strerror(code)} while writing a safetensors file")
+        return f"a safetensors file is corrupt or truncated ({first}); re-download it or export it again"
+    return first
 
 
 def _friendly_errors(fn):
@@ -21,12 +56,25 @@ def _friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError, KeyError) as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            click.echo(f"Error: {msg}", err=True)
+        except (ValueError, KeyError, OSError, SafetensorError) as exc:
+            click.echo(f"Error: {_error_line(exc)}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+def _echo_parity(parity) -> None:
+    """One line with the parity numbers stored in the manifest (or why the check was skipped)."""
+    if not parity:
+        return
+    if "skipped" in parity:
+        click.echo(f"parity check skipped: {parity['skipped']}", err=True)
+        return
+    click.echo(
+        f"parity on {parity['tokens']} held-out tokens: top-1 agreement {parity['top1_agreement']:.4f}, "
+        f"KL/token {parity['kl_per_token']:.3g}, max |logit diff| {parity['max_abs_logit_diff']:.3g}, "
+        f"perplexity {parity['ppl_export']:.3f} (training-time model {parity['ppl_reference']:.3f})"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -217,19 +265,20 @@ def import_cmd(src, base_dir, out):
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
 @click.option("--calib-tokens", default=1024, show_default=True, type=int, help="For gptq and the error report.")
+@click.option(
+    "--verify-tokens",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
+)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly_errors
-def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tokens, overwrite, quiet):
+def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tokens, verify_tokens, overwrite, quiet):
     """Merge the adapter of ADAPTER_DIR into its base (inverse WHT), re-quantize, and write a checkpoint."""
     from .pipeline import MergeJob, merge_qwha
 
-    if fmt == "fused":
-        from .fused import write_fused
-
-        write_fused(adapter_dir, out, overwrite=overwrite)
-        click.echo(f"wrote {out}")
-        return
     report = merge_qwha(
         MergeJob(
             adapter_dir=adapter_dir,
@@ -242,10 +291,15 @@ def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tok
             calib_tokens=calib_tokens,
             overwrite=overwrite,
             quiet=quiet,
+            verify_tokens=verify_tokens,
         )
     )
-    if not quiet:
-        click.echo(json.dumps(report.get("total", {}), indent=2))
+    if not quiet and report.get("total"):
+        click.echo(json.dumps(report["total"], indent=2))
+    advice = (report.get("adapter_gain") or {}).get("advice")
+    if advice and not quiet:
+        click.echo(f"Warning: {advice}", err=True)
+    _echo_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
 
@@ -255,13 +309,21 @@ def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tok
 @click.option(
     "--base-format", default="gptq_v2", show_default=True, type=click.Choice(["gptq_v2", "compressed-tensors", "dense"])
 )
+@click.option(
+    "--verify-tokens",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
+)
 @click.option("--overwrite", is_flag=True)
 @_friendly_errors
-def fuse_cmd(adapter_dir, out, base_format, overwrite):
+def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
     """Keep the adapter: write the untouched quantized base plus the spectrum (qwha_adapter.safetensors)."""
-    from .fused import write_fused
+    from .pipeline import fuse_qwha
 
-    write_fused(adapter_dir, out, base_format=base_format, overwrite=overwrite)
+    report = fuse_qwha(adapter_dir, out, base_format=base_format, overwrite=overwrite, verify_tokens=verify_tokens)
+    _echo_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
 

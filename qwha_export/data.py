@@ -1,7 +1,8 @@
 """Real text and instruction data that ship inside installed packages (no network), plus JSONL/record encoding.
 
 * :func:`lee_corpus_text` -- the Lee background corpus from gensim's test data (300 news articles, ~360 kB of
-  English, one article per line).  Used for calibration (its beginning) and held-out perplexity (its end).
+  English, one article per line).  Used for calibration (its beginning: ``init``, ``merge``'s Gram matrices) and
+  held-out evaluation (its end: ``init``'s held-out error, ``verify`` and ``merge``'s parity check).
 * :func:`mmlu_cot_records` -- 282 MMLU chain-of-thought worked examples (57 subjects) from lm-eval's
   ``flan_cot_fewshot`` prompts, as ``{"prompt", "response"}`` instruction records.
 
@@ -89,15 +90,37 @@ def _chunk(ids: Sequence[int], seq_len: int, start: int, n_tokens: int | None) -
 
 
 def token_chunks(
-    tokenizer: Any, text: str, seq_len: int, max_tokens: int | None = None, offset_tokens: int = 0
+    tokenizer: Any,
+    text: str,
+    seq_len: int,
+    max_tokens: int | None = None,
+    offset_tokens: int = 0,
+    from_end: bool = False,
 ) -> torch.Tensor:
     """Tokenize ``text`` once (no special tokens) and cut non-overlapping ``seq_len`` chunks.
 
     Uses tokens ``[offset_tokens, offset_tokens + max_tokens)`` (to the end when ``max_tokens`` is None); a final
-    partial chunk is dropped.  Returns a ``LongTensor`` of shape ``(n_chunks, seq_len)``; ``ValueError`` if not even
-    one chunk fits.
+    partial chunk is dropped.  ``from_end=True`` takes them from the **end** of the stream instead (the chunks end
+    ``offset_tokens`` before the last token; a partial chunk is dropped at the front): the held-out part of a
+    text whose beginning is used for calibration (see :func:`calibration_and_heldout`).  Returns a ``LongTensor``
+    of shape ``(n_chunks, seq_len)``; ``ValueError`` if not even one chunk fits.
     """
-    return _chunk(tokenize_text(tokenizer, text), seq_len, offset_tokens, max_tokens)
+    ids = tokenize_text(tokenizer, text)
+    if not from_end:
+        return _chunk(ids, seq_len, offset_tokens, max_tokens)
+    if offset_tokens < 0:
+        raise ValueError(f"offset_tokens must be >= 0, got {offset_tokens}")
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    stop = max(0, len(ids) - offset_tokens)
+    avail = stop if max_tokens is None else min(stop, max_tokens)
+    n = (avail // seq_len) * seq_len
+    if n == 0:
+        raise ValueError(
+            f"not enough tokens for one chunk of {seq_len}: the text has {len(ids)} tokens, "
+            f"offset {offset_tokens} from the end, max_tokens {max_tokens}"
+        )
+    return _chunk(ids[stop - n : stop], seq_len, 0, None)
 
 
 def calibration_and_heldout(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -72,11 +72,14 @@ def write_fused(
     dtype: torch.dtype = torch.float32,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     check_hash: bool = True,
+    on_written: Callable[[Path], Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the fused checkpoint of ``adapter_dir`` into ``out_dir``; returns the manifest (``qwha_export.json``).
 
     ``base_format``: ``gptq_v2`` (default), ``compressed-tensors`` or ``dense`` (dequantized base weights in
     ``dtype``; not bit-identical codes, but the exact ``(code - zero) * scale`` values for float32).
+    ``on_written(folder)`` runs on the complete temporary folder before it is renamed into place; the entries it
+    returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`).
     """
     from . import __version__
     from .pipeline import atomic_output_dir, check_output_dir
@@ -168,6 +171,9 @@ def write_fused(
             "seconds": time.time() - t0,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        if on_written is not None:
+            report.update(on_written(tmp))
+            (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

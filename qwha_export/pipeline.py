@@ -31,7 +31,7 @@ from . import __version__
 from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
 from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
-from .formats.shards import sha256_file
+from .formats.shards import sha256_file, validate_checkpoint, validate_safetensors_file
 from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
@@ -42,6 +42,10 @@ __all__ = [
     "load_quantized_base",
     "load_qwha_model",
     "base_fingerprint",
+    "check_base_hash",
+    "MergeJob",
+    "merge_qwha",
+    "fuse_qwha",
     "atomic_output_dir",
     "resolve_model",
 ]
@@ -80,6 +84,27 @@ def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
     p = Path(model_dir)
     files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
     return {f.name: sha256_file(f) for f in files if f.is_file()}
+
+
+def check_base_hash(base_dir: str | Path, recorded: Any) -> None:
+    """One-line ``ValueError`` naming the changed files when ``base_dir`` no longer matches the fingerprint
+    recorded by ``init`` (``qwha_base.json`` ``base_hash``); nothing to check when none was recorded."""
+    if not recorded:
+        return
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"{BASE_META}: base_hash must map file names to SHA-256 digests, not {type(recorded).__name__}"
+        )
+    now = base_fingerprint(base_dir)
+    if now == recorded:
+        return
+    changed = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
+    more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
+    raise ValueError(
+        f"base model {base_dir} differs from the one this adapter was made for (hash mismatch: "
+        f"{', '.join(changed[:3])}{more} changed); point base_model in {BASE_META} at the original files or run "
+        "init again"
+    )
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> None:
@@ -286,8 +311,11 @@ def load_quantized_base(adapter_dir: str | Path, dtype: torch.dtype = torch.floa
         raise ValueError(f"{d} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
     meta = json.loads((d / BASE_META).read_text())
     base = meta["base_model"]
-    if check_hash and Path(base).is_dir() and base_fingerprint(base) != meta["base_hash"]:
-        raise ValueError(f"base model {base} differs from the one this adapter was made for (hash mismatch)")
+    if Path(base).is_dir():
+        validate_checkpoint(base)  # a truncated/corrupt shard: one line naming it, not a loader traceback
+        if check_hash:
+            check_base_hash(base, meta.get("base_hash"))
+    validate_safetensors_file(d / BASE_FILE)
     model, tokenizer = load_causal_lm(base, dtype=dtype)
     tensors = load_file(str(d / BASE_FILE))
     for name in meta["quantized_layers"]:
@@ -342,6 +370,43 @@ class MergeJob:
     seq_len: int = 256
     overwrite: bool = False
     quiet: bool = False
+    verify_tokens: int = 512  # held-out tokens of the parity check written into the manifest; 0 = no check
+
+    def __post_init__(self) -> None:
+        from .formats import ExportFormat
+
+        if isinstance(self.bits, bool) or self.bits not in MERGE_BITS:
+            raise ValueError(
+                f"bits={self.bits!r} is not supported; choose 2, 3, 4 or 8 (re-quantize) or 16 (dense merged model)"
+            )
+        if self.requant not in (*MERGE_REQUANT, "refit"):
+            raise ValueError(f"requant={self.requant!r} is not supported; choose rtn, gptq, grid or refit")
+        fmt = ExportFormat.parse(self.format)
+        if fmt.value not in MERGE_FORMATS:
+            raise ValueError(
+                f"format={self.format!r} is not written by merge; choose one of {', '.join(MERGE_FORMATS)}"
+            )
+        if self.bits == 16 and fmt.value not in ("dense", "fused") and self.requant != "refit":
+            raise ValueError(f"bits=16 writes a dense merged model; use format 'dense', not {self.format!r}")
+        if self.requant == "refit" and self.bits == 16:
+            raise ValueError("requant 'refit' re-quantizes; choose bits 2, 3, 4 or 8")
+        if self.bits != 16 and self.group_size is not None and self.requant != "grid":
+            QuantConfig(bits=self.bits, group_size=self.group_size)  # ValueError naming a bad group size
+        if self.dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r} is not supported; choose float16, bfloat16 or float32")
+        for name in ("calib_tokens", "verify_tokens"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 disables), got {v!r}")
+        if self.verify_tokens == 1:
+            raise ValueError("verify_tokens must be 0 (no parity check) or at least 2")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"seq_len must be an integer >= 2, got {self.seq_len!r}")
+
+
+MERGE_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
+MERGE_REQUANT: tuple[str, ...] = ("rtn", "gptq", "grid")
+MERGE_FORMATS: tuple[str, ...] = ("dense", "gptq", "gptq_v2", "compressed-tensors", "fused")
 
 
 def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True):
@@ -365,15 +430,63 @@ def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quie
     return grams
 
 
+def _parity_hook(adapter_dir: str | Path, tokens: int, seq_len: int):
+    """The ``on_written`` callback of :func:`stream_merge` / :func:`write_fused` that runs the short parity check
+    (:func:`qwha_export.verify.heldout_parity`) on the finished temporary folder; None when ``tokens`` is 0."""
+    if tokens <= 0:
+        return None
+
+    def run(folder: Path) -> dict[str, Any]:
+        from .verify import heldout_parity
+
+        return {"parity": heldout_parity(folder, adapter_dir, tokens=tokens, seq_len=seq_len)}
+
+    return run
+
+
+def fuse_qwha(
+    adapter_dir: str | Path,
+    out: str | Path,
+    base_format: str = "gptq_v2",
+    overwrite: bool = False,
+    verify_tokens: int = 512,
+    seq_len: int = 256,
+) -> dict[str, Any]:
+    """``qwha-export fuse``: :func:`qwha_export.fused.write_fused` plus the short parity check on held-out text
+    (``verify_tokens`` tokens, 0 = none) stored under ``parity`` in the manifest before the folder is renamed into
+    place. Returns the manifest."""
+    from .fused import write_fused
+
+    if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 0:
+        raise ValueError(f"verify_tokens must be an integer >= 0 (0 disables), got {verify_tokens!r}")
+    return write_fused(
+        adapter_dir,
+        out,
+        base_format=base_format,
+        overwrite=overwrite,
+        on_written=_parity_hook(adapter_dir, verify_tokens, seq_len),
+    )
+
+
 def merge_qwha(job: MergeJob) -> dict[str, Any]:
-    """Merge (and re-quantize) an adapter directory into a deployable checkpoint; see :func:`stream_merge`."""
-    from .converters.merge import stream_merge
+    """Merge (and re-quantize) an adapter directory into a deployable checkpoint; see :func:`stream_merge`.
+
+    The adapter directory and its base checkpoint are checked (files present and complete, base hash, layer
+    shapes) before any long work. Unless ``verify_tokens`` is 0 the finished export is compared with the
+    training-time model on held-out text (:func:`qwha_export.verify.heldout_parity`) and the numbers are stored
+    under ``parity`` in ``qwha_export.json`` before the folder is renamed into place.
+    """
+    from .converters.merge import open_adapter_source, stream_merge
+    from .formats import ExportFormat
 
     check_output_dir(job.out, job.overwrite)
-    if job.requant == "refit":
-        return _refit_and_fuse(job)
     if not (Path(job.adapter_dir) / BASE_META).is_file():
         raise ValueError(f"{job.adapter_dir} is not a qwha-export adapter directory (no {BASE_META}); run `init` first")
+    if ExportFormat.parse(job.format) == ExportFormat.FUSED and job.requant != "refit":
+        return fuse_qwha(job.adapter_dir, job.out, overwrite=job.overwrite, verify_tokens=job.verify_tokens)
+    open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
+    if job.requant == "refit":
+        return _refit_and_fuse(job)
     grams = None
     if job.calib_tokens > 0 and job.bits != 16:
         grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
@@ -389,6 +502,8 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         dtype=job.dtype,
         overwrite=job.overwrite,
         grams=grams,
+        check_hash=False,  # checked above
+        on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),
     )
 
 
@@ -407,5 +522,13 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
             job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="gptq", grams=grams
         )
         base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
-        write_fused(tmp, job.out, base_format=base, overwrite=job.overwrite)
+        manifest = write_fused(
+            tmp,
+            job.out,
+            base_format=base,
+            overwrite=job.overwrite,
+            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),  # against the original
+        )
+    if "parity" in manifest:
+        report["parity"] = manifest["parity"]
     return report

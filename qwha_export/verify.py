@@ -31,9 +31,27 @@ from .formats import ExportFormat
 from .formats.fused import FUSED_CONFIG_NAME
 from .metrics import compare_logits, logits_for
 
-__all__ = ["detect_format", "load_export", "load_reference", "verify_export"]
+__all__ = ["NoTokenizerError", "detect_format", "heldout_parity", "load_export", "load_reference", "verify_export"]
 
 MANIFEST_FILE = "qwha_export.json"
+
+
+class NoTokenizerError(ValueError):
+    """Neither the export nor the base model has tokenizer files (evaluation needs token ids then)."""
+
+
+def _check_files(model_dir: Path, *extra: Path) -> None:
+    """Headers and sizes of a checkpoint folder's safetensors files (and ``extra`` files) before any load, so a
+    truncated or corrupt file is a one-line error naming it rather than a loader's traceback."""
+    from .formats.shards import validate_checkpoint, validate_safetensors_file
+
+    validate_checkpoint(model_dir)
+    for p in extra:
+        validate_safetensors_file(p)
+
+
+def _check_export_files(export_dir: Path, fmt: ExportFormat) -> None:
+    _check_files(export_dir, *[export_dir / "qwha_adapter.safetensors"] * (fmt == ExportFormat.FUSED))
 
 
 def detect_format(export_dir: str | Path) -> ExportFormat:
@@ -77,6 +95,7 @@ def detect_format(export_dir: str | Path) -> ExportFormat:
 def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, format)`` of an export folder (see the module docstring for the loader per format)."""
     fmt = detect_format(export_dir)
+    _check_export_files(Path(export_dir), fmt)
     if fmt == ExportFormat.FUSED:
         from .fused import load_fused
 
@@ -105,7 +124,7 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
 
     from .converters.quantize import QuantizedWeight
     from .peft_qwha import load_qwha_adapter
-    from .pipeline import BASE_FILE, BASE_META, base_fingerprint
+    from .pipeline import BASE_FILE, BASE_META, check_base_hash
     from .quant_linear import QuantLinear, replace_linear
 
     d = Path(adapter_dir)
@@ -115,8 +134,8 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
     base = Path(meta["base_model"])
     if not base.is_dir():
         raise ValueError(f"base model folder {base} (from {BASE_META}) does not exist")
-    if meta.get("base_hash") and base_fingerprint(base) != meta["base_hash"]:
-        raise ValueError(f"base model {base} differs from the one this adapter was made for (hash mismatch)")
+    _check_files(base, d / BASE_FILE, d / "adapter_model.safetensors")
+    check_base_hash(base, meta.get("base_hash"))
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, use_safetensors=True, local_files_only=True)
     tensors = load_file(str(d / BASE_FILE))
     for name in meta.get("quantized_layers", []):
@@ -142,23 +161,30 @@ def verify_export(
 ) -> dict[str, Any]:
     """Logit / perplexity comparison of ``export_dir`` against the training-time model of ``adapter_dir``.
 
-    Evaluation tokens: ``chunks`` (a ``(n, seq_len)`` LongTensor, bypasses text and tokenizer) or ``text`` (default:
-    the Lee corpus) cut with :func:`qwha_export.data.token_chunks` into ``seq_len`` chunks, at most ``tokens``
-    tokens, using the export's tokenizer (else the base model's). Returns ``tokens``, ``max_abs_logit_diff``,
+    Evaluation tokens: ``chunks`` (a ``(n, seq_len)`` LongTensor, bypasses text and tokenizer), or ``text`` cut with
+    :func:`qwha_export.data.token_chunks` into ``seq_len`` chunks, at most ``tokens`` tokens from its start, or by
+    default the held-out **end** of the Lee corpus (its beginning is the calibration text of ``init`` and
+    ``merge``; the two cannot overlap unless calibration plus evaluation exceed the corpus, 75,680 tokens
+    for SmolLM2), using the export's tokenizer, else the base model's (:class:`NoTokenizerError` when neither has
+    one). Returns ``tokens``, ``max_abs_logit_diff``,
     ``mean_abs_logit_diff``, ``kl_per_token`` (KL(reference || export)), ``top1_agreement``, ``ppl_export``,
     ``ppl_reference`` and ``format``.
     """
     from .fused import _try_tokenizer
 
     fmt = detect_format(export_dir)  # fail fast on unknown folders
+    _check_export_files(Path(export_dir), fmt)  # and on truncated / corrupt files, before the reference loads
     reference, ref_tok = load_reference(adapter_dir, dtype=dtype)
     if chunks is None:
         from .data import lee_corpus_text, token_chunks
 
         tok = _try_tokenizer(Path(export_dir)) or ref_tok
         if tok is None:
-            raise ValueError(f"neither {export_dir} nor the base model has a tokenizer; pass chunks= token ids")
-        chunks = token_chunks(tok, lee_corpus_text() if text is None else text, seq_len, max_tokens=tokens)
+            raise NoTokenizerError(f"neither {export_dir} nor the base model has a tokenizer; pass chunks= token ids")
+        if text is None:
+            chunks = token_chunks(tok, lee_corpus_text(), seq_len, max_tokens=tokens, from_end=True)
+        else:
+            chunks = token_chunks(tok, text, seq_len, max_tokens=tokens)
     if not isinstance(chunks, torch.Tensor) or chunks.dim() != 2 or chunks.dtype.is_floating_point:
         raise ValueError("chunks must be a 2-D integer tensor of token ids (n_chunks, seq_len)")
     ref_logits = logits_for(reference, chunks, batch_size)
@@ -168,6 +194,24 @@ def verify_export(
     ppl_ref, ppl_exp = _ppl(ref_logits, chunks), _ppl(exp_logits, chunks)
     out: dict[str, Any] = dict(compare_logits(ref_logits, exp_logits))
     out.update(ppl_export=ppl_exp, ppl_reference=ppl_ref, format=fmt.value)
+    return out
+
+
+def heldout_parity(
+    export_dir: str | Path, adapter_dir: str | Path, tokens: int = 512, seq_len: int = 256
+) -> dict[str, Any]:
+    """The short parity check that ``merge`` and ``fuse`` store in the manifest: :func:`verify_export` on ``tokens``
+    held-out tokens (the end of the Lee corpus; ``seq_len`` capped at ``tokens``), plus ``seconds``. Returns
+    ``{"skipped": reason}`` when neither folder has a tokenizer."""
+    import time
+
+    t0 = time.time()
+    try:
+        out = verify_export(export_dir, adapter_dir, tokens=tokens, seq_len=max(2, min(seq_len, tokens)))
+    except NoTokenizerError:
+        return {"skipped": "no tokenizer files in the base model folder to tokenize the held-out text with"}
+    out["text"] = "lee-corpus-heldout-end"
+    out["seconds"] = time.time() - t0
     return out
 
 
