@@ -1,0 +1,519 @@
+"""The decoder graph of an ONNX export, written node by node from the weights (no math: layout and wiring only).
+
+IO (optimum / onnxruntime-genai names; ``L`` layers, ``Hkv`` KV heads, ``D`` head size)::
+
+    input_ids                int64    [batch_size, sequence_length]
+    attention_mask           int64    [batch_size, total_sequence_length]     (0 = padding, left padding works)
+    position_ids             int64    [batch_size, sequence_length]
+    past_key_values.{i}.key  float32  [batch_size, Hkv, past_sequence_length, D]   (and .value; length 0 at first)
+    logits                   float32  [batch_size, sequence_length, vocab_size]
+    present.{i}.key          float32  [batch_size, Hkv, total_sequence_length, D]  (and .value)
+
+Per layer (contrib ops of onnxruntime, as in its genai model builder)::
+
+    x -> [Skip]SimplifiedLayerNorm -> QKV (one MatMulNBits/MatMul, + bias, + spectral adapter)
+      -> Split -> RotaryEmbedding(q), RotaryEmbedding(k) (position_ids from the caller)
+      -> GroupQueryAttention(q, k, v, past, seqlens_k = total-1, attention_bias = padding mask) -> o_proj
+      -> SkipSimplifiedLayerNorm -> gate|up (one MatMulNBits) -> Split -> silu(gate) * up -> down_proj
+
+GroupQueryAttention applies the causal mask on cache slots; padding (left or anywhere) is masked by
+``attention_bias`` (``finfo(float32).min`` where ``attention_mask`` is 0), so every row of the cache holds the same
+``total_sequence_length`` slots. Rotary embedding runs outside the attention op because GroupQueryAttention's own
+rotary uses only the first position id of a prompt, which is wrong for left-padded rows.
+
+Spectral adapters (fused exports) add ``WHT(x) @ F.T`` to a projection's output. ``x`` is transformed once per
+distinct input (q/k/v share one, gate/up share one) by the ``qwha::WalshHadamard`` function
+(:mod:`.onnx_ops`), and ``F`` is applied from two-level ELL tables: ``mode="gather"`` (``Gather`` along the input
+axis of ``WHT(x).T``, any number of tokens) or ``mode="token"`` (``GatherElements`` on ``[1, n]``, one token). With
+adapters the graph is an ``If`` on ``batch * sequence == 1`` whose branches are the two modes (decode steps take
+the fast single-token path); both branches share the initializers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .onnx_ops import (
+    WHT_DOMAIN,
+    SpectralTables,
+    matmul_nbits_tensors,
+    spectral_tables,
+    wht_function,
+    wht_node,
+)
+
+__all__ = [
+    "OPSET",
+    "IR_VERSION",
+    "NBitsLinear",
+    "DenseLinear",
+    "SpectralAdapter",
+    "Projection",
+    "LayerWeights",
+    "DecoderSpec",
+    "DecoderWeights",
+    "build_decoder_model",
+    "io_names",
+]
+
+OPSET = 23
+IR_VERSION = 10
+_MS = "com.microsoft"
+_NEG = float(np.finfo(np.float32).min)
+
+
+@dataclass(frozen=True)
+class NBitsLinear:
+    """A block-quantized weight ``(N, K)`` for MatMulNBits: ``W = (codes - zeros) * scales`` per block of ``K``.
+
+    ``bits`` is the storage width (2, 4 or 8). ``perm`` (int64 ``[K]``) or None: the input columns in block order
+    (act-order GPTQ layers); the node then reads ``x[..., perm]``.
+    """
+
+    codes: np.ndarray  # uint8 [N, K]
+    zeros: np.ndarray  # uint8 [N, n_blocks]
+    scales: np.ndarray  # float32 [N, n_blocks]
+    bits: int
+    block_size: int
+    perm: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+
+@dataclass(frozen=True)
+class DenseLinear:
+    weight: np.ndarray  # float32 [N, K]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.weight.shape[0]), int(self.weight.shape[1])
+
+
+@dataclass(frozen=True)
+class SpectralAdapter:
+    """``y += WHT_n(x) @ F.T`` with ``F[rows[e], cols[e]] = values[e]`` (values include the layer coefficient)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    values: np.ndarray  # float32
+    wht_k: int  # K of the transform size n = d_in
+
+
+@dataclass(frozen=True)
+class Projection:
+    linear: NBitsLinear | DenseLinear
+    bias: np.ndarray | None = None
+    adapter: SpectralAdapter | None = None
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    input_norm: np.ndarray
+    post_norm: np.ndarray
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    gate: Projection
+    up: Projection
+    down: Projection
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_eps: float
+    cos_cache: np.ndarray  # float32 [max_positions, head_dim / 2]
+    sin_cache: np.ndarray
+    attention_scale: float
+    window: int = -1  # GroupQueryAttention local_window_size (-1: none)
+    accuracy_level: int = 0
+    wht_factors: dict[int, tuple[int, list[np.ndarray]]] = field(default_factory=dict)  # n -> (K, matrices)
+    ell_width: int = 16
+
+
+@dataclass(frozen=True)
+class DecoderWeights:
+    embed: np.ndarray  # float32 [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: np.ndarray
+    lm_head: NBitsLinear | DenseLinear | None  # None: tied to ``embed`` (Gemm with transB)
+
+
+def io_names(num_layers: int) -> tuple[list[str], list[str]]:
+    """``(input names, output names)`` of the decoder graph, in order."""
+    ins = ["input_ids", "attention_mask", "position_ids"]
+    outs = ["logits"]
+    for i in range(num_layers):
+        ins += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        outs += [f"present.{i}.key", f"present.{i}.value"]
+    return ins, outs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# graph builder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _Graph:
+    """Nodes of one (sub)graph; initializers live in the root graph and are shared by subgraphs."""
+
+    def __init__(self, prefix: str = "", root: _Graph | None = None):
+        self.prefix = prefix
+        self.nodes: list[onnx.NodeProto] = []
+        self.root = root or self
+        if root is None:
+            self.inits: dict[str, TensorProto] = {}
+            self.consts: dict[tuple, str] = {}
+        self._n = 0
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        """Add a root initializer once (a second call with the same name returns the name unchanged)."""
+        inits = self.root.inits
+        if name not in inits:
+            inits[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        consts = self.root.consts
+        if key not in consts:
+            consts[key] = self.init(f"const.{len(consts)}", arr)
+        return consts[key]
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        n_out: int = 1,
+        domain: str = "",
+        name: str = "",
+        outputs: Sequence[str] | None = None,
+        **attrs,
+    ):
+        self._n += 1
+        base = f"{self.prefix}{name or op_type}_{self._n}"
+        outs = list(outputs) if outputs is not None else [f"{base}/out{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def add(self, node: onnx.NodeProto) -> None:
+        self.nodes.append(node)
+
+
+def _layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def _same_perm(a: NBitsLinear, b: NBitsLinear) -> bool:
+    if a.perm is None or b.perm is None:
+        return a.perm is None and b.perm is None
+    return bool(np.array_equal(a.perm, b.perm))
+
+
+def _stack_linear(lins: Sequence[NBitsLinear | DenseLinear]) -> NBitsLinear | DenseLinear | None:
+    """One weight whose output rows are those of ``lins`` in order (None if they cannot share one node)."""
+    if len(lins) == 1:
+        return lins[0]
+    if all(isinstance(x, DenseLinear) for x in lins):
+        return DenseLinear(np.concatenate([x.weight for x in lins]))
+    first = lins[0]
+    if not all(
+        isinstance(x, NBitsLinear)
+        and x.bits == first.bits
+        and x.block_size == first.block_size
+        and _same_perm(x, first)
+        for x in lins
+    ):
+        return None
+    return NBitsLinear(
+        np.concatenate([x.codes for x in lins]),
+        np.concatenate([x.zeros for x in lins]),
+        np.concatenate([x.scales for x in lins]),
+        first.bits,
+        first.block_size,
+        first.perm,
+    )
+
+
+def _stack_bias(projs: Sequence[Projection]) -> np.ndarray | None:
+    if all(p.bias is None for p in projs):
+        return None
+    parts = [p.bias if p.bias is not None else np.zeros(p.linear.shape[0]) for p in projs]
+    return np.concatenate(parts).astype(np.float32)
+
+
+class _Decoder:
+    def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
+        self.spec, self.w = spec, weights
+        self.root = _Graph()
+        self.tables: dict[str, tuple[SpectralTables, str, str, str]] = {}
+        self.linears: dict[str, tuple[str, list[str], dict]] = {}
+
+    # -- shared initializers (written once, used by both If branches) ----------------------------------------------
+    def linear_init(self, name: str, lin: NBitsLinear | DenseLinear) -> tuple[str, list[str], dict]:
+        if name in self.linears:
+            return self.linears[name]
+        g = self.root
+        if isinstance(lin, DenseLinear):
+            rec = ("MatMul", [g.init(f"{name}.weight_t", np.ascontiguousarray(lin.weight.T, dtype=np.float32))], {})
+        else:
+            n, k = lin.shape
+            b, scales, zp = matmul_nbits_tensors(lin.codes, lin.zeros, lin.scales, lin.bits, lin.block_size)
+            inputs = [g.init(f"{name}.qweight", b), g.init(f"{name}.scales", scales), g.init(f"{name}.qzeros", zp)]
+            attrs = dict(K=k, N=n, bits=lin.bits, block_size=lin.block_size, accuracy_level=self.spec.accuracy_level)
+            perm = g.init(f"{name}.perm", lin.perm.astype(np.int64)) if lin.perm is not None else ""
+            rec = ("MatMulNBits", inputs, {"attrs": attrs, "perm": perm})
+        self.linears[name] = rec
+        return rec
+
+    def table_init(self, name: str, projs: Sequence[Projection]):
+        if name in self.tables:
+            return self.tables[name]
+        rows, cols, vals, off = [], [], [], 0
+        for p in projs:
+            if p.adapter is not None:
+                rows.append(np.asarray(p.adapter.rows, np.int64) + off)
+                cols.append(np.asarray(p.adapter.cols, np.int64))
+                vals.append(np.asarray(p.adapter.values, np.float32))
+            off += p.linear.shape[0]
+        t = spectral_tables(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), off, self.spec.ell_width)
+        g = self.root
+        rec = (
+            t,
+            g.init(f"{name}.ell_cols", t.cols1),
+            g.init(f"{name}.ell_values", t.vals1),
+            g.init(f"{name}.ell_pieces", t.pieces2),
+        )
+        self.tables[name] = rec
+        return rec
+
+    # -- ops ------------------------------------------------------------------------------------------------------
+    def matmul(self, g: _Graph, x: str, name: str, lin: NBitsLinear | DenseLinear, outputs=None) -> str:
+        op_type, inputs, extra = self.linear_init(name, lin)
+        if op_type == "MatMul":
+            return g.op("MatMul", [x, inputs[0]], name=f"{name}.MatMul", outputs=outputs)
+        if extra["perm"]:
+            x = g.op("Gather", [x, extra["perm"]], axis=-1, name=f"{name}.perm")
+        return g.op(
+            "MatMulNBits", [x, *inputs], domain=_MS, name=f"{name}.MatMulNBits", outputs=outputs, **extra["attrs"]
+        )
+
+    def projection(self, g: _Graph, x: str, name: str, projs: Sequence[Projection], mode: str, wht: dict) -> str:
+        stacked = _stack_linear([p.linear for p in projs])
+        if stacked is None:  # different quantization settings: one node each, outputs concatenated
+            y = g.op("Concat", [self.matmul(g, x, f"{name}.{i}", p.linear) for i, p in enumerate(projs)], axis=-1)
+        else:
+            y = self.matmul(g, x, name, stacked)
+        bias = _stack_bias(projs)
+        if bias is not None:
+            y = g.op("Add", [y, g.init(f"{name}.bias", bias)], name=f"{name}.bias_add")
+        adapters = [p.adapter for p in projs if p.adapter is not None]
+        if adapters:
+            n = projs[0].linear.shape[1]
+            if x not in wht:
+                out = f"{g.prefix}{name}.wht/out0"
+                g.add(wht_node(x, out, n, adapters[0].wht_k, f"{g.prefix}{name}.wht"))
+                wht[x] = out
+            y = g.op("Add", [y, self.spectral(g, wht[x], n, name, projs, mode)], name=f"{name}.adapter_add")
+        return y
+
+    def spectral(self, g: _Graph, z: str, n: int, name: str, projs: Sequence[Projection], mode: str) -> str:
+        """``WHT(x) @ F.T`` for the packed projections (see the module docstring for the two modes)."""
+        t, cols, vals, pieces = self.table_init(name, projs)
+        flat = g.op("Reshape", [z, g.const([-1, n])])  # [T, n]
+        if mode == "token":  # exactly one token: GatherElements on [1, n] (tables unsqueezed at session load)
+            row = g.const([0])
+            p1 = g.op(
+                "Mul",
+                [
+                    g.op("GatherElements", [flat, g.op("Unsqueeze", [cols, row])], axis=1),
+                    g.op("Unsqueeze", [vals, row]),
+                ],
+            )
+            s1 = g.op("ReduceSum", [g.op("Reshape", [p1, g.const([1, t.n_pieces, t.width])]), g.const([2])], keepdims=0)
+            s2 = g.op("GatherElements", [s1, g.op("Unsqueeze", [pieces, row])], axis=1)
+            y = g.op("ReduceSum", [g.op("Reshape", [s2, g.const([1, t.d_out, t.depth])]), g.const([2])], keepdims=0)
+        else:  # any number of tokens: Gather rows of WHT(x).T
+            zt = g.op("Transpose", [flat], perm=[1, 0])  # [n, T]
+            p1 = g.op("Mul", [g.op("Gather", [zt, cols], axis=0), g.op("Unsqueeze", [vals, g.const([1])])])
+            s1 = g.op("Reshape", [p1, g.const([t.n_pieces, t.width, -1])])
+            s2 = g.op("Gather", [g.op("ReduceSum", [s1, g.const([1])], keepdims=0), pieces], axis=0)
+            y2 = g.op("Reshape", [s2, g.const([t.d_out, t.depth, -1])])
+            y2 = g.op("ReduceSum", [y2, g.const([1])], keepdims=0)
+            y = g.op("Transpose", [y2], perm=[1, 0])
+        shape = g.op("Concat", [g.op("Shape", [z], start=0, end=-1), g.const([t.d_out])], axis=0)
+        return g.op("Reshape", [y, shape], name=f"{name}.adapter")
+
+    # -- the decoder ----------------------------------------------------------------------------------------------
+    def shared_inits(self) -> None:
+        s, w, root = self.spec, self.w, self.root
+        root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
+        root.init("cos_cache", s.cos_cache.astype(np.float32))
+        root.init("sin_cache", s.sin_cache.astype(np.float32))
+        for i, lw in enumerate(w.layers):
+            root.init(f"{_layer_prefix(i)}input_layernorm.weight", lw.input_norm.astype(np.float32))
+            root.init(f"{_layer_prefix(i)}post_attention_layernorm.weight", lw.post_norm.astype(np.float32))
+        root.init("model.norm.weight", w.final_norm.astype(np.float32))
+
+    def masks(self, g: _Graph) -> tuple[str, str, str]:
+        """``(seqlens_k, total_sequence_length, attention_bias)``: every row holds ``total`` cache slots; padding is
+        masked by ``attention_bias`` ``[B, 1, S, T]``."""
+        mask_shape = g.op("Shape", ["attention_mask"])
+        total = g.op("Gather", [mask_shape, g.const(1)], axis=0)
+        batch = g.op("Gather", [mask_shape, g.const([0])], axis=0)
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const([1])], axis=0)
+        total32 = g.op("Cast", [total], to=TensorProto.INT32)
+        seqlens = g.op("Expand", [g.op("Sub", [total32, g.const(1, np.int32)]), batch])
+        maskf = g.op("Cast", [g.op("Equal", ["attention_mask", g.const(0)])], to=TensorProto.FLOAT)
+        bias4 = g.op("Unsqueeze", [g.op("Mul", [maskf, g.const(_NEG, np.float32)]), g.const([1, 2])])  # [B,1,1,T]
+        bshape = g.op("Concat", [batch, g.const([1]), seq, g.op("Unsqueeze", [total, g.const([0])])], axis=0)
+        return seqlens, total32, g.op("Expand", [bias4, bshape], name="attention_bias")
+
+    def body(self, g: _Graph, mode: str, out_names: Sequence[str]) -> None:
+        """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
+        s, w = self.spec, self.w
+        h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
+        seqlens, total32, attn_bias = self.masks(g)
+        x = g.op("RMSNormalization", [h, f"{_layer_prefix(0)}input_layernorm.weight"], epsilon=s.rms_eps, axis=-1)
+        residual = h
+        qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        for i, lw in enumerate(w.layers):
+            p = _layer_prefix(i)
+            wht: dict = {}
+            qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode, wht)
+            q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
+            q, k = (
+                g.op("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], domain=_MS, name=f"{p}rotary")
+                for t in (q, k)
+            )
+            attn, _, _ = g.op(
+                "GroupQueryAttention",
+                [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32]
+                + ["", "", "", attn_bias],
+                domain=_MS,
+                name=f"{p}GroupQueryAttention",
+                outputs=[f"{g.prefix}{p}attn/out0", out_names[1 + 2 * i], out_names[2 + 2 * i]],
+                num_heads=s.num_heads,
+                kv_num_heads=s.num_kv_heads,
+                scale=s.attention_scale,
+                local_window_size=s.window,
+                do_rotary=0,
+            )
+            attn = self.projection(g, attn, f"{p}self_attn.o_proj", [lw.o], mode, wht)
+            x, _, _, residual = g.op(
+                "SkipSimplifiedLayerNormalization",
+                [attn, residual, f"{p}post_attention_layernorm.weight"],
+                n_out=4,
+                domain=_MS,
+                epsilon=s.rms_eps,
+            )
+            gu = self.projection(g, x, f"{p}mlp.gate_up_proj", [lw.gate, lw.up], mode, wht)
+            gate, up = g.op("Split", [gu, g.const([lw.gate.linear.shape[0], lw.up.linear.shape[0]])], n_out=2, axis=-1)
+            act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], name=f"{p}mlp.act")
+            down = self.projection(g, act, f"{p}mlp.down_proj", [lw.down], mode, wht)
+            norm_w = f"{_layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < len(w.layers) else "model.norm.weight"
+            x, _, _, residual = g.op(
+                "SkipSimplifiedLayerNormalization", [down, residual, norm_w], n_out=4, domain=_MS, epsilon=s.rms_eps
+            )
+        if w.lm_head is None:  # tied: Gemm against the embedding (one copy of the matrix)
+            flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])])
+            lg = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1, name="lm_head")
+            shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([s.vocab_size])], axis=0)
+            g.op("Reshape", [lg, shape], outputs=[out_names[0]])
+        else:
+            self.matmul(g, x, "lm_head", w.lm_head, outputs=[out_names[0]])
+
+
+def _value_infos(spec: DecoderSpec) -> tuple[list, list]:
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    kv = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    pkv = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    ins = [
+        helper.make_tensor_value_info("input_ids", i64, ["batch_size", "sequence_length"]),
+        helper.make_tensor_value_info("attention_mask", i64, ["batch_size", "total_sequence_length"]),
+        helper.make_tensor_value_info("position_ids", i64, ["batch_size", "sequence_length"]),
+    ]
+    outs = [helper.make_tensor_value_info("logits", f, ["batch_size", "sequence_length", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            ins.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", f, kv))
+            outs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", f, pkv))
+    return ins, outs
+
+
+def build_decoder_model(
+    spec: DecoderSpec, weights: DecoderWeights, metadata: dict[str, str] | None = None, doc: str = ""
+) -> onnx.ModelProto:
+    """The ``ModelProto`` of the decoder (IO in the module docstring); initializers held in memory."""
+    if len(weights.layers) != spec.num_layers:
+        raise ValueError(f"{len(weights.layers)} layer weights for num_layers={spec.num_layers}")
+    dec = _Decoder(spec, weights)
+    root = dec.root
+    dec.shared_inits()
+    ins, outs = _value_infos(spec)
+    out_names = [o.name for o in outs]
+    adapted = any(
+        p.adapter is not None for lw in weights.layers for p in (lw.q, lw.k, lw.v, lw.o, lw.gate, lw.up, lw.down)
+    )
+    if not adapted:
+        dec.body(root, "gather", out_names)
+    else:  # If(batch * sequence == 1): single-token branch / any-length branch, sharing the initializers
+        branches = {}
+        for mode in ("token", "gather"):
+            sub = _Graph(prefix=f"{mode}/", root=root)
+            sub_outs = [f"{mode}/{n}" for n in out_names]
+            dec.body(sub, mode, sub_outs)
+            vis = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sub_outs]
+            branches[mode] = helper.make_graph(sub.nodes, f"decoder_{mode}", [], vis)
+        tokens = root.op("ReduceProd", [root.op("Shape", ["input_ids"])], keepdims=0)
+        root.op(
+            "If",
+            [root.op("Equal", [tokens, root.const(1)], name="single_token")],
+            name="decode_or_prompt",
+            outputs=out_names,
+            then_branch=branches["token"],
+            else_branch=branches["gather"],
+        )
+    graph = helper.make_graph(root.nodes, "qwha_decoder", ins, outs, initializer=list(root.inits.values()))
+    used = {_attr(node, "n") for node in _all_nodes(graph) if node.domain == WHT_DOMAIN}
+    functions = [wht_function(n, k, mats, OPSET) for n, (k, mats) in sorted(spec.wht_factors.items()) if n in used]
+    missing = used - set(spec.wht_factors)
+    if missing:
+        raise ValueError(f"no Walsh-Hadamard factors given for sizes {sorted(missing)}")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1), helper.make_opsetid(WHT_DOMAIN, 1)],
+        functions=functions,
+        ir_version=IR_VERSION,
+        producer_name="qwha-export",
+        doc_string=doc,
+    )
+    for k, v in (metadata or {}).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return model
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g)

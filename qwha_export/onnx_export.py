@@ -1,0 +1,331 @@
+"""``export_onnx``: an exported folder (merged, fused or dense) as an ONNX causal LM with a KV cache.
+
+The PyTorch model of the source is loaded with the project's own loaders (:func:`qwha_export.verify.load_export`),
+its numbers are taken by :func:`qwha_export.converters.onnx_export.decoder_from_model` and the graph is written by
+:func:`qwha_export.formats.onnx_graph.build_decoder_model`. The output folder::
+
+    model.onnx            graph (IO names: qwha_export.formats.onnx_graph)
+    model.onnx.data       all initializers (external data, always)
+    config.json           the source's config without quantization_config
+    generation_config.json, tokenizer files, chat template (copied when the source has them)
+    genai_config.json     onnxruntime-genai decoder description
+    qwha_export.json      manifest: tool_version, settings (format "onnx", variant, bits, group_size,
+                          accuracy_level), source (the source folder and its manifest), parity, files
+
+Parity (``parity`` in the manifest and the model's metadata_props): logits of ONNX against the PyTorch model that
+was exported, on ``parity_tokens`` deterministic token ids (one full-sequence call with an empty cache).
+
+:func:`open_onnx_session` opens a folder written here (one-line ``ValueError`` if the graph or its external data is
+missing); :class:`OnnxLogits` runs it like a model (``logits = m(input_ids)``), which :mod:`qwha_export.verify` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .formats import ExportFormat
+
+__all__ = [
+    "MODEL_FILE",
+    "DATA_FILE",
+    "export_onnx",
+    "open_onnx_session",
+    "OnnxLogits",
+    "check_external_data",
+    "genai_config",
+]
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+ACCURACY_LEVEL_4_WARNING = (
+    "accuracy_level=4 makes MatMulNBits quantize activations to int8 per block; with outlier activations this is "
+    "known to flip the argmax of the logits"
+)
+
+
+def _tool_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _variant(fmt: ExportFormat) -> str:
+    if fmt == ExportFormat.FUSED:
+        return "fused"
+    if fmt == ExportFormat.DENSE:
+        return "dense"
+    return "merged"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable JSON ({str(e).splitlines()[0]})") from None
+
+
+def export_onnx(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    accuracy_level: int = 0,
+    overwrite: bool = False,
+    quiet: bool = False,
+    parity_tokens: int = 64,
+    exact_lm_head: bool = True,
+) -> dict[str, Any]:
+    """Export ``src`` (merged gptq/gptq_v2/compressed-tensors, fused, or dense HF folder) to ``out``; returns the
+    manifest. ``accuracy_level`` (0-4) is MatMulNBits' attribute (4 warns). ``parity_tokens`` 0 skips the parity
+    run. ``exact_lm_head``: write an unquantized lm_head as a bit-identical 8-bit MatMulNBits when its weights lie
+    on such a grid (quantized variants only; the dense variant stays float32 throughout)."""
+    import onnx
+
+    from .converters.onnx_export import check_config, decoder_from_model
+    from .formats.dense import DenseFormat
+    from .formats.onnx_graph import build_decoder_model
+    from .pipeline import atomic_output_dir, check_output_dir
+    from .verify import MANIFEST_FILE, detect_format, load_export
+
+    t0 = time.time()
+    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level={accuracy_level!r} must be 0, 1, 2, 3 or 4")
+    if accuracy_level == 4:
+        warnings.warn(ACCURACY_LEVEL_4_WARNING, UserWarning, stacklevel=2)
+    if isinstance(parity_tokens, bool) or not isinstance(parity_tokens, int) or parity_tokens < 0:
+        raise ValueError(f"parity_tokens={parity_tokens!r} must be a non-negative int")
+    src = Path(src)
+    check_output_dir(out, overwrite)
+    fmt = detect_format(src)
+    if fmt == ExportFormat.ONNX:
+        raise ValueError(f"{src} is already an ONNX export")
+    cfg = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    check_config(cfg)
+    variant = _variant(fmt)
+    _say(quiet, f"loading {src} ({fmt.value})")
+    model, _ = load_export(src, dtype=torch.float32)
+    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact_lm_head and variant != "dense")
+    src_manifest = _read_json(src / MANIFEST_FILE) if (src / MANIFEST_FILE).is_file() else None
+    settings = {
+        "format": ExportFormat.ONNX.value,
+        "variant": variant,
+        **_bits_and_group(model),
+        "accuracy_level": accuracy_level,
+    }
+    metadata = {
+        "qwha_export.tool_version": _tool_version(),
+        "qwha_export.settings": json.dumps(settings),
+        "qwha_export.source_manifest": json.dumps(src_manifest),
+    }
+    _say(quiet, f"building the graph ({spec.num_layers} layers, {variant})")
+    proto = build_decoder_model(spec, weights, metadata, doc=f"qwha-export {variant} export of {src.name}")
+    del weights
+    with atomic_output_dir(out, overwrite) as tmp:
+        path = tmp / MODEL_FILE
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=DATA_FILE,
+            size_threshold=1024,
+        )
+        del proto
+        onnx.checker.check_model(str(path))
+        DenseFormat.write_config(tmp, src)
+        aux = DenseFormat.copy_aux_files(src, tmp)
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(tmp), indent=2) + "\n")
+        parity = None
+        if parity_tokens:
+            _say(quiet, "checking parity against the PyTorch model")
+            parity = _parity(model, tmp, parity_tokens, spec.vocab_size)
+            _set_metadata(path, {"qwha_export.parity": json.dumps(parity)})
+        report = {
+            "tool": "qwha-export",
+            "tool_version": _tool_version(),
+            "settings": settings,
+            "source": {"path": str(src.resolve()), "format": fmt.value, "manifest": src_manifest},
+            "parity": parity,
+            "graph": info,
+            "files": {"model": MODEL_FILE, "data": DATA_FILE, "aux": aux},
+            "seconds": time.time() - t0,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    _say(quiet, f"wrote {out}")
+    return report
+
+
+def _say(quiet: bool, msg: str) -> None:
+    if not quiet:
+        import click
+
+        click.echo(msg, err=True)
+
+
+def _bits_and_group(model: torch.nn.Module) -> dict[str, Any]:
+    settings = {(int(m.bits), int(m.group_size)) for m in model.modules() if hasattr(m, "codes") and hasattr(m, "bits")}
+    if not settings:
+        return {"bits": 32, "group_size": None}
+    if len(settings) == 1:
+        bits, gs = next(iter(settings))
+        return {"bits": bits, "group_size": gs}
+    return {"bits": sorted({b for b, _ in settings}), "group_size": sorted({g for _, g in settings})}
+
+
+def _set_metadata(path: Path, entries: dict[str, str]) -> None:
+    """Add ``entries`` to the metadata_props of ``path`` without touching its external data file."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    keep = [p for p in model.metadata_props if p.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in entries.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    onnx.save_model(model, str(path))
+
+
+def _parity(model: torch.nn.Module, folder: Path, n_tokens: int, vocab: int) -> dict[str, Any]:
+    from .metrics import compare_logits
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (2, max(2, n_tokens // 2)), generator=gen)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.float()
+    got = OnnxLogits(folder)(ids)
+    out = compare_logits(ref, got)
+    out["max_abs_logit"] = float(ref.abs().max())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# running an exported folder
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def check_external_data(model_path: str | os.PathLike[str]) -> list[str]:
+    """The external data files ``model_path`` refers to; one-line ``ValueError`` if the graph or one is missing."""
+    import onnx
+
+    path = Path(model_path)
+    if not path.is_file():
+        raise ValueError(f"{path.parent}: no {path.name}; not an ONNX export folder")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises several types
+        raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    files = set()
+    for t in model.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                files.add(entry.value)
+    for f in sorted(files):
+        if not (path.parent / f).is_file():
+            raise ValueError(f"{path}: external data file {f} is missing (copy it next to {path.name})")
+    return sorted(files)
+
+
+def open_onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
+    """An ``onnxruntime.InferenceSession`` of ``folder/model.onnx`` (checked for missing external data first)."""
+    import onnxruntime as ort
+
+    path = Path(folder) / MODEL_FILE
+    check_external_data(path)
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+
+
+class OnnxLogits:
+    """``logits = OnnxLogits(folder)(input_ids)``: one full-sequence call with an all-ones mask and an empty cache.
+
+    ``input_ids`` a ``(batch, seq)`` integer tensor; returns float32 torch logits ``(batch, seq, vocab)``.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
+        self.session = open_onnx_session(folder, threads)
+        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = np.asarray(input_ids.cpu().numpy(), dtype=np.int64)
+        b, s = ids.shape
+        feed = {
+            "input_ids": ids,
+            "attention_mask": np.ones((b, s), np.int64),
+            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+        }
+        for i in self.past:
+            feed[i.name] = np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
+        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+
+
+def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """The onnxruntime-genai ``genai_config.json`` of an export folder (from its config.json and
+    generation_config.json), in the layout written by onnxruntime-genai's model builder."""
+    d = Path(folder)
+    cfg = _read_json(d / "config.json")
+    gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
+    ctx = int(cfg.get("max_position_embeddings", 2048))
+
+    def pick(key: str, default: Any) -> Any:
+        return gen.get(key, cfg.get(key, default))
+
+    eos = pick("eos_token_id", None)
+    return {
+        "model": {
+            "bos_token_id": pick("bos_token_id", None),
+            "context_length": ctx,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": MODEL_FILE,
+                "head_size": head_dim,
+                "hidden_size": int(cfg["hidden_size"]),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": heads,
+                "num_hidden_layers": int(cfg["num_hidden_layers"]),
+                "num_key_value_heads": int(cfg.get("num_key_value_heads", heads)),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pick("pad_token_id", eos if not isinstance(eos, list) else eos[0]),
+            "type": str(cfg["model_type"]),
+            "vocab_size": int(cfg["vocab_size"]),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": bool(gen.get("do_sample", False)),
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": ctx,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": float(gen.get("repetition_penalty", 1.0)),
+            "temperature": float(gen.get("temperature", 1.0)),
+            "top_k": int(gen.get("top_k", 50)),
+            "top_p": float(gen.get("top_p", 1.0)),
+        },
+    }
