@@ -36,11 +36,18 @@ from ..formats.onnx_graph import (
 )
 from ..kernels import hadamard_k, hadamard_matrix, hadamard_order
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "check_config", "decoder_from_model", "exact_grid_linear", "nbits_linear"]
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "check_config",
+    "decoder_from_model",
+    "exact_grid_linear",
+    "nbits_linear",
+    "wht_factor_sizes",
+]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-_MAX_FACTOR = 64  # widest Sylvester factor of the WalshHadamard function body (as in kernels.transform)
+_MAX_FACTOR = 128  # widest Sylvester factor of the WalshHadamard function body (measured: README "ONNX export")
 
 
 def check_config(cfg: dict[str, Any]) -> None:
@@ -141,14 +148,22 @@ def _projection(module: nn.Module) -> Projection:
     return Projection(_linear(module), _bias(module), None)
 
 
-def _wht_factors(n: int) -> tuple[int, list[np.ndarray]]:
+def wht_factor_sizes(n: int) -> tuple[int, list[int]]:
+    """``(K, sizes)`` of the WalshHadamard function body: ``H_K`` (if ``K > 1``), then Sylvester factors of ``2^m``
+    with the widest (<= 128) on the last axis, so every MatMul multiplies long rows (see onnx_ops.wht_function)."""
     k, p = hadamard_order(n)
-    mats = [hadamard_k(k).numpy().astype(np.float32)] if k > 1 else []
-    while p > 1:
-        f = min(p, _MAX_FACTOR)
-        mats.append(hadamard_matrix(f).numpy().astype(np.float32))
-        p //= f
-    return k, mats
+    last = min(p, _MAX_FACTOR)
+    sizes, rest = [], p // last
+    while rest > 1:
+        sizes.append(min(rest, _MAX_FACTOR))
+        rest //= sizes[-1]
+    return k, ([k] if k > 1 else []) + sizes + ([last] if p > 1 else [])
+
+
+def _wht_factors(n: int) -> tuple[int, list[np.ndarray]]:
+    k, sizes = wht_factor_sizes(n)
+    mats = [hadamard_k(k) if (i == 0 and k > 1) else hadamard_matrix(f) for i, f in enumerate(sizes)]
+    return k, [m.numpy().astype(np.float32) for m in mats]
 
 
 def _rope_tables(model: nn.Module, head_dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -142,6 +142,7 @@ class DecoderSpec:
     accuracy_level: int = 0
     wht_factors: dict[int, tuple[int, list[np.ndarray]]] = field(default_factory=dict)  # n -> (K, matrices)
     ell_width: int = 16
+    dense_adapter_density: float = 0.3  # nnz / (d_out * n) from which F is applied as a dense float32 MatMul
 
 
 @dataclass(frozen=True)
@@ -249,6 +250,18 @@ def _stack_linear(lins: Sequence[NBitsLinear | DenseLinear]) -> NBitsLinear | De
     )
 
 
+def _stack_adapters(projs: Sequence[Projection]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, values)`` of the adapters of ``projs`` with rows offset to the stacked output."""
+    rows, cols, vals, off = [], [], [], 0
+    for p in projs:
+        if p.adapter is not None:
+            rows.append(np.asarray(p.adapter.rows, np.int64) + off)
+            cols.append(np.asarray(p.adapter.cols, np.int64))
+            vals.append(np.asarray(p.adapter.values, np.float32))
+        off += p.linear.shape[0]
+    return np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+
+
 def _stack_bias(projs: Sequence[Projection]) -> np.ndarray | None:
     if all(p.bias is None for p in projs):
         return None
@@ -283,14 +296,8 @@ class _Decoder:
     def table_init(self, name: str, projs: Sequence[Projection]):
         if name in self.tables:
             return self.tables[name]
-        rows, cols, vals, off = [], [], [], 0
-        for p in projs:
-            if p.adapter is not None:
-                rows.append(np.asarray(p.adapter.rows, np.int64) + off)
-                cols.append(np.asarray(p.adapter.cols, np.int64))
-                vals.append(np.asarray(p.adapter.values, np.float32))
-            off += p.linear.shape[0]
-        t = spectral_tables(np.concatenate(rows), np.concatenate(cols), np.concatenate(vals), off, self.spec.ell_width)
+        rows, cols, vals = _stack_adapters(projs)
+        t = spectral_tables(rows, cols, vals, sum(p.linear.shape[0] for p in projs), self.spec.ell_width)
         g = self.root
         rec = (
             t,
@@ -333,28 +340,26 @@ class _Decoder:
 
     def spectral(self, g: _Graph, z: str, n: int, name: str, projs: Sequence[Projection], mode: str) -> str:
         """``WHT(x) @ F.T`` for the packed projections (see the module docstring for the two modes)."""
+        d_out = sum(p.linear.shape[0] for p in projs)
+        rows, cols, vals = _stack_adapters(projs)
+        if vals.size >= self.spec.dense_adapter_density * d_out * n:  # dense enough: one float32 MatMul
+            ft = np.zeros((n, d_out), np.float32)
+            np.add.at(ft, (cols, rows), vals)
+            return g.op("MatMul", [z, g.init(f"{name}.adapter_dense_t", ft)], name=f"{name}.adapter")
         t, cols, vals, pieces = self.table_init(name, projs)
-        flat = g.op("Reshape", [z, g.const([-1, n])])  # [T, n]
-        if mode == "token":  # exactly one token: GatherElements on [1, n] (tables unsqueezed at session load)
-            row = g.const([0])
-            p1 = g.op(
-                "Mul",
-                [
-                    g.op("GatherElements", [flat, g.op("Unsqueeze", [cols, row])], axis=1),
-                    g.op("Unsqueeze", [vals, row]),
-                ],
-            )
-            s1 = g.op("ReduceSum", [g.op("Reshape", [p1, g.const([1, t.n_pieces, t.width])]), g.const([2])], keepdims=0)
-            s2 = g.op("GatherElements", [s1, g.op("Unsqueeze", [pieces, row])], axis=1)
-            y = g.op("ReduceSum", [g.op("Reshape", [s2, g.const([1, t.d_out, t.depth])]), g.const([2])], keepdims=0)
-        else:  # any number of tokens: Gather rows of WHT(x).T
-            zt = g.op("Transpose", [flat], perm=[1, 0])  # [n, T]
-            p1 = g.op("Mul", [g.op("Gather", [zt, cols], axis=0), g.op("Unsqueeze", [vals, g.const([1])])])
-            s1 = g.op("Reshape", [p1, g.const([t.n_pieces, t.width, -1])])
-            s2 = g.op("Gather", [g.op("ReduceSum", [s1, g.const([1])], keepdims=0), pieces], axis=0)
-            y2 = g.op("Reshape", [s2, g.const([t.d_out, t.depth, -1])])
-            y2 = g.op("ReduceSum", [y2, g.const([1])], keepdims=0)
-            y = g.op("Transpose", [y2], perm=[1, 0])
+        if mode == "token":  # one token, static shapes [1, 1, *]: GatherElements (tables reshaped at session load)
+            cols3 = g.op("Reshape", [cols, g.const([1, 1, -1])])
+            p1 = g.op("Mul", [g.op("GatherElements", [z, cols3], axis=2), g.op("Reshape", [vals, g.const([1, 1, -1])])])
+            s1 = g.op("ReduceSum", [g.op("Reshape", [p1, g.const([t.n_pieces, t.width])]), g.const([1])], keepdims=0)
+            s2 = g.op("Reshape", [g.op("GatherElements", [s1, pieces], axis=0), g.const([t.d_out, t.depth])])
+            return g.op("ReduceSum", [s2, g.const([1])], keepdims=0, name=f"{name}.adapter")  # [N], broadcasts
+        # any number of tokens: Gather rows of WHT(x).T [n, T] (block copies of T floats)
+        zt = g.op("Transpose", [g.op("Reshape", [z, g.const([-1, n])])], perm=[1, 0])
+        p1 = g.op("Mul", [g.op("Gather", [zt, cols], axis=0), g.op("Unsqueeze", [vals, g.const([1])])])
+        s1 = g.op("Reshape", [p1, g.const([t.n_pieces, t.width, -1])])
+        s2 = g.op("Gather", [g.op("ReduceSum", [s1, g.const([1])], keepdims=0), pieces], axis=0)
+        y2 = g.op("ReduceSum", [g.op("Reshape", [s2, g.const([t.d_out, t.depth, -1])]), g.const([1])], keepdims=0)
+        y = g.op("Transpose", [y2], perm=[1, 0])
         shape = g.op("Concat", [g.op("Shape", [z], start=0, end=-1), g.const([t.d_out])], axis=0)
         return g.op("Reshape", [y, shape], name=f"{name}.adapter")
 
@@ -386,7 +391,10 @@ class _Decoder:
     def body(self, g: _Graph, mode: str, out_names: Sequence[str]) -> None:
         """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
         s, w = self.spec, self.w
-        h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
+        ids, pos = "input_ids", "position_ids"
+        if mode == "token":  # the If branch for batch * sequence == 1: static [1, 1, *] shapes downstream
+            ids, pos = (g.op("Reshape", [t, g.const([1, 1])]) for t in (ids, pos))
+        h = g.op("Gather", ["model.embed_tokens.weight", ids], axis=0, name="embed")
         seqlens, total32, attn_bias = self.masks(g)
         x = g.op("RMSNormalization", [h, f"{_layer_prefix(0)}input_layernorm.weight"], epsilon=s.rms_eps, axis=-1)
         residual = h
@@ -397,7 +405,7 @@ class _Decoder:
             qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode, wht)
             q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
             q, k = (
-                g.op("RotaryEmbedding", [t, "position_ids", "cos_cache", "sin_cache"], domain=_MS, name=f"{p}rotary")
+                g.op("RotaryEmbedding", [t, pos, "cos_cache", "sin_cache"], domain=_MS, name=f"{p}rotary")
                 for t in (q, k)
             )
             attn, _, _ = g.op(

@@ -23,9 +23,8 @@ points and float16 scales (cast exactly to float32) therefore dequantize to iden
 **qwha::WalshHadamard** (attributes ``n``, ``K``): ``y = x @ M_n.T`` along the last axis, ``M_n = H_K (x) H_{2^m}``
 (the convention of :mod:`qwha_export.kernels.transform`). One ONNX function per size (``overload`` = ``"n<n>"``),
 whose body uses standard ops only: ``x`` is viewed as ``[-1, K, f_1, ..., f_j]`` (``f_i`` Sylvester factors of
-``2^m``, at most ``max_factor`` wide) and every axis is multiplied by its small matrix with one ``MatMul``
-(``Reshape`` to ``[-1, f, r]`` and ``MatMul(H_f, .)``, or ``MatMul(., H_f)`` for the last axis). A runtime with a
-native kernel for ``qwha::WalshHadamard`` may use it instead of the body.
+``2^m``, chosen by the caller) and every axis is multiplied by its small matrix with one ``MatMul`` (see
+:func:`wht_function`). A runtime with a native kernel for ``qwha::WalshHadamard`` may use it instead of the body.
 
 **Spectral product layout** (:func:`spectral_tables`): a sparse ``F`` (``d_out x n``) in a two-level ELL layout.
 Row ``r``'s entries are split into pieces of ``width`` entries (the last one zero-padded); level 1 holds the
@@ -111,24 +110,29 @@ def _const(name: str, array: np.ndarray) -> NodeProto:
 def wht_function(n: int, k: int, factors: Sequence[np.ndarray], opset: int) -> FunctionProto:
     """The ``qwha::WalshHadamard`` function of size ``n``: ``Y = X @ M_n.T`` along the last axis of ``X``.
 
-    ``factors``: the matrices applied to the axes of the view ``[-1, K, f_1, ..., f_j]``, outer axis first (the
-    ``K x K`` matrix ``H_K`` first when ``K > 1``, then the Sylvester factors); their sizes must multiply to ``n``.
-    Each is applied as ``y_axis <- H @ y_axis``.
+    ``factors``: the matrices applied to the axes of the view ``[-1, d_0, ..., d_j]`` of ``X``, outer axis first
+    (``H_K`` first when ``K > 1``, then the Sylvester factors); their sizes must multiply to ``n``. Axis ``i < j`` is
+    transformed as ``Reshape(y, [-1, d_i, d_(i+1)...d_j])`` then ``MatMul(H_i, y)``; the last axis as
+    ``MatMul(y, H_j.T)`` on the previous view (no reshape), so ``n = K * 2^m`` with ``2^m <= max factor`` costs two
+    MatMuls and two Reshapes.
     """
     sizes = [int(f.shape[0]) for f in factors]
     if int(np.prod(sizes)) != n or any(f.shape != (s, s) for f, s in zip(factors, sizes, strict=True)):
         raise ValueError(f"WalshHadamard factors {sizes} do not multiply to n={n}")
     nodes = [helper.make_node("Shape", ["X"], ["x_shape"])]
     cur = "X"
+    last = len(sizes) - 1
     for i, (f, size) in enumerate(zip(factors, sizes, strict=True)):
-        rest = int(np.prod(sizes[i + 1 :]))
         mat = f"h{i}"
-        if rest == 1:  # last axis: y <- y @ H.T
+        if i == last:  # y <- y @ H.T along the last axis of the current view
+            if i == 0:
+                nodes.append(_const("s_last", np.array([-1, size], np.int64)))
+                nodes.append(helper.make_node("Reshape", [cur, "s_last"], ["r_last"]))
+                cur = "r_last"
             nodes.append(_const(mat, np.ascontiguousarray(f.T, dtype=np.float32)))
-            nodes.append(_const(f"s{i}", np.array([-1, size], np.int64)))
-            nodes.append(helper.make_node("Reshape", [cur, f"s{i}"], [f"r{i}"]))
-            nodes.append(helper.make_node("MatMul", [f"r{i}", mat], [f"m{i}"]))
-        else:  # middle axis: [-1, size, rest], y <- H @ y (batched)
+            nodes.append(helper.make_node("MatMul", [cur, mat], [f"m{i}"]))
+        else:  # y <- H @ y on the view [-1, size, rest]
+            rest = int(np.prod(sizes[i + 1 :]))
             nodes.append(_const(mat, np.asarray(f, dtype=np.float32)))
             nodes.append(_const(f"s{i}", np.array([-1, size, rest], np.int64)))
             nodes.append(helper.make_node("Reshape", [cur, f"s{i}"], [f"r{i}"]))

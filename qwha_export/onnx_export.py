@@ -84,8 +84,8 @@ def export_onnx(
 ) -> dict[str, Any]:
     """Export ``src`` (merged gptq/gptq_v2/compressed-tensors, fused, or dense HF folder) to ``out``; returns the
     manifest. ``accuracy_level`` (0-4) is MatMulNBits' attribute (4 warns). ``parity_tokens`` 0 skips the parity
-    run. ``exact_lm_head``: write an unquantized lm_head as a bit-identical 8-bit MatMulNBits when its weights lie
-    on such a grid (quantized variants only; the dense variant stays float32 throughout)."""
+    run. ``exact_lm_head``: with ``accuracy_level=4``, write an unquantized lm_head as a bit-identical 8-bit MatMulNBits
+    when its weights lie on such a grid (quantized variants only; the dense variant stays float32 throughout)."""
     import onnx
 
     from .converters.onnx_export import check_config, decoder_from_model
@@ -111,7 +111,10 @@ def export_onnx(
     variant = _variant(fmt)
     _say(quiet, f"loading {src} ({fmt.value})")
     model, _ = load_export(src, dtype=torch.float32)
-    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact_lm_head and variant != "dense")
+    # 8-bit MatMulNBits is fast only with int8 activations (accuracy_level 4); at levels 0-3 onnxruntime 1.32 runs it
+    # ~20x slower than a float32 MatMul, so the exact 8-bit lm_head is used with level 4 only
+    exact = exact_lm_head and variant != "dense" and accuracy_level == 4
+    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact)
     src_manifest = _read_json(src / MANIFEST_FILE) if (src / MANIFEST_FILE).is_file() else None
     settings = {
         "format": ExportFormat.ONNX.value,
