@@ -253,18 +253,24 @@ def import_cmd(src, base_dir, out):
     show_default=True,
     type=click.Choice(["rtn", "gptq", "grid", "refit"]),
     help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros; "
-    "refit: GPTQ re-quantization plus a freshly fitted adapter, written as a fused checkpoint.",
+    "refit: RTN re-quantization plus a freshly fitted adapter, written as a fused checkpoint.",
 )
 @click.option(
     "--format",
     "fmt",
     default="dense",
     show_default=True,
-    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors", "fused"]),
-    help="fused = keep the adapter beside the untouched quantized base (same as `fuse`).",
+    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors", "fused", "onnx"]),
+    help="fused = keep the adapter beside the untouched quantized base (same as `fuse`); "
+    "onnx = merge to gptq_v2 (dense with --bits 16) and export that with `export-onnx`.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
-@click.option("--calib-tokens", default=1024, show_default=True, type=int, help="For gptq and the error report.")
+@click.option(
+    "--calib-tokens",
+    default=None,
+    type=int,
+    help="Calibration tokens for gptq, refit and the error report [default: 4096 for refit, else 1024].",
+)
 @click.option(
     "--verify-tokens",
     default=512,
@@ -288,7 +294,7 @@ def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tok
             requant=requant,
             format=fmt,
             dtype=dtype,
-            calib_tokens=calib_tokens,
+            calib_tokens=calib_tokens if calib_tokens is not None else (4096 if requant == "refit" else 1024),
             overwrite=overwrite,
             quiet=quiet,
             verify_tokens=verify_tokens,
@@ -327,6 +333,39 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
     click.echo(f"wrote {out}")
 
 
+@main.command("export-onnx")
+@click.argument("src", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
+@click.option(
+    "--accuracy-level",
+    default=0,
+    show_default=True,
+    type=int,
+    help="MatMulNBits accuracy_level: 0 float32 activations; 4 int8 activations (faster, may flip the argmax).",
+)
+@click.option("--parity-tokens", default=64, show_default=True, type=int, help="Parity check tokens (0: skip).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@_friendly_errors
+def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
+    """Export SRC (a merged gptq/gptq_v2/compressed-tensors folder, a fused folder, or a dense HF folder) as an
+    ONNX causal LM with a KV cache (model.onnx + model.onnx.data, genai_config.json, tokenizer)."""
+    import warnings
+
+    from .onnx_export import export_onnx
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        report = export_onnx(
+            src, out, accuracy_level=accuracy_level, overwrite=overwrite, quiet=quiet, parity_tokens=parity_tokens
+        )
+    for w in caught:
+        if "accuracy_level" in str(w.message):
+            click.echo(f"Warning: {w.message}", err=True)
+    _echo_parity(report.get("parity"))
+    click.echo(f"wrote {out}")
+
+
 @main.command("verify")
 @click.argument("export_dir", type=click.Path())
 @click.option("--against", "adapter_dir", required=True, type=click.Path(), help="The adapter directory it came from.")
@@ -352,50 +391,6 @@ def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
     else:
         for k, v in result.items():
             click.echo(f"{k:20} {v}")
-
-
-@main.command("push")
-@click.argument("folder", type=click.Path())
-@click.option("--repo-id", required=True, help="Hub model repo ORG/NAME (created if missing).")
-@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
-@click.option("--revision", default=None, help="Branch to push to (created from main if missing). Default: main.")
-@click.option("--token", default=None, help="Hub token. Default: HF_TOKEN or the saved login. Never printed.")
-@click.option("--commit-message", default=None, help="Default: 'Upload <format> export made with qwha-export'.")
-@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
-@click.option("--base-model-id", default=None, help="Hub id of the base model for the card (ORG/NAME).")
-@click.option("--quiet", is_flag=True, help="No progress display.")
-@_friendly_errors
-def push_cmd(folder, repo_id, private, revision, token, commit_message, create_pr, base_model_id, quiet):
-    """Check an exported FOLDER, add a model card (README.md) if it has none, and upload it to the Hub.
-
-    The endpoint is HF_ENDPOINT (default huggingface.co). A folder that is not a complete export is refused
-    before any request (exit code 2); a failed upload exits with code 1.
-
-    Example: qwha-export push runs/q4-gptq --repo-id my-org/SmolLM2-135M-QWHA-int4 --private
-    """
-    from .hub import HubPushError, push_folder
-
-    try:
-        result = push_folder(
-            folder,
-            repo_id,
-            private=private,
-            revision=revision,
-            token=token,
-            commit_message=commit_message,
-            create_pr=create_pr,
-            quiet=quiet,
-            base_model_id=base_model_id,
-        )
-    except HubPushError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
-    for warning in result["warnings"]:
-        click.echo(f"warning: {warning}", err=True)
-    if result["model_card"] == "generated":
-        click.echo(f"wrote model card {folder.rstrip('/')}/README.md")
-    where = result["pr_url"] or result["commit_url"]
-    click.echo(f"pushed {len(result['files'])} files to {result['repo_id']} ({result['revision']}): {where}")
 
 
 @main.command("generate")
@@ -448,6 +443,50 @@ def generate_cmd(
             f"{len(prompts)}), {n} new tokens, decode {out.decode_tokens_per_second:.1f} steps/s",
             err=True,
         )
+
+
+@main.command("push")
+@click.argument("folder", type=click.Path())
+@click.option("--repo-id", required=True, help="Hub model repo ORG/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo as private (an existing repo keeps its visibility).")
+@click.option("--revision", default=None, help="Branch to push to (created from main if missing). Default: main.")
+@click.option("--token", default=None, help="Hub token. Default: HF_TOKEN or the saved login. Never printed.")
+@click.option("--commit-message", default=None, help="Default: 'Upload <format> export made with qwha-export'.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--base-model-id", default=None, help="Hub id of the base model for the card (ORG/NAME).")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+@_friendly_errors
+def push_cmd(folder, repo_id, private, revision, token, commit_message, create_pr, base_model_id, quiet):
+    """Check an exported FOLDER, add a model card (README.md) if it has none, and upload it to the Hub.
+
+    The endpoint is HF_ENDPOINT (default huggingface.co). A folder that is not a complete export is refused
+    before any request (exit code 2); a failed upload exits with code 1.
+
+    Example: qwha-export push runs/q4-gptq --repo-id my-org/SmolLM2-135M-QWHA-int4 --private
+    """
+    from .hub import HubPushError, push_folder
+
+    try:
+        result = push_folder(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            token=token,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            quiet=quiet,
+            base_model_id=base_model_id,
+        )
+    except HubPushError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    for warning in result["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    if result["model_card"] == "generated":
+        click.echo(f"wrote model card {folder.rstrip('/')}/README.md")
+    where = result["pr_url"] or result["commit_url"]
+    click.echo(f"pushed {len(result['files'])} files to {result['repo_id']} ({result['revision']}): {where}")
 
 
 if __name__ == "__main__":
