@@ -77,6 +77,16 @@ def _echo_parity(parity) -> None:
     )
 
 
+def _echo_onnx_parity(parity) -> None:
+    """One line: ONNX logits against the PyTorch model that was exported (``export_onnx``'s ``parity``)."""
+    if parity:
+        click.echo(
+            f"ONNX vs PyTorch on {parity['tokens']} tokens: top-1 agreement {parity['top1_agreement']:.4f}, "
+            f"KL/token {parity['kl_per_token']:.3g}, max |logit diff| {parity['max_abs_logit_diff']:.3g}",
+            err=True,
+        )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwha-export")
 def main() -> None:
@@ -278,28 +288,50 @@ def import_cmd(src, base_dir, out):
     type=int,
     help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
 )
+@click.option("--accuracy-level", default=0, show_default=True, type=int, help="MatMulNBits accuracy_level (onnx).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @_friendly_errors
-def merge_cmd(adapter_dir, out, bits, group_size, requant, fmt, dtype, calib_tokens, verify_tokens, overwrite, quiet):
+def merge_cmd(
+    adapter_dir,
+    out,
+    bits,
+    group_size,
+    requant,
+    fmt,
+    dtype,
+    calib_tokens,
+    verify_tokens,
+    accuracy_level,
+    overwrite,
+    quiet,
+):
     """Merge the adapter of ADAPTER_DIR into its base (inverse WHT), re-quantize, and write a checkpoint."""
     from .pipeline import MergeJob, merge_qwha
 
-    report = merge_qwha(
-        MergeJob(
-            adapter_dir=adapter_dir,
-            out=out,
-            bits=bits,
-            group_size=group_size,
-            requant=requant,
-            format=fmt,
-            dtype=dtype,
-            calib_tokens=calib_tokens if calib_tokens is not None else (4096 if requant == "refit" else 1024),
-            overwrite=overwrite,
-            quiet=quiet,
-            verify_tokens=verify_tokens,
-        )
+    to_onnx = fmt == "onnx"  # merge to gptq_v2 (dense for --bits 16) in a temporary folder, then export-onnx
+    job = MergeJob(
+        adapter_dir=adapter_dir,
+        out=out,
+        bits=bits,
+        group_size=group_size,
+        requant=requant,
+        format=("dense" if bits == 16 else "gptq_v2") if to_onnx else fmt,
+        dtype=dtype,
+        calib_tokens=calib_tokens if calib_tokens is not None else (4096 if requant == "refit" else 1024),
+        overwrite=overwrite,
+        quiet=quiet,
+        verify_tokens=verify_tokens,
     )
+    if to_onnx:
+        from .onnx_export import merge_to_onnx
+
+        report = merge_to_onnx(job, accuracy_level=accuracy_level)
+        _echo_parity((report.get("merge") or {}).get("parity"))
+        _echo_onnx_parity(report.get("parity"))
+        click.echo(f"wrote {out}")
+        return
+    report = merge_qwha(job)
     if not quiet and report.get("total"):
         click.echo(json.dumps(report["total"], indent=2))
     advice = (report.get("adapter_gain") or {}).get("advice")
@@ -362,7 +394,7 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
     for w in caught:
         if "accuracy_level" in str(w.message):
             click.echo(f"Warning: {w.message}", err=True)
-    _echo_parity(report.get("parity"))
+    _echo_onnx_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
 

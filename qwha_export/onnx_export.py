@@ -37,6 +37,7 @@ __all__ = [
     "MODEL_FILE",
     "DATA_FILE",
     "export_onnx",
+    "merge_to_onnx",
     "open_onnx_session",
     "OnnxLogits",
     "check_external_data",
@@ -162,6 +163,30 @@ def export_onnx(
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
     _say(quiet, f"wrote {out}")
+    return report
+
+
+def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
+    """``merge ... --format onnx``: run ``job`` (a :class:`qwha_export.pipeline.MergeJob` whose ``format`` is the
+    intermediate checkpoint format, ``gptq_v2`` or ``dense``) into a temporary folder beside ``job.out``, then
+    :func:`export_onnx` it into ``job.out``. The manifest gains ``merge`` (the merge report's totals and parity)."""
+    import dataclasses
+    import tempfile
+
+    from .pipeline import check_output_dir, merge_qwha
+
+    check_output_dir(job.out, job.overwrite)
+    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level={accuracy_level!r} must be 0, 1, 2, 3 or 4")
+    out = Path(job.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
+        merged = Path(tmp) / "merged"
+        merge_report = merge_qwha(dataclasses.replace(job, out=str(merged), overwrite=False))
+        report = export_onnx(merged, out, accuracy_level=accuracy_level, overwrite=job.overwrite, quiet=job.quiet)
+    report["merge"] = {k: merge_report.get(k) for k in ("settings", "total", "parity") if k in merge_report}
+    manifest = out / "qwha_export.json"
+    manifest.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -8,6 +8,8 @@ Export, by detected format:
 
 * ``fused`` (``qwha_fused.json`` present): :func:`qwha_export.fused.load_fused`;
 * ``dense``: ``AutoModelForCausalLM.from_pretrained``;
+* ``onnx`` (``model.onnx``, from ``export-onnx``): an onnxruntime session called on the full sequence with an
+  empty KV cache (:class:`qwha_export.onnx_export.OnnxLogits`; missing external data is a one-line error);
 * ``gptq``/``gptq_v2``/``compressed-tensors``: a pure-torch loader
   (:func:`qwha_export.fused.load_quantized_checkpoint`: model built from ``config.json``, quantized layers
   replaced by ``QuantLinear`` read with the formats' ``read_layer``) -- GPTQModel / compressed-tensors kernels are
@@ -51,6 +53,11 @@ def _check_files(model_dir: Path, *extra: Path) -> None:
 
 
 def _check_export_files(export_dir: Path, fmt: ExportFormat) -> None:
+    if fmt == ExportFormat.ONNX:  # the graph and every external data file it names
+        from .onnx_export import MODEL_FILE, check_external_data
+
+        check_external_data(export_dir / MODEL_FILE)
+        return
     _check_files(export_dir, *[export_dir / "qwha_adapter.safetensors"] * (fmt == ExportFormat.FUSED))
 
 
@@ -72,6 +79,8 @@ def detect_format(export_dir: str | Path) -> ExportFormat:
                 return ExportFormat.parse(fmt)
             except ValueError:
                 raise ValueError(f"{manifest}: unknown export format {fmt!r}") from None
+    if (d / "model.onnx").is_file():
+        return ExportFormat.ONNX
     cfg_path = d / "config.json"
     if not cfg_path.is_file() or not any(d.glob("*.safetensors")):
         raise ValueError(
@@ -95,6 +104,10 @@ def detect_format(export_dir: str | Path) -> ExportFormat:
 def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, format)`` of an export folder (see the module docstring for the loader per format)."""
     fmt = detect_format(export_dir)
+    if fmt == ExportFormat.ONNX:  # a callable ``logits = m(input_ids)`` running onnxruntime (full sequence, no cache)
+        from .onnx_export import OnnxLogits
+
+        return OnnxLogits(export_dir), fmt
     _check_export_files(Path(export_dir), fmt)
     if fmt == ExportFormat.FUSED:
         from .fused import load_fused
