@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "BASE_FILE",
     "BASE_META",
+    "LazySpectra",
     "Spectrum",
     "open_adapter_source",
     "read_adapter_spectra",
@@ -79,6 +80,22 @@ def _read_adapter_config(adapter_dir: Path) -> tuple[float, dict[str, float]]:
     return float(scale), {str(k): float(v) for k, v in pattern.items()}
 
 
+def _adapter_keys(d: Path) -> tuple[Path, dict[str, dict[str, str]]]:
+    """The adapter weights file (header validated) and its QWHA entries ``{layer: {suffix: key}}``."""
+    path = d / ADAPTER_WEIGHTS
+    if not path.is_file():
+        extra = " (pickled adapter_model.bin files are not read)" if (d / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
+    keys: dict[str, dict[str, str]] = {}
+    for key in validate_safetensors_file(path):
+        hit = _layer_of(key)
+        if hit is not None:
+            keys.setdefault(hit[0], {})[hit[1]] = key
+    if not keys:
+        raise ValueError(f"{path}: no QWHA spectra (qwha_spectrum/qwha_indices/qwha_shape entries) found")
+    return path, keys
+
+
 def read_adapter_spectra(adapter_dir: str | Path) -> dict[str, Spectrum]:
     """``{layer: (values float32, rows int64, cols int64, scale)}`` read from ``adapter_model.safetensors`` and
     ``adapter_config.json`` with safetensors only (no peft model, no base model).
@@ -89,51 +106,78 @@ def read_adapter_spectra(adapter_dir: str | Path) -> dict[str, Spectrum]:
     """
     d = Path(adapter_dir)
     scale, pattern = _read_adapter_config(d)
-    path = d / ADAPTER_WEIGHTS
-    if not path.is_file():
-        extra = " (pickled adapter_model.bin files are not read)" if (d / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{d}: no {ADAPTER_WEIGHTS}{extra}")
-    validate_safetensors_file(path)
-    parts: dict[str, dict[str, torch.Tensor]] = {}
+    path, keys = _adapter_keys(d)
     with safe_open(str(path), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
-            hit = _layer_of(key)
-            if hit is not None:
-                parts.setdefault(hit[0], {})[hit[1]] = f.get_tensor(key)
-    if not parts:
-        raise ValueError(f"{path}: no QWHA spectra (qwha_spectrum/qwha_indices/qwha_shape entries) found")
-    out: dict[str, Spectrum] = {}
-    for layer in sorted(parts):
-        p = parts[layer]
-        missing = [s for s in _SUFFIXES if s not in p]
-        if missing:
-            raise ValueError(f"{layer}: adapter file lacks {', '.join(missing)}")
-        values, indices, shape = p["qwha_spectrum"], p["qwha_indices"], p["qwha_shape"]
-        if values.dim() != 1 or not values.dtype.is_floating_point:
-            raise ValueError(
-                f"{layer}: spectrum values must be a 1-D float tensor, got {values.dtype} {tuple(values.shape)}"
-            )
-        if (
-            indices.dim() != 2
-            or indices.shape[0] != 2
-            or indices.dtype.is_floating_point
-            or indices.dtype == torch.bool
-        ):
-            raise ValueError(
-                f"{layer}: spectrum indices must be an integer (2, nnz) tensor, got {indices.dtype} "
-                f"{tuple(indices.shape)}"
-            )
-        if indices.shape[1] != values.numel():
-            raise ValueError(f"{layer}: spectrum has {values.numel()} values but {indices.shape[1]} indices")
-        if shape.numel() != 2 or shape.dtype.is_floating_point:
-            raise ValueError(f"{layer}: malformed qwha_shape entry {shape.reshape(-1).tolist()}")
-        d_out, d_in = (int(v) for v in shape.reshape(-1).tolist())
-        if d_out < 1 or d_in < 1:
-            raise ValueError(f"{layer}: malformed qwha_shape entry {[d_out, d_in]}")
-        rows, cols = indices[0].long(), indices[1].long()
+        parts = {layer: {s: f.get_tensor(k) for s, k in ks.items()} for layer, ks in keys.items()}
+    return {layer: _spectrum(layer, parts[layer], pattern.get(layer, scale)) for layer in sorted(parts)}
+
+
+def _spectrum(layer: str, p: Mapping[str, torch.Tensor], scale: float, check_values: bool = True) -> Spectrum:
+    """One layer's checked ``(values, rows, cols, scale)`` from its ``qwha_*`` tensors (see read_adapter_spectra)."""
+    missing = [s for s in _SUFFIXES if s not in p]
+    if missing:
+        raise ValueError(f"{layer}: adapter file lacks {', '.join(missing)}")
+    values, indices, shape = p["qwha_spectrum"], p["qwha_indices"], p["qwha_shape"]
+    if values.dim() != 1 or not values.dtype.is_floating_point:
+        raise ValueError(
+            f"{layer}: spectrum values must be a 1-D float tensor, got {values.dtype} {tuple(values.shape)}"
+        )
+    if (
+        indices.dim() != 2
+        or indices.shape[0] != 2
+        or indices.dtype.is_floating_point
+        or indices.dtype == torch.bool
+    ):
+        raise ValueError(
+            f"{layer}: spectrum indices must be an integer (2, nnz) tensor, got {indices.dtype} "
+            f"{tuple(indices.shape)}"
+        )
+    if indices.shape[1] != values.numel():
+        raise ValueError(f"{layer}: spectrum has {values.numel()} values but {indices.shape[1]} indices")
+    if shape.numel() != 2 or shape.dtype.is_floating_point:
+        raise ValueError(f"{layer}: malformed qwha_shape entry {shape.reshape(-1).tolist()}")
+    d_out, d_in = (int(v) for v in shape.reshape(-1).tolist())
+    if d_out < 1 or d_in < 1:
+        raise ValueError(f"{layer}: malformed qwha_shape entry {[d_out, d_in]}")
+    rows, cols = indices[0].long(), indices[1].long()
+    if check_values:
         _validate(layer, values, rows, cols, d_out, d_in)
-        out[layer] = (values.float(), rows, cols, pattern.get(layer, scale))
-    return out
+    return values.float(), rows, cols, scale
+
+
+class LazySpectra(Mapping[str, Spectrum]):
+    """:func:`read_adapter_spectra` one layer at a time (for :func:`~.merge.stream_merge`): building the mapping
+    runs every check on every layer (same errors, before any work), reading one layer at a time; ``spectra[layer]``
+    then reads that layer again (its values were checked at build; stream_merge checks them once more). Why:
+    ``safe_open`` maps the whole file and keeps every page read through it resident while the handle or any of its
+    tensors lives, so holding all spectra costs the whole adapter file in RSS (~105 MB per Llama-3-8B block at
+    rank 64)."""
+
+    def __init__(self, adapter_dir: str | Path) -> None:
+        d = Path(adapter_dir)
+        self._scale, self._pattern = _read_adapter_config(d)
+        self._path, self._keys = _adapter_keys(d)
+        for layer in sorted(self._keys):
+            self._load(layer, check_values=True)
+
+    def _load(self, layer: str, check_values: bool) -> Spectrum:
+        with safe_open(str(self._path), framework="pt") as f:  # a handle per layer: see the class docstring
+            parts = {s: f.get_tensor(k) for s, k in self._keys[layer].items()}
+        return _spectrum(layer, parts, self._pattern.get(layer, self._scale), check_values)
+
+    def __getitem__(self, layer: str) -> Spectrum:
+        if layer not in self._keys:
+            raise KeyError(layer)
+        return self._load(layer, check_values=False)
+
+    def __contains__(self, layer: object) -> bool:  # Mapping's default would read the layer
+        return layer in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._keys))
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def _validate(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int) -> None:
@@ -214,9 +258,9 @@ def _check_layer_shapes(
                 )
 
 
-def open_adapter_source(adapter_dir: Path, check_hash: bool = True):
+def open_adapter_source(adapter_dir: Path, check_hash: bool = True, lazy: bool = False):
     """Check an adapter directory against its base checkpoint (exists, same hash, every layer present) before any
-    work. Returns ``(meta, base_dir, quantized_layer_names, spectra)``."""
+    work. Returns ``(meta, base_dir, quantized_layer_names, spectra)``; ``lazy`` gives a :class:`LazySpectra`."""
     from ..pipeline import check_base_hash
 
     meta = _read_base_meta(adapter_dir)
@@ -227,7 +271,7 @@ def open_adapter_source(adapter_dir: Path, check_hash: bool = True):
     if check_hash:
         check_base_hash(base_dir, meta.get("base_hash"))
     quantized = set(meta.get("quantized_layers", []))
-    spectra = read_adapter_spectra(adapter_dir)
+    spectra = LazySpectra(adapter_dir) if lazy else read_adapter_spectra(adapter_dir)
     for layer in sorted(quantized | set(spectra)):
         if f"{layer}.weight" not in entries:
             raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")

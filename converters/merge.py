@@ -14,7 +14,8 @@ the model is never instantiated. For each tensor:
 Output: a Hugging Face folder written atomically (:func:`qwha_export.pipeline.atomic_output_dir`) through
 :class:`~qwha_export.formats.shards.ShardWriter`, with ``config.json`` (+ the format's ``quantization_config``),
 the tokenizer / generation files of the base, and a ``qwha_export.json`` manifest (tool version, sources, SHA-256 of
-the adapter files, settings, per-layer report). Peak memory: one layer's tensors plus the (small) spectra.
+the adapter files, settings, per-layer report). Peak memory: one layer's tensors and spectrum plus the output shard
+being filled (at most ``max_shard_bytes``); flat in the number of layers.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def stream_merge(
         QuantConfig(bits=bits, group_size=-1 if group_size is None else group_size)  # validates both
     check_output_dir(out_dir, overwrite)
 
-    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash)
+    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash, lazy=True)  # one layer at a time
     if not dense_merge and method == "gptq":
         lacking = sorted(layer for layer in spectra if grams is None or layer not in grams)
         if lacking:
@@ -250,8 +251,10 @@ def stream_merge(
     out_bits: set[int] = set()
     base_bits: set[int] = set()  # bits of the quantized base of the adapted layers
     written: list[str] = []
-    with atomic_output_dir(out_dir, overwrite) as tmp, safe_open(str(adapter_dir / BASE_FILE), framework="pt") as qf:
-        qkeys = set(qf.keys())
+    qpath = str(adapter_dir / BASE_FILE)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        with safe_open(qpath, framework="pt") as qf:
+            qkeys = set(qf.keys())
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
             for name, tensor in iter_checkpoint_tensors(base_dir):
                 layer = by_weight.get(name)
@@ -261,7 +264,10 @@ def stream_merge(
                 base_qw = None
                 if layer in quantized:
                     wanted = {k for k in qkeys if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]}
-                    base_qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
+                    # a handle per layer: safe_open maps the whole file and keeps the pages read through it resident
+                    # until closed, so one handle for the whole merge held the entire quantized base in RSS
+                    with safe_open(qpath, framework="pt") as qf:
+                        base_qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
                     if base_qw.shape != tuple(tensor.shape):
                         raise ValueError(
                             f"{layer}: quantized base {base_qw.shape} does not match base weight {tuple(tensor.shape)}"
