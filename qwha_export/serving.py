@@ -203,11 +203,14 @@ def _open_folder(folder: str | Path) -> tuple[Path, Any]:
     return path, proto
 
 
-def _uses_group_query_attention(proto: Any) -> bool:
-    """True when the graph attends with ``com.microsoft::GroupQueryAttention``, which reads each row's valid length
-    from the attention mask's row sum and so needs right-padded batches (prompt tokens first)."""
+def _needs_right_padding(proto: Any) -> bool:
+    """True when the graph attends with ``com.microsoft::GroupQueryAttention`` without an ``attention_bias`` input
+    (the onnxruntime-genai builder's graphs): such a graph takes each row's length from the attention mask's row
+    sum and treats the first that many cache slots as valid, so batches must be right-padded. Graphs that mask
+    padding through ``attention_bias`` (ours) or plain attention take left padding."""
     nodes = list(proto.graph.node) + [n for f in proto.functions for n in f.node]
-    return any(n.op_type == "GroupQueryAttention" for n in nodes)
+    gqa = [n for n in nodes if n.op_type == "GroupQueryAttention"]
+    return any(len(n.input) <= 10 or not n.input[10] for n in gqa)
 
 
 def _pick_providers(provider: str) -> list[str]:
@@ -249,7 +252,7 @@ class OnnxCausalLM:
 
     def __init__(self, session: Any, folder: Path, tokenizer: Any = None, device: str = "cpu", pad_right: bool = False):
         self.session = session
-        self.pad_right = pad_right  # GroupQueryAttention graphs: batch rows padded on the right
+        self.pad_right = pad_right  # GroupQueryAttention graphs without attention_bias: rows padded on the right
         self.folder = folder
         self.tokenizer = tokenizer
         self.device = device
@@ -319,7 +322,7 @@ class OnnxCausalLM:
         providers = _pick_providers(provider)
         d = Path(folder).expanduser()
         path, proto = _open_folder(d)
-        pad_right = _uses_group_query_attention(proto)
+        pad_right = _needs_right_padding(proto)
         del proto
         options = ort.SessionOptions()
         options.log_severity_level = 3
