@@ -43,6 +43,7 @@ __all__ = [
     "exact_grid_linear",
     "nbits_linear",
     "wht_factor_sizes",
+    "wht_factors",
 ]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
@@ -160,7 +161,7 @@ def wht_factor_sizes(n: int) -> tuple[int, list[int]]:
     return k, ([k] if k > 1 else []) + sizes + ([last] if p > 1 else [])
 
 
-def _wht_factors(n: int) -> tuple[int, list[np.ndarray]]:
+def wht_factors(n: int) -> tuple[int, list[np.ndarray]]:
     k, sizes = wht_factor_sizes(n)
     mats = [hadamard_k(k) if (i == 0 and k > 1) else hadamard_matrix(f) for i, f in enumerate(sizes)]
     return k, [m.numpy().astype(np.float32) for m in mats]
@@ -226,7 +227,7 @@ def decoder_from_model(
         attention_scale=float(getattr(model.model.layers[0].self_attn, "scaling", head_dim**-0.5)),
         window=int(window) - 1 if window else -1,  # HF keeps `window` keys, GQA local_window_size + 1
         accuracy_level=accuracy_level,
-        wht_factors={n: _wht_factors(n) for n in sorted(sizes)},
+        wht_factors={n: wht_factors(n) for n in sorted(sizes)},
     )
     weights = DecoderWeights(embed.numpy(), layers, model.model.norm.weight.detach().float().numpy(), lm_head)
     info = {

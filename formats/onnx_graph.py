@@ -58,6 +58,7 @@ __all__ = [
     "DecoderSpec",
     "DecoderWeights",
     "build_decoder_model",
+    "build_projection_model",
     "io_names",
 ]
 
@@ -269,9 +270,11 @@ def _stack_bias(projs: Sequence[Projection]) -> np.ndarray | None:
     return np.concatenate(parts).astype(np.float32)
 
 
-class _Decoder:
-    def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
-        self.spec, self.w = spec, weights
+class _Layers:
+    """Writes (packed) projections: MatMulNBits / MatMul, bias, WalshHadamard + spectral product."""
+
+    def __init__(self, accuracy_level: int, ell_width: int, dense_adapter_density: float):
+        self.accuracy_level, self.ell_width, self.dense_density = accuracy_level, ell_width, dense_adapter_density
         self.root = _Graph()
         self.tables: dict[str, tuple[SpectralTables, str, str, str]] = {}
         self.linears: dict[str, tuple[str, list[str], dict]] = {}
@@ -287,7 +290,7 @@ class _Decoder:
             n, k = lin.shape
             b, scales, zp = matmul_nbits_tensors(lin.codes, lin.zeros, lin.scales, lin.bits, lin.block_size)
             inputs = [g.init(f"{name}.qweight", b), g.init(f"{name}.scales", scales), g.init(f"{name}.qzeros", zp)]
-            attrs = dict(K=k, N=n, bits=lin.bits, block_size=lin.block_size, accuracy_level=self.spec.accuracy_level)
+            attrs = dict(K=k, N=n, bits=lin.bits, block_size=lin.block_size, accuracy_level=self.accuracy_level)
             perm = g.init(f"{name}.perm", lin.perm.astype(np.int64)) if lin.perm is not None else ""
             rec = ("MatMulNBits", inputs, {"attrs": attrs, "perm": perm})
         self.linears[name] = rec
@@ -297,7 +300,7 @@ class _Decoder:
         if name in self.tables:
             return self.tables[name]
         rows, cols, vals = _stack_adapters(projs)
-        t = spectral_tables(rows, cols, vals, sum(p.linear.shape[0] for p in projs), self.spec.ell_width)
+        t = spectral_tables(rows, cols, vals, sum(p.linear.shape[0] for p in projs), self.ell_width)
         g = self.root
         rec = (
             t,
@@ -342,7 +345,7 @@ class _Decoder:
         """``WHT(x) @ F.T`` for the packed projections (see the module docstring for the two modes)."""
         d_out = sum(p.linear.shape[0] for p in projs)
         rows, cols, vals = _stack_adapters(projs)
-        if vals.size >= self.spec.dense_adapter_density * d_out * n:  # dense enough: one float32 MatMul
+        if vals.size >= self.dense_density * d_out * n:  # dense enough: one float32 MatMul
             ft = np.zeros((n, d_out), np.float32)
             np.add.at(ft, (cols, rows), vals)
             return g.op("MatMul", [z, g.init(f"{name}.adapter_dense_t", ft)], name=f"{name}.adapter")
@@ -363,7 +366,12 @@ class _Decoder:
         shape = g.op("Concat", [g.op("Shape", [z], start=0, end=-1), g.const([t.d_out])], axis=0)
         return g.op("Reshape", [y, shape], name=f"{name}.adapter")
 
-    # -- the decoder ----------------------------------------------------------------------------------------------
+
+class _Decoder(_Layers):
+    def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
+        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density)
+        self.spec, self.w = spec, weights
+
     def shared_inits(self) -> None:
         s, w, root = self.spec, self.w, self.root
         root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
@@ -497,12 +505,47 @@ def build_decoder_model(
             else_branch=branches["gather"],
         )
     graph = helper.make_graph(root.nodes, "qwha_decoder", ins, outs, initializer=list(root.inits.values()))
+    model = _with_functions(graph, spec.wht_factors, doc)
+    for k, v in (metadata or {}).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
+    return model
+
+
+def build_projection_model(
+    projs: Sequence[Projection],
+    wht_factors: dict[int, tuple[int, list[np.ndarray]]],
+    mode: str = "gather",
+    accuracy_level: int = 0,
+    ell_width: int = 16,
+    dense_adapter_density: float = 0.3,
+) -> onnx.ModelProto:
+    """One exported (packed) projection as a model ``x [batch, seq, d_in] -> y [batch, seq, sum d_out]``, written
+    exactly as inside the decoder (``mode`` "token" needs batch = seq = 1); for layer-level tests and benchmarks."""
+    if mode not in ("token", "gather"):
+        raise ValueError(f"mode={mode!r} must be 'token' or 'gather'")
+    lw = _Layers(accuracy_level, ell_width, dense_adapter_density)
+    g = lw.root
+    x = g.op("Reshape", ["x", g.const([1, 1, -1])]) if mode == "token" else "x"
+    y = lw.projection(g, x, "proj", projs, mode, {})
+    g.op("Identity", [y], outputs=["y"])
+    d_in, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
+    graph = helper.make_graph(
+        g.nodes,
+        "projection",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", d_out])],
+        initializer=list(g.inits.values()),
+    )
+    return _with_functions(graph, wht_factors, "")
+
+
+def _with_functions(graph: onnx.GraphProto, wht_factors: dict, doc: str) -> onnx.ModelProto:
     used = {_attr(node, "n") for node in _all_nodes(graph) if node.domain == WHT_DOMAIN}
-    functions = [wht_function(n, k, mats, OPSET) for n, (k, mats) in sorted(spec.wht_factors.items()) if n in used]
-    missing = used - set(spec.wht_factors)
+    missing = used - set(wht_factors)
     if missing:
         raise ValueError(f"no Walsh-Hadamard factors given for sizes {sorted(missing)}")
-    model = helper.make_model(
+    functions = [wht_function(n, k, mats, OPSET) for n, (k, mats) in sorted(wht_factors.items()) if n in used]
+    return helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1), helper.make_opsetid(WHT_DOMAIN, 1)],
         functions=functions,
@@ -510,9 +553,6 @@ def build_decoder_model(
         producer_name="qwha-export",
         doc_string=doc,
     )
-    for k, v in (metadata or {}).items():
-        model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
-    return model
 
 
 def _attr(node: onnx.NodeProto, name: str):

@@ -306,13 +306,17 @@ def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
     ctx = int(cfg.get("max_position_embeddings", 2048))
 
-    def pick(key: str, default: Any) -> Any:
-        return gen.get(key, cfg.get(key, default))
+    def pick(key: str, default: Any) -> Any:  # generation_config.json first, then config.json; nulls skipped
+        for src in (gen, cfg):
+            if src.get(key) is not None:
+                return src[key]
+        return default
 
-    eos = pick("eos_token_id", None)
+    eos = pick("eos_token_id", 0)  # onnxruntime-genai needs numbers here
+    first_eos = eos[0] if isinstance(eos, list) and eos else eos
     return {
         "model": {
-            "bos_token_id": pick("bos_token_id", None),
+            "bos_token_id": pick("bos_token_id", first_eos),
             "context_length": ctx,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -336,7 +340,7 @@ def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
                 "num_key_value_heads": int(cfg.get("num_key_value_heads", heads)),
             },
             "eos_token_id": eos,
-            "pad_token_id": pick("pad_token_id", eos if not isinstance(eos, list) else eos[0]),
+            "pad_token_id": pick("pad_token_id", first_eos),
             "type": str(cfg["model_type"]),
             "vocab_size": int(cfg["vocab_size"]),
         },
