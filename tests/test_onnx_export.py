@@ -304,6 +304,49 @@ def test_logits_kv_cache_and_left_padding(variant, exports, sources):
     assert _rel(step[1, 0], longer[0, -1]) < 1e-5
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "llama3-rope"])
+def test_other_architectures_dense_export(arch, tmp_path):
+    """Qwen2 (q/k/v biases, tied lm_head), Mistral, Llama with llama3 RoPE scaling: full sequence and a decode step."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    if arch == "qwen2":
+        cls, cfg = tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "mistral":
+        cls, cfg = tf.MistralForCausalLM, tf.MistralConfig(**common, sliding_window=None)
+    else:
+        rope = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+        cls, cfg = (
+            tf.LlamaForCausalLM,
+            tf.LlamaConfig(**common, rope_scaling={**rope, "original_max_position_embeddings": 16}),
+        )
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(5.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    model.save_pretrained(tmp_path / "src")
+    report = export_onnx(tmp_path / "src", tmp_path / "onnx", quiet=True)
+    assert report["parity"]["top1_agreement"] == 1.0 and report["parity"]["max_abs_logit_diff"] < 1e-4
+    run = _Runner(tmp_path / "onnx")
+    ids = np.random.default_rng(2).integers(0, 128, (1, 40)).astype(np.int64)
+    ref = _torch_logits(model, ids)
+    _, past = run(ids[:, :39], np.ones((1, 39), np.int64), np.arange(39)[None])
+    step, _ = run(ids[:, 39:], np.ones((1, 40), np.int64), np.array([[39]]), past)
+    assert _rel(step[0, 0], ref[0, -1]) < 1e-5
+
+
 def test_onnxruntime_genai_loads_and_generates_like_torch(exports, sources):
     og = pytest.importorskip("onnxruntime_genai")
     folder, _ = exports["fused"]
