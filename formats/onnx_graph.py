@@ -382,9 +382,10 @@ class _Decoder(_Layers):
             root.init(f"{_layer_prefix(i)}post_attention_layernorm.weight", lw.post_norm.astype(np.float32))
         root.init("model.norm.weight", w.final_norm.astype(np.float32))
 
-    def masks(self, g: _Graph) -> tuple[str, str, str]:
-        """``(seqlens_k, total_sequence_length, attention_bias)``: every row holds ``total`` cache slots; padding is
-        masked by ``attention_bias`` ``[B, 1, S, T]``."""
+    def masks(self, g: _Graph) -> tuple[str, str, str, str]:
+        """``(seqlens_k, total_sequence_length, attention_bias, query_seqlens)``: every row holds ``total`` cache
+        slots; padding is masked by ``attention_bias`` ``[B, 1, S, T]``; ``query_seqlens`` (= S for every row) lets
+        GroupQueryAttention take multi-token steps with a cache for batches > 1."""
         mask_shape = g.op("Shape", ["attention_mask"])
         total = g.op("Gather", [mask_shape, g.const(1)], axis=0)
         batch = g.op("Gather", [mask_shape, g.const([0])], axis=0)
@@ -394,7 +395,8 @@ class _Decoder(_Layers):
         maskf = g.op("Cast", [g.op("Equal", ["attention_mask", g.const(0)])], to=TensorProto.FLOAT)
         bias4 = g.op("Unsqueeze", [g.op("Mul", [maskf, g.const(_NEG, np.float32)]), g.const([1, 2])])  # [B,1,1,T]
         bshape = g.op("Concat", [batch, g.const([1]), seq, g.op("Unsqueeze", [total, g.const([0])])], axis=0)
-        return seqlens, total32, g.op("Expand", [bias4, bshape], name="attention_bias")
+        qlens = g.op("Expand", [g.op("Cast", [seq], to=TensorProto.INT32), batch])
+        return seqlens, total32, g.op("Expand", [bias4, bshape], name="attention_bias"), qlens
 
     def body(self, g: _Graph, mode: str, out_names: Sequence[str]) -> None:
         """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
@@ -403,7 +405,8 @@ class _Decoder(_Layers):
         if mode == "token":  # the If branch for batch * sequence == 1: static [1, 1, *] shapes downstream
             ids, pos = (g.op("Reshape", [t, g.const([1, 1])]) for t in (ids, pos))
         h = g.op("Gather", ["model.embed_tokens.weight", ids], axis=0, name="embed")
-        seqlens, total32, attn_bias = self.masks(g)
+        seqlens, total32, attn_bias, qlens = self.masks(g)
+        extra = [] if mode == "token" else ["", "", "", "", "", qlens]  # inputs 11..16: query_seqlens last
         x = g.op("RMSNormalization", [h, f"{_layer_prefix(0)}input_layernorm.weight"], epsilon=s.rms_eps, axis=-1)
         residual = h
         qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -419,7 +422,7 @@ class _Decoder(_Layers):
             attn, _, _ = g.op(
                 "GroupQueryAttention",
                 [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32]
-                + ["", "", "", attn_bias],
+                + ["", "", "", attn_bias, *extra],
                 domain=_MS,
                 name=f"{p}GroupQueryAttention",
                 outputs=[f"{g.prefix}{p}attn/out0", out_names[1 + 2 * i], out_names[2 + 2 * i]],

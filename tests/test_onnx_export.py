@@ -290,6 +290,9 @@ def test_logits_kv_cache_and_left_padding(variant, exports, sources):
             logits, past = run(ids[:b, t : t + 1], np.ones((b, t + 1), np.int64), np.full((b, 1), t), past)
             steps.append(logits)
         assert _rel(np.concatenate(steps, axis=1), full[:b]) < 1e-5
+    _, past = run(ids[:, :8], ones[:, :8], np.tile(np.arange(8), (2, 1)))  # a 3-token chunk on a cache, batch 2
+    chunk, _ = run(ids[:, 8:], ones, np.tile(np.arange(8, 11), (2, 1)), past)
+    assert _rel(chunk, full[:, 8:]) < 1e-5
     pad = 4  # row 1 left-padded: its logits equal those of the unpadded sequence, also after a decode step
     ids_p, mask = ids.copy(), ones.copy()
     ids_p[1, :pad], mask[1, :pad] = 0, 0
