@@ -44,11 +44,13 @@ SHORT_PROMPT = "Explain in a few sentences why the sky is blue."
 
 @dataclass
 class Variant:
-    key: str  # "fp32", "merged-g32", "fused-g32", "builder", "torch"
+    key: str  # "fp32", "merged-a0-g32", "fused-a4-g32", "builder", "torch"
     name: str
     group: str  # "g32" ... or "" for group-free variants
     kind: str  # "onnx" or "torch"
     path: Path | None = None
+    level: str = ""  # MatMulNBits accuracy_level of int4 variants
+    source: Path | None = None  # the checkpoint our ONNX variant was exported from
     runner: Any = None
     prefill_s: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
@@ -64,7 +66,7 @@ def _done(folder: Path, marker: str = "model.onnx") -> bool:
     return (folder / marker).is_file()
 
 
-def build_all(work: Path, group_sizes: list[int], accuracy_level: int, with_builder: bool) -> dict[str, Path]:
+def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builder: bool) -> dict[str, Path]:
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
     from qwha_export.fused import write_fused
@@ -110,7 +112,13 @@ def build_all(work: Path, group_sizes: list[int], accuracy_level: int, with_buil
             root / "merged",
             lambda adapter=adapter, root=root: merge_qwha(
                 MergeJob(
-                    adapter_dir=str(adapter), out=str(root / "merged"), format="gptq_v2", requant="rtn", quiet=True
+                    adapter_dir=str(adapter),
+                    out=str(root / "merged"),
+                    format="gptq_v2",
+                    requant="rtn",
+                    calib_tokens=0,  # RTN needs no calibration; no per-layer report
+                    verify_tokens=0,  # parity is measured here (perplexity, greedy generation)
+                    quiet=True,
                 )
             ),
             marker="qwha_export.json",
@@ -122,12 +130,14 @@ def build_all(work: Path, group_sizes: list[int], accuracy_level: int, with_buil
             marker="qwha_export.json",
         )
         for label, src in (("merged", merged), ("fused", fused)):
-            out = root / f"{label}_onnx"
-            paths[f"{label}-g{g}"] = step(
-                f"{label} int4 ONNX g{g}",
-                out,
-                lambda src=src, out=out: export_onnx(src, out, accuracy_level=accuracy_level, quiet=True),
-            )
+            paths[f"src-{label}-g{g}"] = src
+            for lvl in levels:
+                out = root / f"{label}_a{lvl}_onnx"
+                paths[f"{label}-a{lvl}-g{g}"] = step(
+                    f"{label} int4 ONNX g{g} accuracy_level {lvl}",
+                    out,
+                    lambda src=src, out=out, lvl=lvl: export_onnx(src, out, accuracy_level=lvl, quiet=True),
+                )
     if with_builder:
         out = work / "builder_int4"
 
@@ -219,8 +229,66 @@ def perplexities(variants: list[Variant], chunks: torch.Tensor) -> None:
         print(f"  perplexity {v.name} {v.group}: {v.ppl:.2f}", flush=True)
 
 
+def greedy_parity(variants: list[Variant], prompts: list[list[int]], n: int = 32) -> dict:
+    """Greedy ``n`` tokens of each of our ONNX exports against transformers' ``generate`` on the PyTorch model
+    that was exported (the HF fp32 model; the merged / fused checkpoints as loaded by ``verify``)."""
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    from qwha_export.verify import load_export
+
+    torch_runner = next(v.runner for v in variants if v.kind == "torch")
+    gen = HFGenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
+    refs: dict[Path | None, list[list[int]]] = {}
+    out = {}
+    for v in variants:
+        if v.kind != "onnx" or v.key == "builder":
+            continue
+        if v.source not in refs:
+            model = torch_runner.model if v.source is None else load_export(v.source)[0]
+            refs[v.source] = []
+            for p in prompts:
+                ids = torch.tensor([p])
+                with torch.no_grad():
+                    ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
+                refs[v.source].append(ref[0, len(p) :].tolist())
+            del model
+        same = []
+        for p, ref in zip(prompts, refs[v.source], strict=True):
+            ours = v.runner.generate_ids([p], GenerationConfig(max_new_tokens=n, ignore_eos=True)).token_ids[0]
+            same.append(next((i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), n))
+        out[v.key] = same
+        print(f"  {v.key:16} tokens equal before the first difference: {same} (of {n})", flush=True)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the WHT op alone
+
+
+def standalone_wht_model(n: int):
+    """A one-node model ``y = qwha::WalshHadamard(x)`` (x float32 [rows, n]) carrying the exporter's function body."""
+    from qwha_export import onnx_export
+
+    if hasattr(onnx_export, "wht_model"):
+        return onnx_export.wht_model(n)
+    from onnx import TensorProto, helper
+
+    from qwha_export.converters.onnx_export import _wht_factors
+    from qwha_export.formats.onnx_graph import OPSET
+    from qwha_export.formats.onnx_ops import WHT_DOMAIN, wht_function, wht_node
+
+    k, factors = _wht_factors(n)
+    graph = helper.make_graph(
+        [wht_node("x", "y", n, k, "wht")],
+        "wht",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
+    )
+    return helper.make_model(
+        graph,
+        functions=[wht_function(n, k, factors, OPSET)],
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(WHT_DOMAIN, 1)],
+    )
 
 
 def bench_wht_op(sizes: list[int], rows_list: list[int], threads: int | None, budget: float) -> list[dict[str, Any]]:
@@ -229,7 +297,6 @@ def bench_wht_op(sizes: list[int], rows_list: list[int], threads: int | None, bu
     from onnx import TensorProto, helper, numpy_helper
 
     from qwha_export.kernels import hadamard_matrix
-    from qwha_export.onnx_export import wht_model
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -250,7 +317,9 @@ def bench_wht_op(sizes: list[int], rows_list: list[int], threads: int | None, bu
             ),
             opset_imports=[helper.make_opsetid("", 17)],
         )
-        s_wht = ort.InferenceSession(wht_model(n).SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        s_wht = ort.InferenceSession(
+            standalone_wht_model(n).SerializeToString(), opts, providers=["CPUExecutionProvider"]
+        )
         s_dense = ort.InferenceSession(dense.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         wname, dname = s_wht.get_inputs()[0].name, s_dense.get_inputs()[0].name
         for rows in rows_list:
@@ -277,45 +346,58 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(variants: list[Variant], group_sizes: list[int]) -> dict[str, Any]:
-    header = f"{'variant':34} {'group':>5} | {'prefill 512 ms':>14} | {'decode tok/s':>12} | {'ppl':>7} | {'MB':>7}"
+def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -> dict[str, Any]:
+    header = (
+        f"{'variant':30} {'group':>5} {'acc':>3} | {'prefill 512 ms':>14} | {'decode tok/s':>12} | {'ppl':>7} "
+        f"| {'MB':>6}"
+    )
     print()
     print(header)
     print("-" * len(header))
     rows = []
     for v in variants:
         p, d = _med(v.prefill_s) * 1e3, _med(v.decode_tps)
-        print(f"{v.name:34} {v.group:>5} | {p:>14.1f} | {d:>12.1f} | {v.ppl:>7.2f} | {v.size_mb:>7.1f}")
-        rows.append({"variant": v.name, "group": v.group, "prefill_ms": p, "decode_tps": d, "ppl": v.ppl})
+        print(f"{v.name:30} {v.group:>5} {v.level:>3} | {p:>14.1f} | {d:>12.1f} | {v.ppl:>7.2f} | {v.size_mb:>6.1f}")
+        rows.append(
+            {"variant": v.name, "group": v.group, "level": v.level, "prefill_ms": p, "decode_tps": d, "ppl": v.ppl}
+        )
     by = {v.key: v for v in variants}
     fp32, builder = by.get("fp32"), by.get("builder")
     ratios = []
     print()
     for g in group_sizes:
-        merged, fused = by.get(f"merged-g{g}"), by.get(f"fused-g{g}")
-        if merged is None or fused is None:
-            continue
-        r = {
-            "group": g,
-            "fused_decode_overhead": _med(merged.decode_tps) / _med(fused.decode_tps) - 1,
-            "fused_prefill_overhead": _med(fused.prefill_s) / _med(merged.prefill_s) - 1,
-        }
-        line = (
-            f"g{g}: fused over merged: decode {r['fused_decode_overhead']:+.1%}, prefill "
-            f"{r['fused_prefill_overhead']:+.1%} (goal <= +10%)"
-        )
-        if fp32 is not None:
-            r["int4_decode_speedup"] = _med(merged.decode_tps) / _med(fp32.decode_tps)
-            r["int4_prefill_speedup"] = _med(fp32.prefill_s) / _med(merged.prefill_s)
-            line += f"; merged int4 over fp32: decode {r['int4_decode_speedup']:.2f}x, prefill "
-            line += f"{r['int4_prefill_speedup']:.2f}x"
-        if builder is not None:
-            r["merged_vs_builder_decode"] = _med(merged.decode_tps) / _med(builder.decode_tps)
-            r["merged_vs_builder_prefill"] = _med(builder.prefill_s) / _med(merged.prefill_s)
-            line += f"; merged / builder decode {r['merged_vs_builder_decode']:.2f}x (goal >= 0.9x)"
-        print(line)
-        ratios.append(r)
+        for lvl in levels:
+            merged, fused = by.get(f"merged-a{lvl}-g{g}"), by.get(f"fused-a{lvl}-g{g}")
+            if merged is None or fused is None:
+                continue
+            r = {
+                "group": g,
+                "level": lvl,
+                "fused_decode_overhead": _med(merged.decode_tps) / _med(fused.decode_tps) - 1,
+                "fused_prefill_overhead": _med(fused.prefill_s) / _med(merged.prefill_s) - 1,
+            }
+            line = (
+                f"g{g} acc{lvl}: fused over merged: decode {r['fused_decode_overhead']:+.0%}, prefill "
+                f"{r['fused_prefill_overhead']:+.0%} (goal <= +10%)"
+            )
+            if fp32 is not None:
+                r["int4_decode_speedup"] = _med(merged.decode_tps) / _med(fp32.decode_tps)
+                r["int4_prefill_speedup"] = _med(fp32.prefill_s) / _med(merged.prefill_s)
+                line += f"; merged over fp32: decode {r['int4_decode_speedup']:.2f}x, prefill "
+                line += f"{r['int4_prefill_speedup']:.2f}x"
+            if builder is not None:
+                r["merged_vs_builder_decode"] = _med(merged.decode_tps) / _med(builder.decode_tps)
+                r["merged_vs_builder_prefill"] = _med(builder.prefill_s) / _med(merged.prefill_s)
+                line += f"; merged / builder: decode {r['merged_vs_builder_decode']:.2f}x (goal >= 0.9x), prefill "
+                line += f"{r['merged_vs_builder_prefill']:.2f}x"
+            print(line)
+            ratios.append(r)
     return {"rows": rows, "ratios": ratios}
+
+
+def _chat_ids(tokenizer, text: str) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def main() -> None:
@@ -325,10 +407,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=None, help="interleaved speed rounds (median over them)")
     ap.add_argument("--work", type=Path, default=None, help="keep the built folders here (default: a temp folder)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op / torch threads")
-    ap.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level of our int4 exports")
+    ap.add_argument(
+        "--accuracy-levels",
+        type=int,
+        nargs="+",
+        default=[0, 4],
+        help="MatMulNBits accuracy_level(s) of our int4 exports (0: exact float; 4: int8 activations, the builder's)",
+    )
     ap.add_argument("--no-builder", action="store_true", help="skip the onnxruntime-genai builder export")
     ap.add_argument("--skip-ppl", action="store_true")
     ap.add_argument("--skip-wht", action="store_true")
+    ap.add_argument("--skip-parity", action="store_true", help="no greedy-generation check against PyTorch")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -345,7 +434,7 @@ def main() -> None:
             with_builder = False
     print(
         f"onnxruntime {ort.__version__}, torch {torch.__version__}, threads {args.threads or 'default'}, "
-        f"group sizes {args.group_sizes}, rounds {args.rounds}, our int4 accuracy_level {args.accuracy_level}"
+        f"group sizes {args.group_sizes}, rounds {args.rounds}, our int4 accuracy levels {args.accuracy_levels}"
     )
     tmp = None
     if args.work is None:
@@ -353,15 +442,18 @@ def main() -> None:
         args.work = Path(tmp.name)
     args.work.mkdir(parents=True, exist_ok=True)
     print("building the exports (cached in --work):", flush=True)
-    paths = build_all(args.work, args.group_sizes, args.accuracy_level, with_builder)
+    paths = build_all(args.work, args.group_sizes, args.accuracy_levels, with_builder)
 
     variants = [Variant("fp32", "fp32 ONNX", "", "onnx", paths["fp32"])] if "fp32" in paths else []
     for g in args.group_sizes:
-        if f"merged-g{g}" in paths:
-            variants.append(Variant(f"merged-g{g}", "merged int4 ONNX", f"g{g}", "onnx", paths[f"merged-g{g}"]))
-            variants.append(Variant(f"fused-g{g}", "fused int4 ONNX (QWHA)", f"g{g}", "onnx", paths[f"fused-g{g}"]))
+        for lvl in args.accuracy_levels:
+            for label, name in (("merged", "merged int4 ONNX"), ("fused", "fused int4 ONNX (QWHA)")):
+                key = f"{label}-a{lvl}-g{g}"
+                if key in paths:
+                    src = paths[f"src-{label}-g{g}"]
+                    variants.append(Variant(key, name, f"g{g}", "onnx", paths[key], level=str(lvl), source=src))
     if with_builder:
-        variants.append(Variant("builder", "builder int4 ONNX (ort-genai)", "g32", "onnx", paths["builder"]))
+        variants.append(Variant("builder", "builder int4 ONNX (ort-genai)", "g32", "onnx", paths["builder"], "4"))
     variants.append(Variant("torch", "PyTorch eager fp32", "", "torch", paths["hf"]))
     for v in variants:
         if v.kind == "onnx":
@@ -375,16 +467,20 @@ def main() -> None:
 
     text = lee_corpus_text()
     prefill_ids = token_chunks(tokenizer, text, seq_len=512, max_tokens=512).numpy()
-    prompt = tokenizer.apply_chat_template(
-        [{"role": "user", "content": SHORT_PROMPT}], add_generation_prompt=True, tokenize=True
-    )
-    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    prompt = _chat_ids(tokenizer, SHORT_PROMPT)
     print(f"speed: prefill 512 tokens; decode 64 greedy tokens after a {len(prompt)}-token prompt", flush=True)
     measure(variants, prefill_ids, prompt, args)
     if not args.skip_ppl:
         print("perplexity on the first 2,048 tokens of the Lee corpus (one sequence):", flush=True)
         perplexities(variants, token_chunks(tokenizer, text, seq_len=2048, max_tokens=2048))
-    results = report(variants, args.group_sizes)
+    results = report(variants, args.group_sizes, args.accuracy_levels)
+    if not args.skip_parity:
+        print("\ngreedy generation against the exported PyTorch models:", flush=True)
+        prompts = [
+            _chat_ids(tokenizer, q)
+            for q in (SHORT_PROMPT, "Write a short poem about the ocean.", "What are the three primary colors?")
+        ]
+        results["greedy_parity"] = greedy_parity(variants, prompts)
     if not args.skip_wht and "fp32" in paths:
         print("\nWHT op alone (onnxruntime CPU, float32): qwha::WalshHadamard function body vs MatMul by M", flush=True)
         results["wht"] = bench_wht_op([576, 1536, 4096], [1, 512], args.threads, 0.5 if args.quick else 2.0)
