@@ -21,6 +21,7 @@ dense MatMul by M, at n = 576, 1536, 4096.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -56,6 +57,23 @@ class Variant:
     decode_tps: list[float] = field(default_factory=list)
     ppl: float = float("nan")
     size_mb: float = float("nan")
+    threads: int | None = None
+
+    def open(self) -> Any:
+        """The runner: an OnnxCausalLM session (CPU) or the PyTorch model; kept in ``runner``."""
+        if self.runner is None:
+            if self.kind == "onnx":
+                self.runner = OnnxCausalLM.from_folder(self.path, provider="cpu", threads=self.threads)
+                self.size_mb = _folder_mb(self.path)
+            else:
+                self.runner = TorchRunner(self.path)
+        return self.runner
+
+    def close(self) -> None:
+        """Drop an onnxruntime session (its memory arena grows with the largest call it saw)."""
+        if self.kind == "onnx":
+            self.runner = None
+            gc.collect()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,14 +236,17 @@ def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int],
 
 
 def perplexities(variants: list[Variant], chunks: torch.Tensor) -> None:
+    """One session at a time (a 2,048-token call grows each session's arena by ~1 GB)."""
     from qwha_export.metrics import perplexity
 
     for v in variants:
+        v.open()
         if v.kind == "onnx":
             lm = v.runner
             v.ppl = perplexity(lambda ids, lm=lm: torch.from_numpy(lm.logits(ids.numpy())), chunks, batch_size=1)
         else:
             v.ppl = perplexity(v.runner.logits, chunks, batch_size=1)
+        v.close()
         print(f"  perplexity {v.name} {v.group}: {v.ppl:.2f}", flush=True)
 
 
@@ -236,7 +257,7 @@ def greedy_parity(variants: list[Variant], prompts: list[list[int]], n: int = 32
 
     from qwha_export.verify import load_export
 
-    torch_runner = next(v.runner for v in variants if v.kind == "torch")
+    torch_runner = next(v.open() for v in variants if v.kind == "torch")
     gen = HFGenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=[], pad_token_id=0)
     refs: dict[Path | None, list[list[int]]] = {}
     out = {}
@@ -254,8 +275,9 @@ def greedy_parity(variants: list[Variant], prompts: list[list[int]], n: int = 32
             del model
         same = []
         for p, ref in zip(prompts, refs[v.source], strict=True):
-            ours = v.runner.generate_ids([p], GenerationConfig(max_new_tokens=n, ignore_eos=True)).token_ids[0]
+            ours = v.open().generate_ids([p], GenerationConfig(max_new_tokens=n, ignore_eos=True)).token_ids[0]
             same.append(next((i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b), n))
+        v.close()
         out[v.key] = same
         print(f"  {v.key:16} tokens equal before the first difference: {same} (of {n})", flush=True)
     return out
@@ -266,18 +288,15 @@ def greedy_parity(variants: list[Variant], prompts: list[list[int]], n: int = 32
 
 
 def standalone_wht_model(n: int):
-    """A one-node model ``y = qwha::WalshHadamard(x)`` (x float32 [rows, n]) carrying the exporter's function body."""
-    from qwha_export import onnx_export
-
-    if hasattr(onnx_export, "wht_model"):
-        return onnx_export.wht_model(n)
+    """A one-node model ``y = qwha::WalshHadamard(x)`` (x float32 [rows, n]) carrying the exporter's function body
+    (the same factors and function the exporter puts in model.onnx)."""
     from onnx import TensorProto, helper
 
-    from qwha_export.converters.onnx_export import _wht_factors
+    from qwha_export.converters.onnx_export import wht_factors
     from qwha_export.formats.onnx_graph import OPSET
     from qwha_export.formats.onnx_ops import WHT_DOMAIN, wht_function, wht_node
 
-    k, factors = _wht_factors(n)
+    k, factors = wht_factors(n)
     graph = helper.make_graph(
         [wht_node("x", "y", n, k, "wht")],
         "wht",
@@ -288,6 +307,7 @@ def standalone_wht_model(n: int):
         graph,
         functions=[wht_function(n, k, factors, OPSET)],
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(WHT_DOMAIN, 1)],
+        ir_version=10,
     )
 
 
@@ -456,11 +476,8 @@ def main() -> None:
         variants.append(Variant("builder", "builder int4 ONNX (ort-genai)", "g32", "onnx", paths["builder"], "4"))
     variants.append(Variant("torch", "PyTorch eager fp32", "", "torch", paths["hf"]))
     for v in variants:
-        if v.kind == "onnx":
-            v.runner = OnnxCausalLM.from_folder(v.path, provider="cpu", threads=args.threads)
-            v.size_mb = _folder_mb(v.path)
-        else:
-            v.runner = TorchRunner(v.path)
+        v.threads = args.threads
+        v.open()
     tokenizer = variants[-1].runner.tokenizer
 
     from qwha_export.data import lee_corpus_text, token_chunks
@@ -470,6 +487,8 @@ def main() -> None:
     prompt = _chat_ids(tokenizer, SHORT_PROMPT)
     print(f"speed: prefill 512 tokens; decode 64 greedy tokens after a {len(prompt)}-token prompt", flush=True)
     measure(variants, prefill_ids, prompt, args)
+    for v in variants:
+        v.close()
     if not args.skip_ppl:
         print("perplexity on the first 2,048 tokens of the Lee corpus (one sequence):", flush=True)
         perplexities(variants, token_chunks(tokenizer, text, seq_len=2048, max_tokens=2048))
