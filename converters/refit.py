@@ -1,7 +1,8 @@
 """``refit``: re-quantize the merged weights and fit a fresh QWHA adapter to the new quantization error.
 
-For each adapted layer: ``W_m = dequant(base) + Delta W`` (float64), re-quantized at the requested bits (RTN, or
-GPTQ with the calibration Gram), then the training-stage initialisation (AdaAlloc + refinement, same budget rule)
+For each adapted layer: ``W_m = dequant(base) + Delta W`` (float64), re-quantized at the requested bits (RTN, GPTQ
+with the calibration Gram, the base's own grid, or ``auto``: the grid where the layer keeps its bits and groups, RTN
+elsewhere), then the training-stage initialisation (AdaAlloc + refinement, same budget rule)
 fits a new spectrum so that ``W_q' + Delta W'`` approximates ``W_m`` on the calibration activations. Quantized
 layers without adapter are re-quantized from their dequantized base. The result is a new adapter directory (same
 layout as ``init`` writes: ``quantized_base.safetensors``, ``qwha_base.json``, peft ``adapter_config.json`` +
@@ -33,6 +34,20 @@ _BASE_META = "qwha_base.json"
 def _quantized_base(adapter_dir: Path, layer: str, qf) -> QuantizedWeight:
     keys = [k for k in qf.keys() if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]]  # noqa: SIM118
     return QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in keys}, prefix=f"{layer}.")
+
+
+def layer_quantizer(quantizer: str, base_qw: QuantizedWeight, bits: int, group_size: int | None) -> str:
+    """Resolve ``quantizer="auto"`` for one layer: ``grid`` (the base's scales and zeros) when the layer keeps its bits
+    and group size (and has no act-order permutation), else ``rtn``.
+
+    Measured on SmolLM2-135M (rank 16, RTN g64 base, 4096 calibration tokens, held-out perplexity): refit keeps 91% of
+    the fused model's gain over the plain base at 3 bits with the grid and 80% with RTN; GPTQ underneath kept only 32%
+    at 4 bits (its error is already minimised on the calibration activations, leaving the new adapter little to fit).
+    """
+    if quantizer != "auto":
+        return quantizer
+    same = base_qw.bits == bits and group_size in (None, base_qw.group_size) and base_qw.g_idx is None
+    return "grid" if same else "rtn"
 
 
 def refit_adapter(
@@ -70,7 +85,8 @@ def refit_adapter(
             else:
                 target = base_qw.dequantize(torch.float64)
             gram = grams.get(layer)
-            qw = requantize(target, quantizer, bits, group_size, base_qw, hessian=gram)
+            method = layer_quantizer(quantizer, base_qw, bits, group_size)
+            qw = requantize(target, method, bits, group_size, base_qw, hessian=gram)
             new_base.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()})
             if layer not in spectra:
                 continue
@@ -80,7 +96,7 @@ def refit_adapter(
             new_adapter[key + "spectrum"] = res.values.float().contiguous()
             new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
             new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
-            layers.append({"name": layer, "shape": [d_out, d_in], **res.report})
+            layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
     save_file(new_base, str(out_dir / _BASE_FILE))
     save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
     cfg.update({"rank": rank, "scale": 1.0, "scale_pattern": {}, "init": "adaalloc"})

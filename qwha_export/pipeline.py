@@ -519,7 +519,7 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
     grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
     with tempfile.TemporaryDirectory(prefix=".refit-", dir=Path(job.out).resolve().parent) as tmp:
         report = refit_adapter(
-            job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="rtn", grams=grams
+            job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="auto", grams=grams
         )
         base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
         manifest = write_fused(

@@ -1,14 +1,16 @@
 """``refit``: re-quantize merged weights and fit a fresh adapter; the result is a loadable fused checkpoint."""
 
+import pytest
 import torch
-from tiny_adapter import ADAPTED, build_adapter_dir
+from tiny_adapter import ADAPTED, BITS, build_adapter_dir
 
 from qwha_export.converters.merge import read_adapter_spectra
 from qwha_export.converters.refit import refit_adapter
 from qwha_export.fused import load_fused, write_fused
 
 
-def test_refit_lowers_error_against_merged_weights_and_fuses(tmp_path):
+@pytest.mark.parametrize(("bits", "quantizer"), [(3, "gptq"), (3, "rtn"), (BITS, "grid")])
+def test_refit_lowers_error_against_merged_weights_and_fuses(tmp_path, bits, quantizer):
     adir, _, quantized = build_adapter_dir(tmp_path)
     gen = torch.Generator().manual_seed(0)
     grams = {}
@@ -17,7 +19,7 @@ def test_refit_lowers_error_against_merged_weights_and_fuses(tmp_path):
         grams[name] = x.T @ x
     out = tmp_path / "refit"
     out.mkdir()
-    report = refit_adapter(adir, out, bits=3, group_size=None, quantizer="gptq", grams=grams)
+    report = refit_adapter(adir, out, bits=bits, group_size=None, quantizer=quantizer, grams=grams)
     adapted = [n for n in quantized if n.rsplit(".", 1)[-1] in ADAPTED]
     assert report["total"]["n_layers"] == len(adapted)
     for layer in report["layers"]:
@@ -30,3 +32,13 @@ def test_refit_lowers_error_against_merged_weights_and_fuses(tmp_path):
     with torch.no_grad():
         logits = model(input_ids=torch.randint(0, 256, (2, 16), generator=gen)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_refit_auto_uses_the_base_grid_at_the_base_bits_else_rtn(tmp_path):
+    adir, _, quantized = build_adapter_dir(tmp_path)
+    grams = {name: torch.eye(qw.shape[1], dtype=torch.float64) for name, qw in quantized.items()}
+    for bits, expected in ((BITS, "grid"), (3, "rtn")):
+        out = tmp_path / f"auto{bits}"
+        out.mkdir()
+        report = refit_adapter(adir, out, bits=bits, group_size=None, quantizer="auto", grams=grams)
+        assert {layer["quantizer"] for layer in report["layers"]} == {expected}
