@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 class ByteTokenizer:
@@ -29,26 +28,9 @@ def byte_tokenizer() -> ByteTokenizer:
 @pytest.fixture(scope="session")
 def tiny_llama():
     """A seeded random LlamaForCausalLM: hidden 48, intermediate 96, 2 layers, 4 heads / 2 KV heads, vocab 256."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_adapter import tiny_llama as build
 
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
-    # random init is ~N(0, 0.02): scale up so activations are far from zero and differences are visible
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(5.0)
-    return model
+    return build(hidden=48, intermediate=96, max_positions=128)
 
 
 @pytest.fixture(scope="session")

@@ -19,17 +19,19 @@ ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  #
 BITS, GS = 4, 32
 
 
-def tiny_llama():
+def tiny_llama(hidden: int = 64, intermediate: int = 128, max_positions: int = 64):
+    """A seeded random LlamaForCausalLM (2 layers, 4 heads / 2 KV heads, vocab 256), weights scaled up x5 so that
+    activations are far from zero and differences are visible."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
