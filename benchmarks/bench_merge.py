@@ -30,23 +30,23 @@ Cases:
 * ``smollm2``: SmolLM2-135M-Instruct (float32 checkpoint) with an adapter from ``init_qwha`` (4-bit g64 RTN base,
   rank 16, 1,024 calibration tokens in 256-token rows; ~70 s; or ``--smollm2-adapter DIR``), merged to 4-bit
   ``gptq_v2`` (RTN) and to float16 dense.
-* ``8b``: a synthetic Llama-3-8B-shaped model (hidden 4096, intermediate 14336, 32 heads / 8 KV heads, vocab
-  128256, untied lm_head, bfloat16) at two depths, ``--small-layers`` (2) and ``--layers`` (4) decoder blocks,
-  written by this script into a temporary folder under ``--tmp`` (removed at the end): random bf16 weights in
-  <= 2 GB shards + index, a random 4-bit g64 quantized base of all 7 projections (:meth:`QuantizedWeight.to_dict`
-  layout), random sparse spectra with budget ``p = r (d_in + d_out)`` (``--rank`` 64) in the peft adapter layout
+* ``8b``: a synthetic Llama-3-8B-shaped model (hidden 4096, intermediate 14336, 32 heads / 8 KV heads, vocab 128256,
+  untied lm_head, bfloat16) at the decoder-block counts of ``--layers`` (default 2 and 4), written by this script
+  into a temporary folder under ``--tmp`` (removed at the end): random bf16 weights in <= 2 GB shards + index, a
+  random 4-bit g64 quantized base of all 7 projections (:meth:`QuantizedWeight.to_dict` layout), random sparse
+  spectra with budget ``p = r (d_in + d_out)`` (``--rank`` 64) in the peft adapter layout
   (``base_model.model.<layer>.qwha_spectrum`` float32 / ``qwha_indices`` int64 ``(2, p)`` / ``qwha_shape``),
-  ``adapter_config.json`` and ``qwha_base.json`` with the base hash. Every file is written tensor by tensor
-  (header first, then the data as it is generated), so the generator holds one tensor at a time. Target
-  ``--target-8b`` (default float16 dense; ``gptq_v2-4bit`` is ~3x slower on CPU, mostly the GPTQ bit packing).
-  Peak RSS and seconds are extrapolated linearly to the 32 layers of the real model (printed as extrapolation).
-  The in-memory run is skipped, with the reason printed, when its estimated peak exceeds ``--max-in-memory-gib``
-  (18).
+  ``adapter_config.json`` and ``qwha_base.json`` with the base hash. Every file is written tensor by tensor (header
+  first, then the data as it is generated), so the generator holds one tensor at a time. Target ``--target-8b``
+  (default float16 dense; ``gptq_v2-4bit`` is ~3x slower on CPU, mostly the GPTQ bit packing). Peak RSS and seconds
+  are extrapolated to the 32 layers of the real model (printed as extrapolation: linear through the two largest
+  counts; the streamed peak is bounded, see the printout). The in-memory run is skipped, with the reason printed,
+  when its estimated peak exceeds ``--max-in-memory-gib`` (18).
 
 Timings on a shared 2-core machine are noisy (runs are sequential, not interleaved); memory numbers are not.
 
-    python benchmarks/bench_merge.py [--quick] [--layers 4] [--small-layers 2] [--target-8b dense-fp16|gptq_v2-4bit]
-                                     [--skip-8b] [--skip-smollm2] [--skip-in-memory] [--smollm2-adapter DIR]
+    python benchmarks/bench_merge.py [--quick] [--threads 1] [--layers 2 4] [--in-memory-layers 2 4]
+        [--target-8b dense-fp16|gptq_v2-4bit] [--skip-8b] [--skip-smollm2] [--skip-in-memory] [--smollm2-adapter DIR]
 """
 
 from __future__ import annotations
@@ -468,7 +468,7 @@ def in_memory_estimate_gib(adapter_dir: Path) -> float:
 
 def case_8b(args, tmp_root: Path) -> list[dict]:
     rows = []
-    for layers in sorted({args.small_layers, args.layers}):
+    for layers in sorted(set(args.layers)):
         root = Path(tempfile.mkdtemp(prefix=f"synth8b-L{layers}-", dir=tmp_root))
         t0 = time.perf_counter()
         adir = write_synthetic_8b(root, layers, args.rank)
@@ -478,6 +478,8 @@ def case_8b(args, tmp_root: Path) -> list[dict]:
         reason = None
         if est > args.max_in_memory_gib:
             reason = f"estimated peak {est:.1f} GiB > {args.max_in_memory_gib} GiB"
+        elif args.in_memory_layers is not None and layers not in args.in_memory_layers:
+            reason = "not in --in-memory-layers"
         rows += run_pair("8B-shaped", layers, args.target_8b, adir, root, args, reason)
         shutil.rmtree(root, ignore_errors=True)
     return rows
@@ -547,22 +549,27 @@ def extrapolation(rows: list[dict], args) -> list[str]:
         if r["model"] == "8B-shaped" and "skipped" not in r:
             pts.setdefault(r["approach"], []).append(r)
     full = LLAMA3_8B["full_layers"]
-    out = [f"EXTRAPOLATION to the {full} layers of Llama-3-8B (linear in layers through the two measured points; "
-           "not measured):"]
+    out = [f"EXTRAPOLATION to the {full} layers of Llama-3-8B (not measured):"]
     for approach, rs in pts.items():
-        if len({r["layers"] for r in rs}) < 2:
+        rs = sorted(rs, key=lambda r: r["layers"])
+        series = ", ".join(f"L={r['layers']}: {mb(r['peak_mib']) / 1e3:.2f} GB" for r in rs)
+        if len(rs) < 2:
+            out.append(f"  {approach}: peak RSS {series} (one point, no fit)")
             continue
-        a, b = sorted(rs, key=lambda r: r["layers"])[:2]
+        a, b = rs[-2:]
         n = b["layers"] - a["layers"]
         rss_per = (b["peak_mib"] - a["peak_mib"]) / n
         rss = b["peak_mib"] + rss_per * (full - b["layers"])
         sec = b["seconds"] + (b["seconds"] - a["seconds"]) / n * (full - b["layers"])
-        note = ""
+        line = (f"  {approach}: peak RSS {series}; linear through the last two: {mb(rss_per):+.0f} MB per layer -> "
+                f"~{mb(rss) / 1e3:.1f} GB at {full} layers; time ~{sec / 60:.0f} min")
         if approach == "streamed":
-            note = (f" (shard buffer {a['shard_buf_mb']:.0f} / {b['shard_buf_mb']:.0f} MB at the two points; it never "
-                    f"exceeds {DEFAULT_MAX_SHARD_BYTES / MB:.0f} MB)")
-        out.append(f"  {approach}: peak RSS {mb(rss_per):+.0f} MB per layer -> ~{mb(rss) / 1e3:.1f} GB at {full} "
-                   f"layers; ~{sec / 60:.0f} min{note}")
+            bufs = ", ".join(f"{r['shard_buf_mb']:.0f}" for r in rs)
+            line += (f"\n    (streamed is bounded, not linear: one layer's float64 work + the output shard being "
+                     f"filled, at most {DEFAULT_MAX_SHARD_BYTES / 1e9:.0f} GB (measured "
+                     f"{bufs} MB); its peak grows only until a shard "
+                     f"holds merged layers alone, so the largest measured value is the estimate for {full} layers)")
+        out.append(line)
     sizes = full_8b_bytes(args.rank, full)
     out.append(f"  files of the full {full}-layer model: base {sizes['base'] / 1e9:.1f} GB bf16, quantized base "
                f"{sizes['quantized'] / 1e9:.1f} GB (uint8 codes), adapter {sizes['adapter'] / 1e9:.1f} GB "
@@ -572,8 +579,10 @@ def extrapolation(rows: list[dict], args) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=None, help="8B-shaped: decoder blocks of the larger model (4)")
-    ap.add_argument("--small-layers", type=int, default=None, help="8B-shaped: blocks of the smaller model (2)")
+    ap.add_argument("--layers", type=int, nargs="+", default=None,
+                    help="8B-shaped: decoder-block counts to build and merge (default 2 4; --quick 1 2)")
+    ap.add_argument("--in-memory-layers", type=int, nargs="+", default=None,
+                    help="8B-shaped: run the in-memory approach only at these block counts (default: all)")
     ap.add_argument("--rank", type=int, default=64, help="8B-shaped: spectrum budget p = rank (d_in + d_out)")
     ap.add_argument("--target-8b", choices=list(TARGETS), default="dense-fp16")
     ap.add_argument("--max-in-memory-gib", type=float, default=18.0)
@@ -590,10 +599,9 @@ def main() -> None:
     if args.worker:
         worker(json.loads(args.worker))
         return
-    args.layers = args.layers or (2 if args.quick else 4)
-    args.small_layers = args.small_layers or (1 if args.quick else 2)
-    if min(args.layers, args.small_layers) < 1:
-        raise SystemExit("--layers and --small-layers must be >= 1")
+    args.layers = args.layers or ([1, 2] if args.quick else [2, 4])
+    if min(args.layers) < 1:
+        raise SystemExit("--layers must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
