@@ -93,7 +93,7 @@ def main() -> None:
     ap.add_argument("--adapter", type=str, default=None)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--calib-tokens", type=int, default=4096, help="for gptq, refit and the per-layer report")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens of gptq and refit")
     ap.add_argument("--variants", type=str, default=",".join(VARIANTS))
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
@@ -119,46 +119,59 @@ def main() -> None:
             bits, requant, fmt, dtype = VARIANTS[name]
             out = work / name
             t0 = time.time()
-            if fmt == "fused" and requant == "-":
-                write_fused(adapter, out)
-            else:
-                fields = {f.name for f in dataclasses.fields(MergeJob)}
-                extra = {"verify_tokens": 0} if "verify_tokens" in fields else {}
-                merge_qwha(
-                    MergeJob(
-                        adapter_dir=str(adapter),
-                        out=str(out),
-                        bits=bits,
-                        requant=requant,
-                        format=fmt,
-                        dtype=dtype,
-                        calib_tokens=args.calib_tokens,
-                        quiet=True,
-                        **extra,
-                    )
-                )
+            try:
+                _write_variant(adapter, out, bits, requant, fmt, dtype, args.calib_tokens)
+            except ValueError as exc:  # e.g. gptq v1 cannot store a zero point of 0
+                rows[name] = {"error": str(exc)}
+                print(name, "refused:", exc, flush=True)
+                continue
             seconds = time.time() - t0
             res = verify_export(out, adapter, chunks=chunks)
             rows[name] = {**res, "seconds": seconds, "size_mb": _size_mb(out), "bits": bits, "requant": requant}
             shutil.rmtree(out, ignore_errors=True)
             print(name, json.dumps(rows[name]), flush=True)
-        print(f"\nSmolLM2-135M, adapter {adapter}, {chunks.numel()} held-out tokens (end of the Lee corpus)")
-        hdr = f"{'variant':32} {'ppl':>8} {'KL/token':>10} {'top-1':>7} {'max|dlogit|':>11} {'MB':>7} {'s':>6}"
-        print(hdr)
-        for name, r in rows.items():
-
-            def f(key, fmt_, r=r):
-                return format(r[key], fmt_) if key in r else "-"
-
-            print(
-                f"{name:32} {f('ppl_export', '8.2f'):>8} {f('kl_per_token', '10.2e'):>10} "
-                f"{f('top1_agreement', '7.4f'):>7} {f('max_abs_logit_diff', '11.3f'):>11} "
-                f"{f('size_mb', '7.1f'):>7} {f('seconds', '6.1f'):>6}"
-            )
+        _print_table(rows, adapter, chunks)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _write_variant(adapter: Path, out: Path, bits: int, requant: str, fmt: str, dtype: str, calib_tokens: int) -> None:
+    if fmt == "fused" and requant == "-":
+        write_fused(adapter, out)
+    else:
+        fields = {f.name for f in dataclasses.fields(MergeJob)}
+        extra = {"verify_tokens": 0} if "verify_tokens" in fields else {}
+        merge_qwha(
+            MergeJob(
+                adapter_dir=str(adapter),
+                out=str(out),
+                bits=bits,
+                requant=requant if requant != "-" else "rtn",  # unused at 16 bits
+                format=fmt,
+                dtype=dtype,
+                calib_tokens=calib_tokens if requant in ("gptq", "refit") else 0,  # 0: no report
+                quiet=True,
+                **extra,
+            )
+        )
+
+
+def _print_table(rows: dict, adapter: Path, chunks: torch.Tensor) -> None:
+    print(f"\nSmolLM2-135M, adapter {adapter}, {chunks.numel()} held-out tokens (end of the Lee corpus)")
+    hdr = f"{'variant':32} {'ppl':>8} {'KL/token':>10} {'top-1':>7} {'max|dlogit|':>11} {'MB':>7} {'s':>6}"
+    print(hdr)
+    for name, r in rows.items():
+
+        def f(key, fmt_, r=r):
+            return format(r[key], fmt_) if key in r else "-"
+
+        print(
+            f"{name:32} {f('ppl_export', '8.2f'):>8} {f('kl_per_token', '10.2e'):>10} "
+            f"{f('top1_agreement', '7.4f'):>7} {f('max_abs_logit_diff', '11.3f'):>11} "
+            f"{f('size_mb', '7.1f'):>7} {f('seconds', '6.1f'):>6}"
+        )
 
 
 if __name__ == "__main__":

@@ -263,7 +263,8 @@ def import_cmd(src, base_dir, out):
     show_default=True,
     type=click.Choice(["rtn", "gptq", "grid", "refit"]),
     help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros; "
-    "refit: RTN re-quantization plus a freshly fitted adapter, written as a fused checkpoint.",
+    "refit: re-quantization (the base's grid at its own bits, else RTN) plus a freshly fitted adapter, written as a "
+    "fused checkpoint.",
 )
 @click.option(
     "--format",
@@ -519,6 +520,33 @@ def push_cmd(folder, repo_id, private, revision, token, commit_message, create_p
         click.echo(f"wrote model card {folder.rstrip('/')}/README.md")
     where = result["pr_url"] or result["commit_url"]
     click.echo(f"pushed {len(result['files'])} files to {result['repo_id']} ({result['revision']}): {where}")
+
+
+@main.command("demo")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--train-steps", default=40, show_default=True, type=int, help="Fine-tuning steps (batch 4).")
+@click.option("--prompt", default=None, help="Question answered by the exported ONNX model at the end.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars (the final table is still printed).")
+@_friendly_errors
+def demo_cmd(out, train_steps, prompt, overwrite, quiet):
+    """The whole pipeline on the embedded SmolLM2-135M-Instruct, offline, in about 10 minutes on 2 CPU cores.
+
+    Quantize (4-bit g64) -> QWHA init on real text -> short fine-tune on MMLU chain-of-thought examples -> merge
+    (int4 GPTQ v2) and fuse -> export ONNX -> verify parity -> generate an answer with onnxruntime. Prints a table
+    (stage, time, perplexity, KL, top-1, size); every export folder under --out can be pushed with `push`.
+
+    Example: qwha-export demo --out runs/demo
+    """
+    from .demo import DEFAULT_PROMPT, DemoConfig, format_table, run_demo
+
+    report = run_demo(
+        DemoConfig(
+            out=out, train_steps=train_steps, prompt=prompt or DEFAULT_PROMPT, overwrite=overwrite, quiet=quiet
+        )
+    )
+    click.echo(format_table(report))
+    click.echo(f"wrote {out} (push an export with: qwha-export push {out}/onnx-fused --repo-id ORG/NAME)")
 
 
 if __name__ == "__main__":
