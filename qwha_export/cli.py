@@ -524,7 +524,7 @@ def push_cmd(folder, repo_id, private, revision, token, commit_message, create_p
 
 @main.command("demo")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
-@click.option("--train-steps", default=40, show_default=True, type=int, help="Fine-tuning steps (batch 4).")
+@click.option("--train-steps", default=8, show_default=True, type=int, help="Fine-tuning steps (batch 2).")
 @click.option("--prompt", default=None, help="Question answered by the exported ONNX model at the end.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars (the final table is still printed).")

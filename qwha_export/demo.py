@@ -40,9 +40,9 @@ class DemoConfig:
     group_size: int = 64
     rank: int = 16
     calib_tokens: int = 2048
-    train_steps: int = 40
-    train_batch_size: int = 4
-    train_max_len: int = 384
+    train_steps: int = 8
+    train_batch_size: int = 2
+    train_max_len: int = 256
     lr: float = 2e-3
     eval_tokens: int = 2048
     eval_seq_len: int = 256
