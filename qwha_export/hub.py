@@ -191,33 +191,14 @@ def _check_manifest_files(d: Path, manifest: dict[str, Any], data_bytes: dict[st
             )
 
 
-def _onnx_tensors(graph) -> Iterator[Any]:
-    """Every TensorProto of an ONNX graph: initializers, sparse initializers, tensor attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from _node_tensors(node)
-
-
-def _node_tensors(node) -> Iterator[Any]:
-    for attr in node.attribute:
-        if attr.HasField("t"):
-            yield attr.t
-        yield from attr.tensors
-        if attr.HasField("g"):
-            yield from _onnx_tensors(attr.g)
-        for g in attr.graphs:
-            yield from _onnx_tensors(g)
-
-
 def _check_onnx(d: Path, files: list[str]) -> None:
     models = [f for f in files if f.endswith(".onnx")]
     if not models:
         return
     import onnx
     from onnx.external_data_helper import ExternalDataInfo
+
+    from .serving import onnx_graph_tensors, onnx_node_tensors
 
     for name in models:
         path = d / name
@@ -226,10 +207,8 @@ def _check_onnx(d: Path, files: list[str]) -> None:
         except Exception as e:  # DecodeError and friends
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"{path}: not a readable ONNX model ({msg}); re-run the ONNX export") from None
-        tensors = list(_onnx_tensors(model.graph))
-        for fn in model.functions:
-            for node in fn.node:
-                tensors.extend(_node_tensors(node))
+        tensors = list(onnx_graph_tensors(model.graph))
+        tensors += list(onnx_node_tensors([n for fn in model.functions for n in fn.node]))
         for t in tensors:
             if t.data_location != onnx.TensorProto.EXTERNAL:
                 continue

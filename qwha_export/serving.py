@@ -138,23 +138,26 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _tensors_of_graph(graph: Any) -> Iterator[Any]:
+def onnx_graph_tensors(graph: Any) -> Iterator[Any]:
+    """Every TensorProto of an ONNX graph: initializers, sparse initializers, tensor attributes, subgraphs."""
     yield from graph.initializer
-    yield from (s.values for s in graph.sparse_initializer)
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
     for node in graph.node:
-        yield from _tensors_of_nodes([node])
+        yield from onnx_node_tensors([node])
 
 
-def _tensors_of_nodes(nodes: Sequence[Any]) -> Iterator[Any]:
+def onnx_node_tensors(nodes: Sequence[Any]) -> Iterator[Any]:
     for node in nodes:
         for attr in node.attribute:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
             if attr.HasField("g"):
-                yield from _tensors_of_graph(attr.g)
+                yield from onnx_graph_tensors(attr.g)
             for g in attr.graphs:
-                yield from _tensors_of_graph(g)
+                yield from onnx_graph_tensors(g)
 
 
 def check_onnx_folder(folder: str | Path) -> Path:
@@ -182,8 +185,8 @@ def _open_folder(folder: str | Path) -> tuple[Path, Any]:
     except Exception as exc:  # protobuf errors have no common base class
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path} is not a readable ONNX model: {first}") from None
-    tensors = list(_tensors_of_graph(proto.graph))
-    tensors += list(_tensors_of_nodes([n for f in proto.functions for n in f.node]))
+    tensors = list(onnx_graph_tensors(proto.graph))
+    tensors += list(onnx_node_tensors([n for f in proto.functions for n in f.node]))
     needed: dict[str, int] = {}
     for t in tensors:
         if t.data_location != onnx.TensorProto.EXTERNAL:
