@@ -22,6 +22,7 @@ from safetensors import safe_open
 from ..formats.shards import sha256_file, validate_checkpoint, validate_safetensors_file
 
 __all__ = [
+    "read_quantized_layer",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
     "BASE_FILE",
@@ -277,3 +278,20 @@ def open_adapter_source(adapter_dir: Path, check_hash: bool = True, lazy: bool =
             raise ValueError(f"{layer}: layer of the adapter directory has no {layer}.weight in base model {base_dir}")
     _check_layer_shapes(adapter_dir, base_dir, entries, quantized, spectra)
     return meta, base_dir, quantized, spectra
+
+
+def read_quantized_layer(path: str | Path, layer: str, keys: set[str] | None = None):
+    """One layer's :class:`QuantizedWeight` from a ``quantized_base.safetensors`` file (``keys``: the file's tensor
+    names, if already known).
+
+    Opens a handle per call on purpose: ``safe_open`` maps the whole file and keeps every page read through it
+    resident until the handle closes, so one handle held across all layers would keep the entire quantized base in
+    memory.
+    """
+    from .quantize import QuantizedWeight
+
+    prefix = f"{layer}."
+    with safe_open(str(path), framework="pt") as qf:
+        names = qf.keys() if keys is None else keys
+        wanted = [k for k in names if k.startswith(prefix) and "." not in k[len(prefix) :]]
+        return QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=prefix)

@@ -48,6 +48,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     _validate,
     open_adapter_source,
     read_adapter_spectra,
+    read_quantized_layer,
     source_record,
 )
 from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
@@ -263,11 +264,7 @@ def stream_merge(
                     continue
                 base_qw = None
                 if layer in quantized:
-                    wanted = {k for k in qkeys if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]}
-                    # a handle per layer: safe_open maps the whole file and keeps the pages read through it resident
-                    # until closed, so one handle for the whole merge held the entire quantized base in RSS
-                    with safe_open(qpath, framework="pt") as qf:
-                        base_qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
+                    base_qw = read_quantized_layer(qpath, layer, qkeys)
                     if base_qw.shape != tuple(tensor.shape):
                         raise ValueError(
                             f"{layer}: quantized base {base_qw.shape} does not match base weight {tuple(tensor.shape)}"

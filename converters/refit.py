@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .adapter_source import read_quantized_layer
 from .merge import merged_weight, open_adapter_source, requantize
 from .quantize import QuantizedWeight
 from .qwha_init import InitConfig, init_layer
@@ -29,11 +30,6 @@ __all__ = ["refit_adapter"]
 
 _BASE_FILE = "quantized_base.safetensors"
 _BASE_META = "qwha_base.json"
-
-
-def _quantized_base(adapter_dir: Path, layer: str, qf) -> QuantizedWeight:
-    keys = [k for k in qf.keys() if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]]  # noqa: SIM118
-    return QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in keys}, prefix=f"{layer}.")
 
 
 def layer_quantizer(quantizer: str, base_qw: QuantizedWeight, bits: int, group_size: int | None) -> str:
@@ -76,27 +72,29 @@ def refit_adapter(
     new_base: dict[str, torch.Tensor] = {}
     new_adapter: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
-    with safe_open(str(adapter_dir / _BASE_FILE), framework="pt") as qf:
-        for layer in sorted(quantized | set(spectra)):
-            base_qw = _quantized_base(adapter_dir, layer, qf)
-            if layer in spectra:
-                values, rows, cols, scale = spectra[layer]
-                target = merged_weight(base_qw, values, rows, cols, scale)
-            else:
-                target = base_qw.dequantize(torch.float64)
-            gram = grams.get(layer)
-            method = layer_quantizer(quantizer, base_qw, bits, group_size)
-            qw = requantize(target, method, bits, group_size, base_qw, hessian=gram)
-            new_base.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()})
-            if layer not in spectra:
-                continue
-            res = init_layer(target, qw.dequantize(), gram, init_cfg)
-            d_out, d_in = qw.shape
-            key = f"base_model.model.{layer}.qwha_"
-            new_adapter[key + "spectrum"] = res.values.float().contiguous()
-            new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
-            new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
-            layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
+    qpath = adapter_dir / _BASE_FILE
+    with safe_open(str(qpath), framework="pt") as qf:
+        qkeys = set(qf.keys())
+    for layer in sorted(quantized | set(spectra)):
+        base_qw = read_quantized_layer(qpath, layer, qkeys)
+        if layer in spectra:
+            values, rows, cols, scale = spectra[layer]
+            target = merged_weight(base_qw, values, rows, cols, scale)
+        else:
+            target = base_qw.dequantize(torch.float64)
+        gram = grams.get(layer)
+        method = layer_quantizer(quantizer, base_qw, bits, group_size)
+        qw = requantize(target, method, bits, group_size, base_qw, hessian=gram)
+        new_base.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()})
+        if layer not in spectra:
+            continue
+        res = init_layer(target, qw.dequantize(), gram, init_cfg)
+        d_out, d_in = qw.shape
+        key = f"base_model.model.{layer}.qwha_"
+        new_adapter[key + "spectrum"] = res.values.float().contiguous()
+        new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
+        new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
+        layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
     save_file(new_base, str(out_dir / _BASE_FILE))
     save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
     cfg.update({"rank": rank, "scale": 1.0, "scale_pattern": {}, "init": "adaalloc"})

@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .converters.adapter_source import read_quantized_layer
 from .converters.merge import (
     BASE_FILE,
     MANIFEST_FILE,
     open_adapter_source,
     source_record,
 )
-from .converters.quantize import QuantizedWeight
 from .formats import ExportFormat, get_writer, needs_desc_act
 from .formats.dense import DenseFormat
 from .formats.fused import (
@@ -98,16 +98,17 @@ def write_fused(
     layer_recs: dict[str, dict[str, Any]] = {}
     desc_act = False
     settings: set[tuple[int, int]] = set()
-    with atomic_output_dir(out_dir, overwrite) as tmp, safe_open(str(adapter_dir / BASE_FILE), framework="pt") as qf:
-        qkeys = set(qf.keys())
+    qpath = adapter_dir / BASE_FILE
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        with safe_open(str(qpath), framework="pt") as qf:
+            qkeys = set(qf.keys())
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
             for name, tensor in iter_checkpoint_tensors(base_dir):
                 layer = by_weight.get(name)
                 if layer is None:
                     shards.add(name, tensor)  # pass-through, bit-identical
                     continue
-                wanted = {k for k in qkeys if k.startswith(f"{layer}.") and "." not in k[len(layer) + 1 :]}
-                qw = QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=f"{layer}.")
+                qw = read_quantized_layer(qpath, layer, qkeys)
                 if qw.shape != tuple(tensor.shape):
                     raise ValueError(
                         f"{layer}: quantized base {qw.shape} does not match base weight {tuple(tensor.shape)}"
