@@ -84,14 +84,6 @@ def _done(folder: Path, marker: str = "model.onnx") -> bool:
     return (folder / marker).is_file()
 
 
-def _check_group_divides(hf: Path, group: int) -> None:
-    """Our quantizer needs every input width to be a multiple of the group size (SmolLM2: 576 and 1536)."""
-    cfg = json.loads((hf / "config.json").read_text())
-    for name in ("hidden_size", "intermediate_size"):
-        if cfg[name] % group:
-            raise ValueError(f"{name}={cfg[name]} of {hf.name} is not a multiple of group size {group}")
-
-
 def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builder: bool) -> dict[str, Path]:
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
@@ -120,8 +112,7 @@ def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builde
     for g in group_sizes:
         root = work / f"g{g}"
         try:
-            QuantConfig(bits=4, group_size=g)
-            _check_group_divides(hf, g)
+            QuantConfig(bits=4, group_size=g)  # a group size not dividing 576 leaves a ragged last group
         except ValueError as exc:
             print(f"  g{g} skipped: {exc}", flush=True)
             continue

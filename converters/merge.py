@@ -51,7 +51,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     read_quantized_layer,
     source_record,
 )
-from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
+from .quantize import QuantConfig, QuantizedWeight, config_group_size, quantize_gptq, quantize_rtn
 
 __all__ = [
     "REQUANT_METHODS",
@@ -187,6 +187,22 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
+def _check_ct_groups(qf: Any, layers: Any, group_size: int | None) -> None:
+    """ValueError before any work when a layer's group size would not divide its ``d_in`` (compressed-tensors
+    cannot dequantize a ragged last group)."""
+    keys = set(qf.keys())
+    for layer in sorted(layers):
+        if f"{layer}.codes" not in keys or (group_size is None and f"{layer}.group_size" not in keys):
+            continue  # left to the layer reader's own error
+        d_in = qf.get_slice(f"{layer}.codes").get_shape()[1]
+        gs = int(qf.get_tensor(f"{layer}.group_size").reshape(-1)[0]) if group_size is None else group_size
+        if gs != -1 and d_in % gs:
+            raise ValueError(
+                f"layer {layer}: group_size={gs} does not divide d_in={d_in}; compressed-tensors cannot dequantize a "
+                "ragged last group: pick a group size dividing it or --format gptq_v2"
+            )
+
+
 def stream_merge(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -248,7 +264,7 @@ def stream_merge(
     by_weight = {f"{layer}.weight": layer for layer in quantized | set(spectra)}
     layers: list[dict[str, Any]] = []
     desc_act = False
-    group_sizes: set[int] = set()
+    group_sizes: set[tuple[int, int]] = set()  # (real group size, d_in) of the quantized layers written
     out_bits: set[int] = set()
     base_bits: set[int] = set()  # bits of the quantized base of the adapted layers
     written: list[str] = []
@@ -256,6 +272,8 @@ def stream_merge(
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with safe_open(qpath, framework="pt") as qf:
             qkeys = set(qf.keys())
+            if fmt == ExportFormat.COMPRESSED_TENSORS and not dense_merge:
+                _check_ct_groups(qf, quantized, group_size)
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
             for name, tensor in iter_checkpoint_tensors(base_dir):
                 layer = by_weight.get(name)
@@ -287,8 +305,7 @@ def stream_merge(
                 written.extend(tensors)
                 if qw_out is not None:
                     desc_act = desc_act or needs_desc_act(qw_out)
-                    d_in = qw_out.shape[1]
-                    group_sizes.add(-1 if qw_out.group_size == d_in and qw_out.n_groups == 1 else qw_out.group_size)
+                    group_sizes.add((qw_out.group_size, qw_out.shape[1]))
                     out_bits.add(qw_out.bits)
                 if base_qw is not None and layer in spectra:
                     base_bits.add(base_qw.bits)
@@ -298,13 +315,13 @@ def stream_merge(
 
         qconfig = None
         if fmt != ExportFormat.DENSE:
-            if len(out_bits) > 1 or len(group_sizes) > 1:
+            qgs = config_group_size(group_sizes) if group_sizes else (-1 if group_size is None else group_size)
+            if len(out_bits) > 1 or qgs is None:
                 raise ValueError(
                     f"layers were quantized with mixed settings (bits {sorted(out_bits)}, group sizes "
-                    f"{sorted(group_sizes)}); one quantization_config cannot describe them"
+                    f"{sorted({g for g, _ in group_sizes})}); one quantization_config cannot describe them"
                 )
             qbits = next(iter(out_bits), bits)
-            qgs = next(iter(group_sizes), -1 if group_size is None else group_size)
             if fmt == ExportFormat.COMPRESSED_TENSORS:
                 qconfig = writer.quantization_config(qbits, qgs, targets=sorted(by_weight.values()))
             else:

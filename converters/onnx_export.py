@@ -84,7 +84,9 @@ def nbits_linear(module: nn.Module) -> NBitsLinear:
     perm = None
     if qw.g_idx is not None:
         g = qw.g_idx.long().cpu()
-        if not bool((torch.bincount(g, minlength=qw.n_groups) == qw.group_size).all()):
+        sizes = torch.full((qw.n_groups,), qw.group_size, dtype=torch.long)
+        sizes[-1] = d_in - (qw.n_groups - 1) * qw.group_size  # a ragged last group
+        if not torch.equal(torch.bincount(g, minlength=qw.n_groups), sizes):
             raise ValueError("act-order g_idx with unequal group sizes cannot be written as MatMulNBits")
         perm_t = torch.argsort(g, stable=True)
         perm = perm_t.numpy().astype(np.int64)
@@ -92,10 +94,10 @@ def nbits_linear(module: nn.Module) -> NBitsLinear:
     block = _block_size(qw.group_size)
     reps = qw.group_size // block
     if reps > 1:  # e.g. per-channel: the same scale and zero point for every block of the group
-        zeros, scales = np.repeat(zeros, reps, axis=1), np.repeat(scales, reps, axis=1)
+        n_blocks = -(-d_in // block)  # a ragged last group spans fewer blocks
+        zeros = np.repeat(zeros, reps, axis=1)[:, :n_blocks]
+        scales = np.repeat(scales, reps, axis=1)[:, :n_blocks]
     bits = 4 if qw.bits == 3 else qw.bits
-    if d_in % block:
-        raise ValueError(f"d_in={d_in} is not a multiple of the block size {block}")
     return NBitsLinear(np.ascontiguousarray(codes), np.ascontiguousarray(zeros), scales, bits, block, perm)
 
 

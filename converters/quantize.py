@@ -13,8 +13,11 @@ Memory layout (all tensors row-major / C-contiguous, one value per element, noth
   mapping ``column // group_size``; it is only set when the mapping differs from that (GPTQ ``act_order`` without
   ``static_groups``).
 
-``n_groups = d_in // group_size`` (``group_size`` must divide ``d_in``), or ``1`` for per-output-channel
-quantization (``group_size=-1`` in :class:`QuantConfig`; the stored ``QuantizedWeight.group_size`` is then ``d_in``).
+``n_groups = ceil(d_in / group_size)``, or ``1`` for per-output-channel quantization (``group_size=-1`` in
+:class:`QuantConfig`; the stored ``QuantizedWeight.group_size`` is then ``d_in``). When ``group_size`` does not divide
+``d_in`` the last group is shorter (``d_in - (n_groups - 1) * group_size`` columns; SmolLM2's 576 columns at group
+size 128 are 4 groups of 128 and one of 64), as in AutoGPTQ / GPTQModel (``ceil(infeatures / group_size)`` rows of
+``scales``) and onnxruntime's MatMulNBits (``ceil(K / block_size)`` blocks).
 
 Dequantization (exact formula)::
 
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -59,6 +63,8 @@ __all__ = [
     "QuantMethod",
     "QuantConfig",
     "QuantizedWeight",
+    "n_groups_of",
+    "config_group_size",
     "quantize_rtn",
     "quantize_gptq",
     "quantize_weight",
@@ -99,12 +105,46 @@ def _check_group_size(group_size: Any) -> int:
 
 
 def _resolve_group_size(group_size: int, d_in: int) -> int:
-    """The real group size for a layer with ``d_in`` input columns; ValueError if it does not divide ``d_in``."""
-    if group_size == -1:
-        return d_in
-    if d_in % group_size != 0:
-        raise ValueError(f"d_in={d_in} is not divisible by group_size={group_size}")
-    return group_size
+    """The real group size for a layer with ``d_in`` input columns (``d_in`` for per-channel, -1)."""
+    return d_in if group_size == -1 else group_size
+
+
+def n_groups_of(d_in: int, group_size: int) -> int:
+    """``ceil(d_in / group_size)``: the number of groups, the last one shorter when ``group_size`` does not divide."""
+    return -(-d_in // group_size)
+
+
+def config_group_size(layers: Iterable[tuple[int, int]]) -> int | None:
+    """The one ``group_size`` a checkpoint's ``quantization_config`` can give all ``layers`` (``(group_size, d_in)``
+    pairs, the real group sizes of :class:`QuantizedWeight`), or None if none can.
+
+    A layer fits ``c`` when its group size is ``c``, or when it has a single group and ``c`` is -1 (per channel) or
+    at least its ``d_in``: loaders allocate ``ceil(d_in / c)`` groups. A group size the layers share is preferred
+    to -1, so a model quantized at 128 whose ``down_proj`` happens to be 128 wide stays ``128``.
+    """
+    shapes = [(gs, d_in, n_groups_of(d_in, gs)) for gs, d_in in set(layers)]
+    if not shapes:
+        return None
+
+    def fits(c: int) -> bool:
+        return all(gs == c or (n == 1 and (c == -1 or c >= d_in)) for gs, d_in, n in shapes)
+
+    for c in sorted({gs for gs, _, _ in shapes}):
+        if fits(c):
+            return -1 if all(n == 1 and gs == d_in for gs, d_in, n in shapes) and c not in SUPPORTED_GROUP_SIZES else c
+    return -1 if fits(-1) else None
+
+
+def _grouped(w: torch.Tensor, gs: int) -> torch.Tensor:
+    """``(d_out, n_groups, gs)`` view of ``w`` (``(d_out, d_in)``), a ragged last group zero-padded.
+
+    Zero padding leaves every group's grid unchanged: the grid's ``xmin``/``xmax`` always include 0.
+    """
+    d_out, d_in = w.shape
+    n = n_groups_of(d_in, gs)
+    if n * gs != d_in:
+        w = torch.nn.functional.pad(w, (0, n * gs - d_in))
+    return w.reshape(d_out, n, gs)
 
 
 @dataclass(frozen=True)
@@ -178,9 +218,9 @@ class QuantizedWeight:
         if self.codes.dim() != 2 or self.codes.dtype != torch.uint8:
             raise ValueError(f"codes must be a 2-D uint8 tensor, got {self.codes.dtype} {tuple(self.codes.shape)}")
         d_out, d_in = self.codes.shape
-        if not _is_int(self.group_size) or self.group_size < 1 or d_in % self.group_size != 0:
-            raise ValueError(f"group_size={self.group_size!r} does not divide d_in={d_in}")
-        n_groups = d_in // self.group_size
+        if not _is_int(self.group_size) or self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size!r} must be a positive integer")
+        n_groups = n_groups_of(d_in, self.group_size) if d_in else 0
         if self.scales.dtype != torch.float16 or tuple(self.scales.shape) != (d_out, n_groups):
             raise ValueError(
                 f"scales must be float16 of shape {(d_out, n_groups)}, "
@@ -343,13 +383,12 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedW
     w = _as_float64_copy(weight)
     d_out, d_in = w.shape
     gs = _resolve_group_size(group_size, d_in)
-    n_groups = d_in // gs
     maxq = 2**bits - 1
-    wg = w.view(d_out, n_groups, gs)
+    wg = _grouped(w, gs)
     scale, zero = _grid_params(wg.amin(dim=-1), wg.amax(dim=-1), maxq)
     codes = _quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
     return QuantizedWeight(
-        codes=codes.reshape(d_out, d_in).to(torch.uint8),
+        codes=codes.reshape(d_out, -1)[:, :d_in].to(torch.uint8),
         scales=scale.to(torch.float16),
         zeros=zero.to(torch.uint8),
         bits=bits,
@@ -412,7 +451,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     w = _as_float64_copy(weight)
     d_out, d_in = w.shape
     gs = _resolve_group_size(config.group_size, d_in)
-    n_groups = d_in // gs
+    n_groups = n_groups_of(d_in, gs)
     if not isinstance(hessian, torch.Tensor) or tuple(hessian.shape) != (d_in, d_in):
         shape = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
         raise ValueError(f"hessian must have shape {(d_in, d_in)} for a weight with d_in={d_in}, got {shape}")
@@ -430,7 +469,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
     scales = torch.empty(d_out, n_groups, dtype=torch.float64, device=w.device)
     zeros = torch.empty_like(scales)
     if static:
-        wg = w.view(d_out, n_groups, gs)
+        wg = _grouped(w, gs)
         scales[:], zeros[:] = _grid_params(wg.amin(dim=-1), wg.amax(dim=-1), maxq)
 
     if config.act_order:
@@ -463,7 +502,7 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
             if not static and col % gs == 0:
                 # current values of the group's columns: in-block ones live in w1 (fully updated); later ones are
                 # in w, still missing this block's pending updates from columns i1 .. col-1
-                end = col + gs
+                end = min(col + gs, d_in)  # a ragged last group ends at d_in
                 cur = w1[:, i : min(count, end - i1)]
                 if end > i2:
                     rest = w[:, i2:end]

@@ -29,7 +29,8 @@ Conventions (checked against compressed-tensors 0.20.1 ``PackedQuantizationCompr
   (float32 scale: identical to ``dequantize(torch.float32)``, which is exact).
 * ``weight_shape`` is written as ``torch.tensor(weight.shape)`` (int64), as the compressor does.
 * No ``g_idx``: compressed-tensors 0.20 has no activation-order group index, so a layer whose groups are not
-  ``column // group_size`` (GPTQ ``act_order`` without ``static_groups``) is refused.
+  ``column // group_size`` (GPTQ ``act_order`` without ``static_groups``) is refused, and so is a group size that
+  does not divide ``d_in`` (the library's group dequantization requires it).
 * Bits: 4 and 8 are what vLLM's ``CompressedTensorsWNA16`` serves; 2 is accepted (same layout in every
   compressed-tensors version); 3 is refused because its packing changed between compressed-tensors releases
   (10 values per int32 before the dense packing).
@@ -95,6 +96,12 @@ def write_ct_layer(
                 "compressed-tensors pack-quantized; quantize with static_groups or export as GPTQ"
             )
     d_out, d_in = qw.shape
+    if d_in % qw.group_size:
+        raise ValueError(
+            f"layer {prefix or '<unnamed>'}: group_size={qw.group_size} does not divide d_in={d_in}; "
+            "compressed-tensors cannot dequantize a ragged last group: pick a group size dividing it or export as "
+            "gptq_v2"
+        )
     return {
         join_key(prefix, "weight_packed"): pack_ct_weight(qw.codes, bits),
         join_key(prefix, "weight_scale"): qw.scales.to(scale_dtype).contiguous(),

@@ -27,6 +27,8 @@ Dequantization by loaders (GPTQModel ``dequantize_weight``)::
     W.T[i, o] = scales[g_idx[i], o] * (codes[o, i] - zero[o, g_idx[i]])
 
 -- the same value as :meth:`QuantizedWeight.dequantize` (a single float16 multiply of an exact integer difference).
+``n_groups = ceil(d_in / group_size)``: when the group size does not divide ``d_in`` the last group is shorter, as
+AutoGPTQ's and GPTQModel's ``QuantLinear`` allocate it (``math.ceil(infeatures / group_size)`` rows of ``scales``).
 
 Shape rule: loaders allocate ``qweight`` as ``[d_in // 32 * bits, d_out]`` and ``qzeros`` as
 ``[n_groups, d_out // 32 * bits]`` (AutoGPTQ ``QuantLinear.__init__``, GPTQModel ``_register_gptq_buffers``), and
@@ -43,7 +45,7 @@ from typing import Any
 
 import torch
 
-from ..converters.quantize import QuantizedWeight
+from ..converters.quantize import QuantizedWeight, n_groups_of
 from .packing import (
     GPTQ_PACK_BITS,
     pack_gptq_qweight,
@@ -163,9 +165,7 @@ def read_gptq_layer(
     if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
         raise ValueError(f"group_size must be a positive int or -1, got {group_size!r}")
     gs = d_in if group_size == -1 else group_size
-    if d_in % gs:
-        raise ValueError(f"{prefix}: group_size={group_size} does not divide d_in={d_in}")
-    n_groups = d_in // gs
+    n_groups = n_groups_of(d_in, gs)  # a ragged last group when gs does not divide d_in (AutoGPTQ: ceil)
     if tuple(scales.shape) != (n_groups, d_out):
         raise ValueError(f"{prefix}: scales shape {tuple(scales.shape)} != expected {(n_groups, d_out)}")
     if qzeros.shape[0] != n_groups:

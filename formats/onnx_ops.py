@@ -3,7 +3,8 @@
 Layout only (bit packing, reshapes, index tables); every number written here is computed by the caller.
 
 **MatMulNBits** (``com.microsoft``, onnxruntime ``ContribOperators.md``) for a weight ``W`` of shape ``(N, K)``
-quantized in blocks of ``block_size`` along ``K``, ``n_blocks = K / block_size``:
+quantized in blocks of ``block_size`` along ``K``, ``n_blocks = ceil(K / block_size)`` (a ragged last block's codes
+are zero-padded in ``B``):
 
 ============  =====================================  ===========================================================
 input         shape, dtype                           content
@@ -81,15 +82,17 @@ def matmul_nbits_tensors(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(B, scales, zero_points)`` of MatMulNBits for codes ``(N, K)``, zeros/scales ``(N, n_blocks)``.
 
-    ``bits`` is the storage width (2, 4 or 8). ValueError when ``block_size`` is not a power of two >= 16 dividing
-    ``K`` or the shapes disagree.
+    ``bits`` is the storage width (2, 4 or 8); ``n_blocks = ceil(K / block_size)``, a ragged last block's codes
+    zero-padded in ``B`` (the runtime reads only ``K`` of them). ValueError when ``block_size`` is not a power of two
+    >= 16 or the shapes disagree.
     """
     n, k = codes.shape
-    if block_size < 16 or block_size & (block_size - 1) or k % block_size:
-        raise ValueError(f"MatMulNBits block_size={block_size} must be a power of two >= 16 dividing K={k}")
-    n_blocks = k // block_size
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"MatMulNBits block_size={block_size} must be a power of two >= 16")
+    n_blocks = -(-k // block_size)
     if zeros.shape != (n, n_blocks) or scales.shape != (n, n_blocks):
         raise ValueError(f"zeros/scales must have shape {(n, n_blocks)}, got {zeros.shape} and {scales.shape}")
+    codes = np.pad(codes, ((0, 0), (0, n_blocks * block_size - k)))
     b = pack_le(codes, bits).reshape(n, n_blocks, block_size * bits // 8)
     return b, np.ascontiguousarray(scales, dtype=np.float32), pack_le(zeros, bits)
 

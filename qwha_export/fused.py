@@ -32,6 +32,7 @@ from .converters.merge import (
     open_adapter_source,
     source_record,
 )
+from .converters.quantize import config_group_size
 from .formats import ExportFormat, get_writer, needs_desc_act
 from .formats.dense import DenseFormat
 from .formats.fused import (
@@ -97,7 +98,7 @@ def write_fused(
     qrecords: dict[str, dict[str, int]] = {}
     layer_recs: dict[str, dict[str, Any]] = {}
     desc_act = False
-    settings: set[tuple[int, int]] = set()
+    settings: set[tuple[int, int, int]] = set()  # (bits, real group size, d_in)
     qpath = adapter_dir / BASE_FILE
     with atomic_output_dir(out_dir, overwrite) as tmp:
         with safe_open(str(qpath), framework="pt") as qf:
@@ -118,8 +119,7 @@ def write_fused(
                 else:
                     shards.add_many(writer.write_layer(qw, prefix=layer))
                 desc_act = desc_act or needs_desc_act(qw)
-                d_in = qw.shape[1]
-                settings.add((qw.bits, -1 if qw.group_size == d_in and qw.n_groups == 1 else qw.group_size))
+                settings.add((qw.bits, qw.group_size, qw.shape[1]))
                 qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
                 del tensor, qw
             index = shards.close()
@@ -136,12 +136,15 @@ def write_fused(
             }
         qconfig = None
         if fmt != ExportFormat.DENSE and settings:
-            if len(settings) > 1:
+            qbits = {b for b, _, _ in settings}
+            qgs = config_group_size((g, d_in) for _, g, d_in in settings)
+            if len(qbits) > 1 or qgs is None:
+                mixed = sorted({(b, g) for b, g, _ in settings})
                 raise ValueError(
-                    f"quantized layers use mixed (bits, group_size) settings {sorted(settings)}; one "
+                    f"quantized layers use mixed (bits, group_size) settings {mixed}; one "
                     "quantization_config cannot describe them"
                 )
-            qbits, qgs = next(iter(settings))
+            qbits = qbits.pop()
             if fmt == ExportFormat.COMPRESSED_TENSORS:
                 qconfig = writer.quantization_config(qbits, qgs, targets=sorted(quantized))
             else:

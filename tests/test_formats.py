@@ -57,7 +57,7 @@ def _random_qw(d_out, d_in, bits, group_size, seed=0, zero_min=0, act_order=Fals
     """A QuantizedWeight with random codes / zeros / positive float16 scales (full code range exercised)."""
     g = torch.Generator().manual_seed(seed)
     gs = d_in if group_size == -1 else group_size
-    n_groups = d_in // gs
+    n_groups = -(-d_in // gs)  # a ragged last group when gs does not divide d_in
     maxq = 2**bits - 1
     codes = torch.randint(0, maxq + 1, (d_out, d_in), generator=g, dtype=torch.int64).to(torch.uint8)
     zeros = torch.randint(zero_min, maxq + 1, (d_out, n_groups), generator=g, dtype=torch.int64).to(torch.uint8)
@@ -281,9 +281,10 @@ def test_ct_packing_matches_compressed_tensors_library(bits, shape):
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("group_size", [32, 64, 128, -1])
-def test_gptq_layer_roundtrip_and_gptqmodel_dequant(fmt, bits, group_size):
-    d_out, d_in = 96, 256
+@pytest.mark.parametrize("group_size,d_in", [(32, 256), (64, 256), (128, 256), (-1, 256), (128, 320)])
+def test_gptq_layer_roundtrip_and_gptqmodel_dequant(fmt, bits, group_size, d_in):
+    """(128, 320): a ragged last group of 64 columns (ceil(320 / 128) = 3 rows of scales and qzeros)."""
+    d_out = 96
     qw = _random_qw(d_out, d_in, bits, group_size, seed=bits * 7 + d_in, zero_min=1 if fmt == "gptq" else 0)
     prefix = "model.layers.0.mlp.up_proj"
     t = write_gptq_layer(qw, fmt, prefix=prefix)
@@ -447,6 +448,9 @@ def test_ct_refusals_and_symmetric_read():
         write_ct_layer(_random_qw(32, 128, 4, 32, act_order=True))
     with pytest.raises(ValueError, match="float16 or torch.float32"):
         write_ct_layer(_random_qw(32, 64, 4, 32), scale_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide d_in=320.*gptq_v2") as exc:
+        write_ct_layer(_random_qw(32, 320, 4, 128), prefix="model.layers.0.mlp.up_proj")
+    assert "\n" not in str(exc.value) and "up_proj" in str(exc.value)
     # a symmetric checkpoint (no zero point) reads back with zero = 2**(bits-1)
     qw = _random_qw(32, 64, 4, 32)
     t = write_ct_layer(qw)

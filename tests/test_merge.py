@@ -125,11 +125,12 @@ def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path
     assert cfg["checkpoint_format"] == "gptq_v2" and cfg["bits"] == BITS and cfg["group_size"] == GS
 
 
-@pytest.mark.parametrize("fmt", ["gptq_v2", "compressed-tensors"])
-def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fmt):
+@pytest.mark.parametrize("fmt,gs", [("gptq_v2", GS), ("compressed-tensors", GS), ("gptq_v2", 128)])
+def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fmt, gs):
+    """gs=128 on 64-wide inputs: one group shorter than the group size (the ragged case; AutoGPTQ's ceil)."""
     adir, _, quantized = adapter_dir
     out = tmp_path / fmt
-    _merge(adir, out, bits=4, group_size=GS, requant="rtn", fmt=fmt, max_shard_bytes=40_000)
+    _merge(adir, out, bits=4, group_size=gs, requant="rtn", fmt=fmt, max_shard_bytes=40_000)
     assert (out / "model.safetensors.index.json").is_file()  # several shards
     index = json.loads((out / "model.safetensors.index.json").read_text())
     got = {}
@@ -138,12 +139,22 @@ def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fm
     sp = M.read_adapter_spectra(adir)
     reader = WRITERS[ExportFormat.parse(fmt)].read_layer
     for name, qw in quantized.items():
-        back = reader(got, name, 4, GS)
-        want = M.requantize(M.merged_weight(qw, *sp[name]), "rtn", 4, GS, qw) if name in sp else qw
+        back = reader(got, name, 4, gs)
+        if name in sp:
+            want = M.requantize(M.merged_weight(qw, *sp[name]), "rtn", 4, gs, qw)
+        else:  # untouched at the base's settings, else its dequantized weight re-quantized at the new ones
+            want = qw if gs == GS else M.requantize(qw.dequantize(torch.float64), "rtn", 4, gs, qw)
         for attr in ("codes", "scales", "zeros"):
             assert torch.equal(getattr(back, attr), getattr(want, attr)), (name, attr)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == ("gptq" if fmt == "gptq_v2" else "compressed-tensors")
+
+
+def test_ragged_groups_refused_early_for_compressed_tensors(adapter_dir, tmp_path):
+    adir, _, _ = adapter_dir
+    with pytest.raises(ValueError, match=r"group_size=128 does not divide d_in=64.*gptq_v2") as exc:
+        _merge(adir, tmp_path / "ct", bits=4, group_size=128, requant="rtn", fmt="compressed-tensors")
+    assert "\n" not in str(exc.value) and not (tmp_path / "ct").exists()
 
 
 def test_never_instantiates_the_model(adapter_dir, tmp_path, monkeypatch):

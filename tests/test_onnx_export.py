@@ -64,33 +64,47 @@ def _dequantize_matmul_nbits(b: np.ndarray, scales: np.ndarray, zp: np.ndarray, 
     shifts = np.arange(per) * bits
     codes = ((b.reshape(n, n_blocks * blob)[..., None] >> shifts) & mask).reshape(n, -1)[:, :k]
     zeros = ((zp[..., None] >> shifts) & mask).reshape(n, -1)[:, :n_blocks]
-    block = k // n_blocks
-    w = (codes.astype(np.float32) - np.repeat(zeros, block, axis=1).astype(np.float32)) * np.repeat(scales, block, 1)
-    return w
+    block = blob * 8 // bits
+    z = np.repeat(zeros, block, axis=1)[:, :k].astype(np.float32)  # a ragged last block: its first k columns
+    return (codes.astype(np.float32) - z) * np.repeat(scales, block, 1)[:, :k]
 
 
 @pytest.mark.parametrize(
-    "bits,group_size,act_order",
-    [(4, 32, False), (4, 64, False), (2, 64, False), (3, 32, False), (8, 128, False), (4, -1, False), (4, 64, True)],
+    "bits,group_size,act_order,d_in",
+    [
+        (4, 32, False, 256),
+        (4, 64, False, 256),
+        (2, 64, False, 256),
+        (3, 32, False, 256),
+        (8, 128, False, 256),
+        (4, -1, False, 256),
+        (4, 64, True, 256),
+        (4, 128, False, 320),  # ragged last group / block (64 of 128 columns)
+        (4, 128, True, 320),
+    ],
 )
-def test_matmul_nbits_dequantizes_to_identical_weights(bits, group_size, act_order):
-    module, qw = _qlinear(96, 256, bits, group_size, seed=bits, act_order=act_order)
+def test_matmul_nbits_dequantizes_to_identical_weights(bits, group_size, act_order, d_in):
+    module, qw = _qlinear(96, d_in, bits, group_size, seed=bits, act_order=act_order)
     lin = nbits_linear(module)
     b, scales, zp = matmul_nbits_tensors(lin.codes, lin.zeros, lin.scales, lin.bits, lin.block_size)
-    assert b.dtype == np.uint8 and b.shape == (96, 256 // lin.block_size, lin.block_size * lin.bits // 8)
-    assert zp.shape == (96, -(-(256 // lin.block_size) * lin.bits // 8))
-    w = torch.from_numpy(_dequantize_matmul_nbits(b, scales, zp, lin.bits, 256))
+    n_blocks = -(-d_in // lin.block_size)
+    assert b.dtype == np.uint8 and b.shape == (96, n_blocks, lin.block_size * lin.bits // 8)
+    assert zp.shape == (96, -(-n_blocks * lin.bits // 8))
+    w = torch.from_numpy(_dequantize_matmul_nbits(b, scales, zp, lin.bits, d_in))
     want = qw.dequantize(torch.float32)
     if lin.perm is not None:  # act-order: the node reads x[..., perm]
         want = want[:, torch.from_numpy(lin.perm)]
     assert torch.equal(w, want)
 
 
-@pytest.mark.parametrize("bits,group_size,act_order", [(4, 32, False), (2, 64, False), (8, 64, False), (4, 64, True)])
-def test_matmul_nbits_node_matches_dequantized_matmul(bits, group_size, act_order):
-    module, qw = _qlinear(64, 128, bits, group_size, seed=7, act_order=act_order)
+@pytest.mark.parametrize(
+    "bits,group_size,act_order,d_in",
+    [(4, 32, False, 128), (2, 64, False, 128), (8, 64, False, 128), (4, 64, True, 128), (4, 128, True, 320)],
+)
+def test_matmul_nbits_node_matches_dequantized_matmul(bits, group_size, act_order, d_in):
+    module, qw = _qlinear(64, d_in, bits, group_size, seed=7, act_order=act_order)
     model = build_projection_model([Projection(nbits_linear(module))], {})
-    x = np.random.default_rng(0).standard_normal((3, 5, 128)).astype(np.float32)
+    x = np.random.default_rng(0).standard_normal((3, 5, d_in)).astype(np.float32)
     y = _session(model).run(None, {"x": x})[0]
     ref = x.astype(np.float64) @ qw.dequantize(torch.float64).numpy().T
     assert _rel(y, ref) < 1e-5
