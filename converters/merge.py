@@ -51,7 +51,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     read_quantized_layer,
     source_record,
 )
-from .quantize import QuantConfig, QuantizedWeight, config_group_size, quantize_gptq, quantize_rtn
+from .quantize import QuantConfig, QuantizedWeight, config_group_size, has_ragged_group, quantize_gptq, quantize_rtn
 
 __all__ = [
     "REQUANT_METHODS",
@@ -325,7 +325,8 @@ def stream_merge(
             if fmt == ExportFormat.COMPRESSED_TENSORS:
                 qconfig = writer.quantization_config(qbits, qgs, targets=sorted(by_weight.values()))
             else:
-                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act)
+                backend = "torch" if has_ragged_group(group_sizes) else None  # GPTQModel's padding kernel
+                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act, backend=backend)
         DenseFormat.write_config(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )

@@ -65,6 +65,7 @@ __all__ = [
     "QuantizedWeight",
     "n_groups_of",
     "config_group_size",
+    "has_ragged_group",
     "quantize_rtn",
     "quantize_gptq",
     "quantize_weight",
@@ -133,6 +134,11 @@ def config_group_size(layers: Iterable[tuple[int, int]]) -> int | None:
         if fits(c):
             return -1 if all(n == 1 and gs == d_in for gs, d_in, n in shapes) and c not in SUPPORTED_GROUP_SIZES else c
     return -1 if fits(-1) else None
+
+
+def has_ragged_group(layers: Iterable[tuple[int, int]]) -> bool:
+    """True when a layer's ``(group_size, d_in)`` leaves a shorter last group (``d_in % group_size != 0``)."""
+    return any(d_in % gs for gs, d_in in layers)
 
 
 def _grouped(w: torch.Tensor, gs: int) -> torch.Tensor:

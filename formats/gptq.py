@@ -208,6 +208,7 @@ def gptq_quantization_config(
     static_groups: bool = False,
     lm_head: bool = False,
     meta: dict[str, Any] | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """The ``quantization_config`` dict for ``config.json`` (also valid as GPTQModel's ``quantize_config.json``).
 
@@ -215,7 +216,10 @@ def gptq_quantization_config(
     ``true_sequential``, legacy ``checkpoint_format`` -> ``format``), by GPTQModel's ``QuantizeConfig``
     (``checkpoint_format`` is its synonym of ``format``; ``pack_dtype``, ``lm_head``, ``static_groups``, ``meta``)
     and by vLLM's ``GPTQConfig`` (``bits``, ``group_size``, ``desc_act``, ``lm_head``, ``sym``,
-    ``checkpoint_format``). ``group_size`` -1 means per output channel.
+    ``checkpoint_format``). ``group_size`` -1 means per output channel. ``backend`` (e.g. ``"torch"``) is stored
+    for transformers' ``GPTQConfig`` to pass to GPTQModel's kernel selection: a layer with a ragged last group needs
+    ``"torch"`` there, since GPTQModel's auto-selected kernels refuse ``in_features % group_size != 0`` while its
+    torch kernel pads.
     """
     bits = _check_bits(bits)
     fmt = _check_format(checkpoint_format)
@@ -246,4 +250,8 @@ def gptq_quantization_config(
         "pack_dtype": "int32",
     }
     cfg["meta"] = dict(meta) if meta is not None else {"quantizer": ["qwha-export"]}
+    if backend is not None:
+        if not isinstance(backend, str) or not backend:
+            raise ValueError(f"backend must be a non-empty str or None, got {backend!r}")
+        cfg["backend"] = backend
     return cfg

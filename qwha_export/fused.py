@@ -32,7 +32,7 @@ from .converters.merge import (
     open_adapter_source,
     source_record,
 )
-from .converters.quantize import config_group_size
+from .converters.quantize import config_group_size, has_ragged_group
 from .formats import ExportFormat, get_writer, needs_desc_act
 from .formats.dense import DenseFormat
 from .formats.fused import (
@@ -148,7 +148,8 @@ def write_fused(
             if fmt == ExportFormat.COMPRESSED_TENSORS:
                 qconfig = writer.quantization_config(qbits, qgs, targets=sorted(quantized))
             else:
-                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act)
+                backend = "torch" if has_ragged_group((g, d_in) for _, g, d_in in settings) else None
+                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act, backend=backend)
         DenseFormat.write_config(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )

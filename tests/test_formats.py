@@ -350,6 +350,12 @@ def test_gptq_quantization_config_parsed_by_transformers():
         gptq_quantization_config(5, 128)
     with pytest.raises(ValueError):
         gptq_quantization_config(4, 0)
+    # the kernel choice transformers hands to GPTQModel (a ragged last group needs its torch kernel)
+    cfg = gptq_quantization_config(4, 128, "gptq_v2", backend="torch")
+    assert cfg["backend"] == "torch" and GPTQConfig.from_dict(cfg).backend == "torch"
+    assert "backend" not in gptq_quantization_config(4, 128, "gptq_v2")
+    with pytest.raises(ValueError, match="backend"):
+        gptq_quantization_config(4, 128, backend="")
 
 
 @pytest.mark.parametrize("fmt", [ExportFormat.GPTQ, ExportFormat.GPTQ_V2])

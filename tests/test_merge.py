@@ -148,6 +148,8 @@ def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fm
             assert torch.equal(getattr(back, attr), getattr(want, attr)), (name, attr)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == ("gptq" if fmt == "gptq_v2" else "compressed-tensors")
+    # a ragged group (64 columns at group size 128) asks GPTQModel for its padding torch kernel
+    assert cfg.get("backend") == ("torch" if gs == 128 else None)
 
 
 def test_ragged_groups_refused_early_for_compressed_tensors(adapter_dir, tmp_path):

@@ -406,3 +406,11 @@ def test_config_group_size(layers, want):
     from qwha_export.converters.quantize import config_group_size
 
     assert config_group_size(layers) == want
+
+
+def test_has_ragged_group():
+    from qwha_export.converters.quantize import has_ragged_group
+
+    assert has_ragged_group([(128, 576), (128, 1536)])
+    assert not has_ragged_group([(64, 576), (64, 1536), (576, 576)])
+    assert not has_ragged_group([])
