@@ -93,6 +93,17 @@ def main() -> None:
     """Take a QWHA fine-tuned LLM (quantized base + Walsh-Hadamard spectral adapter) to deployment."""
 
 
+_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+_QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+_ACCURACY_LEVEL = click.option(
+    "--accuracy-level",
+    default=0,
+    show_default=True,
+    type=int,
+    help="MatMulNBits accuracy_level (onnx): 0 float32 activations; 4 int8 activations (faster, may flip the argmax).",
+)
+
+
 @main.command("init")
 @click.argument("model", type=str)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
@@ -119,8 +130,8 @@ def main() -> None:
     show_default=True,
     help="Comma-separated linear-layer names to quantize and adapt.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_OVERWRITE
+@_QUIET
 @_friendly_errors
 def init_cmd(
     model,
@@ -184,8 +195,8 @@ def init_cmd(
 @click.option("--save-steps", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_OVERWRITE
+@_QUIET
 @_friendly_errors
 def train_cmd(
     adapter_dir,
@@ -289,9 +300,9 @@ def import_cmd(src, base_dir, out):
     type=int,
     help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
 )
-@click.option("--accuracy-level", default=0, show_default=True, type=int, help="MatMulNBits accuracy_level (onnx).")
-@click.option("--overwrite", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@_ACCURACY_LEVEL
+@_OVERWRITE
+@_QUIET
 @_friendly_errors
 def merge_cmd(
     adapter_dir,
@@ -355,7 +366,7 @@ def merge_cmd(
     type=int,
     help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
 )
-@click.option("--overwrite", is_flag=True)
+@_OVERWRITE
 @_friendly_errors
 def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
     """Keep the adapter: write the untouched quantized base plus the spectrum (qwha_adapter.safetensors)."""
@@ -369,16 +380,10 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
 @main.command("export-onnx")
 @click.argument("src", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@click.option(
-    "--accuracy-level",
-    default=0,
-    show_default=True,
-    type=int,
-    help="MatMulNBits accuracy_level: 0 float32 activations; 4 int8 activations (faster, may flip the argmax).",
-)
+@_ACCURACY_LEVEL
 @click.option("--parity-tokens", default=64, show_default=True, type=int, help="Parity check tokens (0: skip).")
-@click.option("--overwrite", is_flag=True)
-@click.option("--quiet", is_flag=True)
+@_OVERWRITE
+@_QUIET
 @_friendly_errors
 def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
     """Export SRC (a merged gptq/gptq_v2/compressed-tensors folder, a fused folder, or a dense HF folder) as an
@@ -526,7 +531,7 @@ def push_cmd(folder, repo_id, private, revision, token, commit_message, create_p
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-steps", default=8, show_default=True, type=int, help="Fine-tuning steps (batch 2).")
 @click.option("--prompt", default=None, help="Question answered by the exported ONNX model at the end.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@_OVERWRITE
 @click.option("--quiet", is_flag=True, help="No progress bars (the final table is still printed).")
 @_friendly_errors
 def demo_cmd(out, train_steps, prompt, overwrite, quiet):
