@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..formats.jsonfile import read_json_object
 from ..formats.shards import sha256_file, validate_checkpoint, validate_safetensors_file
 
 __all__ = [
@@ -58,14 +58,7 @@ def _layer_of(key: str) -> tuple[str, str] | None:
 
 def _read_adapter_config(adapter_dir: Path) -> tuple[float, dict[str, float]]:
     path = adapter_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise ValueError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a peft adapter directory")
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path}: must hold a JSON object")
+    cfg = read_json_object(path, missing=f"{adapter_dir}: no {ADAPTER_CONFIG}; not a peft adapter directory")
     if cfg.get("peft_type") not in (None, "QWHA"):
         raise ValueError(f"{path}: adapter has peft_type {cfg.get('peft_type')!r}, expected 'QWHA'")
     scale = cfg.get("scale", 1.0)
@@ -200,11 +193,8 @@ def _validate(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.
 def _read_base_meta(adapter_dir: Path) -> dict[str, Any]:
     if not (adapter_dir / BASE_META).is_file() or not (adapter_dir / BASE_FILE).is_file():
         raise ValueError(f"{adapter_dir} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
-    try:
-        meta = json.loads((adapter_dir / BASE_META).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{adapter_dir / BASE_META}: invalid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("base_model"), str):
+    meta = read_json_object(adapter_dir / BASE_META)
+    if not isinstance(meta.get("base_model"), str):
         raise ValueError(f"{adapter_dir / BASE_META}: no base_model path")
     ql = meta.get("quantized_layers", [])
     if not isinstance(ql, list) or not all(isinstance(x, str) for x in ql):

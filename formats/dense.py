@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from ..converters.quantize import QuantizedWeight
+from .jsonfile import read_json_object
 from .shards import join_key
 
 __all__ = ["DenseFormat", "copy_aux_files", "load_config", "write_config", "write_dense_layer"]
@@ -71,15 +72,7 @@ class DenseFormat:
         p = Path(src)
         if p.is_dir():
             p = p / "config.json"
-        if not p.is_file():
-            raise ValueError(f"config file {p} does not exist")
-        try:
-            cfg = json.loads(p.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{p}: invalid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{p}: config must be a JSON object")
-        return cfg
+        return read_json_object(p, missing=f"config file {p} does not exist")
 
     @staticmethod
     def write_config(

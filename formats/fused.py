@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .jsonfile import read_json_object
 from .shards import save_safetensors
 
 __all__ = [
@@ -127,12 +128,7 @@ def write_fused_config(out_dir: str | os.PathLike[str], cfg: Mapping[str, Any]) 
 def read_fused_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate ``model_dir/qwha_fused.json``; one-line ``ValueError`` on any problem."""
     path = Path(model_dir) / FUSED_CONFIG_NAME
-    if not path.is_file():
-        raise ValueError(f"{model_dir}: no {FUSED_CONFIG_NAME}; not a fused QWHA checkpoint")
-    try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({str(e).splitlines()[0]})") from None
+    cfg = read_json_object(path, missing=f"{model_dir}: no {FUSED_CONFIG_NAME}; not a fused QWHA checkpoint")
     _validate_config(cfg, str(path))
     return cfg
 

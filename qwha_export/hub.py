@@ -21,7 +21,6 @@ through its LFS / Xet upload). ``HF_ENDPOINT`` and ``HF_TOKEN`` are honoured (re
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .formats.jsonfile import read_json_object
 from .formats.shards import SAFE_WEIGHTS_INDEX_NAME, sha256_file, validate_safetensors_file
 from .verify import MANIFEST_FILE
 
@@ -77,13 +77,8 @@ def validate_push_folder(folder: str | os.PathLike[str]) -> PushPlan:
     return PushPlan(folder=d, manifest=manifest, format=_format_name(d, files), files=tuple(files))
 
 
-def _read_json(path: Path, what: str, hint: str) -> Any:
-    if not path.is_file():
-        raise ValueError(f"{path.parent}: no {path.name} ({what}); {hint}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: {what} is not valid JSON ({str(e).splitlines()[0]}); {hint}") from None
+def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
+    return read_json_object(path, missing=f"{path.parent}: no {path.name} ({what})", what=what, hint=hint)
 
 
 def _upload_files(d: Path) -> list[str]:

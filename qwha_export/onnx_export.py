@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .formats import ExportFormat
+from .formats.jsonfile import read_json_object
 
 __all__ = [
     "MODEL_FILE",
@@ -64,13 +65,6 @@ def _variant(fmt: ExportFormat) -> str:
     if fmt == ExportFormat.DENSE:
         return "dense"
     return "merged"
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable JSON ({str(e).splitlines()[0]})") from None
 
 
 def export_onnx(
@@ -107,7 +101,7 @@ def export_onnx(
     fmt = detect_format(src)
     if fmt == ExportFormat.ONNX:
         raise ValueError(f"{src} is already an ONNX export")
-    cfg = _read_json(src / "config.json") if (src / "config.json").is_file() else {}
+    cfg = read_json_object(src / "config.json") if (src / "config.json").is_file() else {}
     check_config(cfg)
     variant = _variant(fmt)
     _say(quiet, f"loading {src} ({fmt.value})")
@@ -116,7 +110,7 @@ def export_onnx(
     # ~20x slower than a float32 MatMul, so the exact 8-bit lm_head is used with level 4 only
     exact = exact_lm_head and variant != "dense" and accuracy_level == 4
     spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact)
-    src_manifest = _read_json(src / MANIFEST_FILE) if (src / MANIFEST_FILE).is_file() else None
+    src_manifest = read_json_object(src / MANIFEST_FILE) if (src / MANIFEST_FILE).is_file() else None
     settings = {
         "format": ExportFormat.ONNX.value,
         "variant": variant,
@@ -300,8 +294,8 @@ def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """The onnxruntime-genai ``genai_config.json`` of an export folder (from its config.json and
     generation_config.json), in the layout written by onnxruntime-genai's model builder."""
     d = Path(folder)
-    cfg = _read_json(d / "config.json")
-    gen = _read_json(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
+    cfg = read_json_object(d / "config.json")
+    gen = read_json_object(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or cfg["hidden_size"] // heads)
     ctx = int(cfg.get("max_position_embeddings", 2048))

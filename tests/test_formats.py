@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_adapter import tiny_config
 
 from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
 from qwha_export.formats import (
@@ -159,16 +160,7 @@ def _gptqmodel_dequant(t: dict, prefix: str, bits: int, v1: bool) -> torch.Tenso
 def _tiny_llama(hidden=64, inter=128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    cfg = LlamaConfig(**tiny_config(vocab=128, hidden=hidden, intermediate=inter, layers=1))
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()
 
@@ -730,3 +722,25 @@ def test_dense_format_config_and_aux_files(tmp_path):
     assert cfg["quantization_config"] == qc and cfg["hidden_size"] == 64
     with pytest.raises(ValueError, match="does not exist"):
         DenseFormat.copy_aux_files(tmp_path / "nope", out)
+
+
+def test_read_json_object_one_line_errors(tmp_path):
+    from qwha_export.formats.jsonfile import read_json_object
+
+    p = tmp_path / "cfg.json"
+    with pytest.raises(ValueError, match=r"no cfg\.json; run init"):
+        read_json_object(p, hint="run init")
+    with pytest.raises(ValueError, match="custom message"):
+        read_json_object(p, missing="custom message")
+    p.write_text('{"a": 1')
+    with pytest.raises(ValueError, match=r"cfg\.json: manifest is not valid JSON \(") as exc:
+        read_json_object(p, what="manifest")
+    assert "\n" not in str(exc.value)
+    p.write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_json_object(p)
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a JSON object"):
+        read_json_object(p)
+    p.write_text('{"a": 1}')
+    assert read_json_object(p) == {"a": 1}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_merge_errors import _byte_tokenizer
-from tiny_adapter import build_adapter_dir
+from tiny_adapter import build_adapter_dir, tiny_config, write_adapter_dir
 
 from qwha_export.cli import main
 from qwha_export.converters.onnx_export import nbits_linear, wht_factors
@@ -326,17 +326,9 @@ def test_other_architectures_dense_export(arch, tmp_path):
     """Qwen2 (q/k/v biases, tied lm_head), Mistral, Llama with llama3 RoPE scaling: full sequence and a decode step."""
     import transformers as tf
 
-    common = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    common = tiny_config(vocab=128, intermediate=96)
     if arch == "qwen2":
-        cls, cfg = tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, tie_word_embeddings=True)
+        cls, cfg = tf.Qwen2ForCausalLM, tf.Qwen2Config(**{**common, "tie_word_embeddings": True})
     elif arch == "mistral":
         cls, cfg = tf.MistralForCausalLM, tf.MistralConfig(**common, sliding_window=None)
     else:
@@ -444,7 +436,6 @@ def _smollm2_adapter(smollm2_dir, root):
     the peft random support, values drawn so that each layer's delta is ~5% of its weight's RMS); ``init`` with
     its calibration would take minutes on 2 cores and is tested elsewhere."""
     from peft import get_peft_model
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from qwha_export.layer import adapter_coefficient
@@ -467,16 +458,7 @@ def _smollm2_adapter(smollm2_dir, root):
         rms = float(qw.dequantize().pow(2).mean().sqrt())
         std = 0.05 * rms / (adapter_coefficient(scale, d_in, d_out) * (rows.numel() / d_out) ** 0.5)
         set_spectrum(peft_model, name, torch.randn(rows.numel(), generator=gen) * std, rows, cols)
-    adir = root / "adapter"
-    adir.mkdir()
-    peft_model.save_pretrained(str(adir))
-    flat = {}
-    for name, qw in quantized.items():
-        flat.update(qw.to_dict(prefix=f"{name}."))
-    save_file(flat, str(adir / "quantized_base.safetensors"))
-    meta = {"base_model": str(smollm2_dir), "quantized_layers": sorted(quantized)}
-    (adir / "qwha_base.json").write_text(json.dumps(meta))
-    return adir
+    return write_adapter_dir(peft_model, quantized, root / "adapter", smollm2_dir)
 
 
 @pytest.mark.slow

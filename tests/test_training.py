@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_adapter import tiny_config
 
 from qwha_export.data import lee_corpus_text, mmlu_cot_records
 
@@ -64,18 +65,7 @@ def adapter_dir(work: Path) -> Path:
 
     base = work / "base"
     _save_byte_tokenizer(base)
-    config = LlamaConfig(
-        vocab_size=257,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=256,
-        eos_token_id=256,
-    )
+    config = LlamaConfig(**tiny_config(vocab=257, max_positions=128, bos_token_id=256, eos_token_id=256))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # random N(0, 0.02) logits are ~uniform; give the head range so the loss can move

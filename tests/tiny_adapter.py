@@ -19,21 +19,41 @@ ADAPTED = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")  #
 BITS, GS = 4, 32
 
 
+def tiny_config(
+    vocab: int = 256, hidden: int = 64, intermediate: int = 128, max_positions: int = 64, layers: int = 2, **extra
+) -> dict:
+    """Keyword arguments of a tiny decoder config (4 heads / 2 KV heads; untied unless ``extra`` says otherwise)."""
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        **{"tie_word_embeddings": False, **extra},
+    )
+
+
+def write_adapter_dir(peft_model, quantized: dict[str, QuantizedWeight], adir: Path, base_model: Path) -> Path:
+    """Save ``peft_model``'s adapter, the quantized base and ``qwha_base.json`` into ``adir`` (as ``init`` does)."""
+    adir.mkdir()
+    peft_model.save_pretrained(str(adir))
+    flat = {}
+    for name, qw in quantized.items():
+        flat.update(qw.to_dict(prefix=f"{name}."))
+    save_file(flat, str(adir / "quantized_base.safetensors"))
+    meta = {"base_model": str(base_model), "quantized_layers": sorted(quantized)}
+    (adir / "qwha_base.json").write_text(json.dumps(meta))
+    return adir
+
+
 def tiny_llama(hidden: int = 64, intermediate: int = 128, max_positions: int = 64):
     """A seeded random LlamaForCausalLM (2 layers, 4 heads / 2 KV heads, vocab 256), weights scaled up x5 so that
     activations are far from zero and differences are visible."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-    )
+    config = LlamaConfig(**tiny_config(hidden=hidden, intermediate=intermediate, max_positions=max_positions))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
     with torch.no_grad():
@@ -78,12 +98,5 @@ def build_adapter_dir(root: Path) -> tuple[Path, Path, dict[str, QuantizedWeight
         values = torch.randn(nnz, generator=gen)
         scale = 3.0 if i == 0 else None  # one per-layer override (scale_pattern)
         set_spectrum(peft_model, name, values, flat // d_in, flat % d_in, scale=scale)
-    adir.mkdir()
-    peft_model.save_pretrained(str(adir))
-    flat_q = {}
-    for name, qw in quantized.items():
-        flat_q.update(qw.to_dict(prefix=f"{name}."))
-    save_file(flat_q, str(adir / "quantized_base.safetensors"))
-    meta = {"base_model": str(base_dir), "quantized_layers": sorted(quantized)}
-    (adir / "qwha_base.json").write_text(json.dumps(meta))
+    write_adapter_dir(peft_model, quantized, adir, base_dir)
     return adir, base_dir, quantized
