@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +19,10 @@ import torch
 from safetensors import safe_open
 
 from ..formats.jsonfile import read_json_object
-from ..formats.shards import sha256_file, validate_checkpoint, validate_safetensors_file
+from ..formats.shards import iter_checkpoint_tensors, sha256_file, validate_checkpoint, validate_safetensors_file
 
 __all__ = [
+    "iter_base_layers",
     "read_quantized_layer",
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -285,3 +286,29 @@ def read_quantized_layer(path: str | Path, layer: str, keys: set[str] | None = N
         names = qf.keys() if keys is None else keys
         wanted = [k for k in names if k.startswith(prefix) and "." not in k[len(prefix) :]]
         return QuantizedWeight.from_dict({k: qf.get_tensor(k) for k in wanted}, prefix=prefix)
+
+
+def iter_base_layers(
+    base_dir: str | Path,
+    qpath: str | Path,
+    layers: Mapping[str, str],
+    quantized: Collection[str],
+    qkeys: set[str],
+    passthrough: Callable[[str, torch.Tensor], None],
+) -> Iterator[tuple[str, torch.Tensor, Any]]:
+    """Stream the base checkpoint: tensors not in ``layers`` (``{weight name: layer}``) go to ``passthrough``
+    unchanged; for the others yield ``(layer, weight, base_qw)``, ``base_qw`` the layer's quantized base when it is in
+    ``quantized`` (read from ``qpath``; ValueError on a shape mismatch), else None."""
+    for name, tensor in iter_checkpoint_tensors(base_dir):
+        layer = layers.get(name)
+        if layer is None:
+            passthrough(name, tensor)
+            continue
+        base_qw = None
+        if layer in quantized:
+            base_qw = read_quantized_layer(qpath, layer, qkeys)
+            if base_qw.shape != tuple(tensor.shape):
+                raise ValueError(
+                    f"{layer}: quantized base {base_qw.shape} does not match base weight {tuple(tensor.shape)}"
+                )
+        yield layer, tensor, base_qw

@@ -35,7 +35,6 @@ from ..formats.dense import DenseFormat
 from ..formats.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
-    iter_checkpoint_tensors,
 )
 from ..kernels.spectral import dense_delta
 from ..layer import adapter_coefficient
@@ -46,6 +45,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     BASE_META,
     Spectrum,
     _validate,
+    iter_base_layers,
     open_adapter_source,
     read_adapter_spectra,
     read_quantized_layer,
@@ -275,18 +275,8 @@ def stream_merge(
             if fmt == ExportFormat.COMPRESSED_TENSORS and not dense_merge:
                 _check_ct_groups(qf, quantized, group_size)
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
-            for name, tensor in iter_checkpoint_tensors(base_dir):
-                layer = by_weight.get(name)
-                if layer is None:
-                    shards.add(name, tensor)  # pass-through, bit-identical
-                    continue
-                base_qw = None
-                if layer in quantized:
-                    base_qw = read_quantized_layer(qpath, layer, qkeys)
-                    if base_qw.shape != tuple(tensor.shape):
-                        raise ValueError(
-                            f"{layer}: quantized base {base_qw.shape} does not match base weight {tuple(tensor.shape)}"
-                        )
+            # other tensors pass through, bit-identical
+            for layer, tensor, base_qw in iter_base_layers(base_dir, qpath, by_weight, quantized, qkeys, shards.add):
                 rec, tensors, qw_out = _merge_layer(
                     layer,
                     tensor,

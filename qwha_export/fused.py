@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .converters.adapter_source import read_quantized_layer
 from .converters.merge import (
     BASE_FILE,
     MANIFEST_FILE,
+    iter_base_layers,
     open_adapter_source,
     source_record,
 )
@@ -104,16 +104,9 @@ def write_fused(
         with safe_open(str(qpath), framework="pt") as qf:
             qkeys = set(qf.keys())
         with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
-            for name, tensor in iter_checkpoint_tensors(base_dir):
-                layer = by_weight.get(name)
-                if layer is None:
-                    shards.add(name, tensor)  # pass-through, bit-identical
-                    continue
-                qw = read_quantized_layer(qpath, layer, qkeys)
-                if qw.shape != tuple(tensor.shape):
-                    raise ValueError(
-                        f"{layer}: quantized base {qw.shape} does not match base weight {tuple(tensor.shape)}"
-                    )
+            # other tensors pass through, bit-identical
+            layers = iter_base_layers(base_dir, qpath, by_weight, set(by_weight.values()), qkeys, shards.add)
+            for layer, tensor, qw in layers:
                 if fmt == ExportFormat.DENSE:
                     shards.add_many(writer.write_layer(qw, prefix=layer, dtype=dtype))
                 else:
