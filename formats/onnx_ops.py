@@ -31,7 +31,9 @@ whose body uses standard ops only: ``x`` is viewed as ``[-1, K, f_1, ..., f_j]``
 Row ``r``'s entries are split into pieces of ``width`` entries (the last one zero-padded); level 1 holds the
 pieces (``cols1``/``vals1`` ``[n_pieces * width]``, piece ``p`` at ``[p*width, (p+1)*width)``, piece 0 all zero),
 level 2 lists each row's pieces (``pieces2`` ``[d_out * depth]``, padded with piece 0). Then
-``y[r] = sum_j sum_i vals1[p_j*w + i] * z[cols1[p_j*w + i]]`` with ``p_j = pieces2[r*depth + j]``.
+``y[r] = sum_j sum_i vals1[p_j*w + i] * z[cols1[p_j*w + i]]`` with ``p_j = pieces2[r*depth + j]``. ``flat1`` (int32,
+aligned with ``vals1``) is each slot's position ``col * d_out + row`` in a row-major ``F.T`` (``n x d_out``), so
+``ScatterElements(zeros, flat1, vals1, reduction="add")`` rebuilds ``F.T`` (padding slots add 0 at position 0).
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ class SpectralTables:
     cols1: np.ndarray  # int64 [n_pieces * width]
     vals1: np.ndarray  # float32 [n_pieces * width]
     pieces2: np.ndarray  # int64 [d_out * depth]
+    flat1: np.ndarray  # int32 [n_pieces * width]: cols1 * d_out + row of the slot (0 for padding, whose value is 0)
     n_pieces: int
     width: int
     depth: int
@@ -209,6 +212,10 @@ def spectral_tables(
     vals1 = np.zeros(n_pieces * width, np.float32)
     cols1[slot] = cols
     vals1[slot] = values
+    if int(cols.max(initial=0) + 1) * d_out >= 2**31:
+        raise ValueError(f"F.T of {d_out} x {int(cols.max()) + 1} has too many elements for int32 scatter indices")
+    flat1 = np.zeros(n_pieces * width, np.int32)
+    flat1[slot] = cols * d_out + rows
     j = np.arange(depth)
     pieces2 = np.where(j[None, :] < row_pieces[:, None], first_piece[:, None] + j[None, :], 0).reshape(-1)
-    return SpectralTables(cols1, vals1, pieces2.astype(np.int64), n_pieces, width, depth, d_out)
+    return SpectralTables(cols1, vals1, pieces2.astype(np.int64), flat1, n_pieces, width, depth, d_out)
