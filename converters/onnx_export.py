@@ -35,6 +35,7 @@ from ..formats.onnx_graph import (
     SpectralAdapter,
 )
 from ..kernels import hadamard_k, hadamard_matrix, hadamard_order
+from .quantize import n_groups_of
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -94,7 +95,7 @@ def nbits_linear(module: nn.Module) -> NBitsLinear:
     block = _block_size(qw.group_size)
     reps = qw.group_size // block
     if reps > 1:  # e.g. per-channel: the same scale and zero point for every block of the group
-        n_blocks = -(-d_in // block)  # a ragged last group spans fewer blocks
+        n_blocks = n_groups_of(d_in, block)  # a ragged last group spans fewer blocks
         zeros = np.repeat(zeros, reps, axis=1)[:, :n_blocks]
         scales = np.repeat(scales, reps, axis=1)[:, :n_blocks]
     bits = 4 if qw.bits == 3 else qw.bits

@@ -181,11 +181,6 @@ class SpectralTables:
     depth: int
     d_out: int
 
-    @property
-    def gathered(self) -> int:
-        """Entries read per token (level 1 + level 2)."""
-        return int(self.cols1.size + self.pieces2.size)
-
 
 def spectral_tables(
     rows: np.ndarray, cols: np.ndarray, values: np.ndarray, d_out: int, width: int = 16

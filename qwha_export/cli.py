@@ -95,6 +95,13 @@ def main() -> None:
 
 _OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
 _QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
+_VERIFY_TOKENS = click.option(
+    "--verify-tokens",
+    default=512,
+    show_default=True,
+    type=int,
+    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
+)
 _ACCURACY_LEVEL = click.option(
     "--accuracy-level",
     default=0,
@@ -293,13 +300,7 @@ def import_cmd(src, base_dir, out):
     type=int,
     help="Calibration tokens for gptq, refit and the error report [default: 4096 for refit, else 1024].",
 )
-@click.option(
-    "--verify-tokens",
-    default=512,
-    show_default=True,
-    type=int,
-    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
-)
+@_VERIFY_TOKENS
 @_ACCURACY_LEVEL
 @_OVERWRITE
 @_QUIET
@@ -359,13 +360,7 @@ def merge_cmd(
 @click.option(
     "--base-format", default="gptq_v2", show_default=True, type=click.Choice(["gptq_v2", "compressed-tensors", "dense"])
 )
-@click.option(
-    "--verify-tokens",
-    default=512,
-    show_default=True,
-    type=int,
-    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
-)
+@_VERIFY_TOKENS
 @_OVERWRITE
 @_friendly_errors
 def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
