@@ -252,6 +252,11 @@ class QuantizedWeight:
         return int(self.scales.shape[1])
 
     @property
+    def device(self) -> torch.device:
+        """Where the codes live (peft's LoRA reads ``layer.qweight.device`` to place new adapter weights)."""
+        return self.codes.device
+
+    @property
     def maxq(self) -> int:
         return 2**self.bits - 1
 
