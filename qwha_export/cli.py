@@ -51,13 +51,61 @@ def _error_line(exc: BaseException) -> str:
     return first
 
 
+_KWARG = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
+_NAME = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?![\w/.=-])")
+
+
+def _option_flags() -> dict[str, tuple[str, bool]]:
+    """``{python name: (--flag, is_flag)}`` of the running command's options, under the parameter's name and the
+    flag's own spelling with underscores (``fmt`` and ``format`` -> ``--format``)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    flags: dict[str, tuple[str, bool]] = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and p.opts:
+            flag = max(p.opts, key=len)
+            entry = (flag, bool(p.is_flag))
+            flags[flag.lstrip("-").replace("-", "_")] = entry
+            if p.name:
+                flags.setdefault(p.name, entry)
+    return flags
+
+
+def _cli_words(text: str) -> str:
+    """A library message in the command line's words: ``overwrite=True`` -> ``--overwrite``, ``bits=5`` ->
+    ``--bits 5``, ``max_len must ...`` -> ``--max-len must ...`` (only names that are options of this command)."""
+    flags = _option_flags()
+    if not flags:
+        return text
+
+    def kwarg(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if name not in flags:
+            return m.group(0)
+        flag, is_flag = flags[name]
+        if is_flag and value in ("True", "False"):
+            return flag
+        return f"{flag} {value.strip(chr(39)).strip(chr(34))}"
+
+    text = _KWARG.sub(kwarg, text)
+
+    def bare(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in flags and ("_" in name or text[m.end() :].startswith((" must", " is ", " needs"))):
+            return flags[name][0]
+        return name
+
+    return _NAME.sub(bare, text)
+
+
 def _friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except (ValueError, KeyError, OSError, SafetensorError) as exc:
-            click.echo(f"Error: {_error_line(exc)}", err=True)
+            click.echo(f"Error: {_cli_words(_error_line(exc))}", err=True)
             sys.exit(2)
 
     return wrapper
@@ -394,7 +442,7 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
         )
     for w in caught:
         if "accuracy_level" in str(w.message):
-            click.echo(f"Warning: {w.message}", err=True)
+            click.echo(f"Warning: {_cli_words(str(w.message))}", err=True)
     _echo_onnx_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
@@ -424,6 +472,30 @@ def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
     else:
         for k, v in result.items():
             click.echo(f"{k:20} {v}")
+
+
+@main.command("eval")
+@click.argument("src", type=click.Path())
+@click.option("--tasks", default="all", show_default=True,
+              help="Comma-separated: boolq,piqa,siqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa, or all.")
+@click.option("--limit", type=int, default=None, help="Score only the first N questions of each task.")
+@click.option("--part", default="all", show_default=True, type=click.Choice(["all", "test"]),
+              help="all: the whole shipped validation set; test: the test part of the seeded split (paper_table).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/test split (--part test).")
+@click.option("--batch-tokens", default=4096, show_default=True, type=int, help="Padded tokens per forward.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-question predictions).")
+@_QUIET
+@_friendly_errors
+def eval_cmd(src, tasks, limit, part, seed, batch_tokens, as_json, quiet):
+    """Zero-shot multiple-choice accuracy (lm-eval style) of an adapter directory or an export folder."""
+    from .mc_eval import evaluate_source, format_report
+
+    report = evaluate_source(src, tasks, limit=limit, part=part, seed=seed, batch_tokens=batch_tokens, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(format_report(report))
+    click.echo(f"{report['kind']} {src}: {report['seconds']:.0f} s")
 
 
 @main.command("generate")

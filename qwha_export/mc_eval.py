@@ -26,7 +26,17 @@ import torch
 from .metrics import logits_for
 from .tasks import TASKS, MCItem
 
-__all__ = ["MCScores", "encode_example", "encode_pair", "load_for_eval", "option_loglikelihoods", "score_items"]
+__all__ = [
+    "MCScores",
+    "encode_example",
+    "encode_pair",
+    "evaluate_model",
+    "evaluate_source",
+    "format_report",
+    "load_for_eval",
+    "option_loglikelihoods",
+    "score_items",
+]
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -204,3 +214,89 @@ def _load_adapter_dir(d: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
     if tokenizer is None:
         raise ValueError(f"neither {d} nor its base model has tokenizer files; cannot score text")
     return model, tokenizer, f"adapter:{peft_type.lower()}"
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    items_by_task: dict[Any, Sequence[MCItem]],
+    batch_tokens: int = 4096,
+    max_len: int = 1024,
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Score every task's items; returns ``{"tasks": {task: MCScores as dict}, "average", "average_stderr",
+    "predictions": {task: [...]}}``. The average is the unweighted mean of the tasks' headline metrics; its standard
+    error is ``sqrt(sum se_t^2) / n_tasks`` (tasks are independent samples)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = getattr(tokenizer, "eos_token_id", 0) if pad is None else pad
+    tasks: dict[str, Any] = {}
+    predictions: dict[str, Any] = {}
+    for task, items in items_by_task.items():
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"{task}: {len(items)} questions")
+        lls = option_loglikelihoods(model, tokenizer, items, batch_tokens, max_len, int(pad or 0), progress=not quiet)
+        scores, preds = score_items(items, lls)
+        tasks[str(task)] = {**scores.__dict__, "score": scores.score, "stderr": scores.stderr}
+        predictions[str(task)] = preds
+    vals = [t["score"] for t in tasks.values()]
+    ses = [t["stderr"] for t in tasks.values()]
+    avg = sum(vals) / len(vals)
+    avg_se = math.sqrt(sum(s * s for s in ses if s == s)) / len(ses)
+    return {"tasks": tasks, "average": avg, "average_stderr": avg_se, "predictions": predictions}
+
+
+def evaluate_source(
+    src: str | Path,
+    tasks: Sequence[Any],
+    limit: int | None = None,
+    part: str = "all",
+    seed: int = 0,
+    test_fraction: float = 0.5,
+    batch_tokens: int = 4096,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """``qwha-export eval``: multiple-choice accuracy of an adapter directory or export folder on ``tasks``.
+
+    ``part="all"`` scores the whole shipped validation set of each task, ``part="test"`` only the test part of
+    :func:`qwha_export.tasks.split_items` (``seed``, ``test_fraction``; the part ``benchmarks/paper_table.py`` reports
+    on). ``limit`` keeps the first ``limit`` questions of each task (file order for ``all``, split order for
+    ``test``). Validation happens before any model is loaded.
+    """
+    import time
+
+    from .tasks import load_task, parse_tasks
+
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a positive integer, got {limit!r}")
+    if part not in ("all", "test"):
+        raise ValueError(f"--part must be 'all' or 'test', got {part!r}")
+    if batch_tokens < 2:
+        raise ValueError(f"--batch-tokens must be >= 2, got {batch_tokens!r}")
+    chosen = parse_tasks(tasks)
+    if not Path(src).is_dir():
+        raise ValueError(f"{src} does not exist; give an adapter directory or an export folder")
+    t0 = time.time()
+    items_by_task = {}
+    for task in chosen:
+        items = load_task(task)
+        if part == "test":
+            from .tasks import split_items
+
+            items = split_items(items, seed=seed, test_fraction=test_fraction).test
+        items_by_task[task] = items[:limit] if limit else items
+    model, tokenizer, kind = load_for_eval(src)
+    report = evaluate_model(model, tokenizer, items_by_task, batch_tokens=batch_tokens, quiet=quiet)
+    report.update(source=str(src), kind=kind, part=part, seed=seed, limit=limit, seconds=time.time() - t0)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The table ``qwha-export eval`` prints: one line per task and the average, in percent, ± standard error."""
+    lines = [f"{'task':<14} {'n':>6} {'metric':>8} {'score':>16}"]
+    for task, t in report["tasks"].items():
+        lines.append(f"{task:<14} {t['n']:>6} {t['metric']:>8} {100 * t['score']:>8.2f} ± {100 * t['stderr']:.2f}")
+    avg, se = 100 * report["average"], 100 * report["average_stderr"]
+    lines.append(f"{'average':<14} {'':>6} {'':>8} {avg:>8.2f} ± {se:.2f}")
+    return "\n".join(lines)

