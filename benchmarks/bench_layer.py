@@ -6,9 +6,10 @@ frozen quantized base (4-bit, group 64 RTN of a random ``N(0, 0.02)`` weight, he
   adapter runs on activations, ``y += c * wht(x) @ F.T``, never building ``Delta W``: Triton kernels on CUDA,
   torch sparse ops on CPU.
 * **LoRA**: a peft LoRA layer with the same number of trainable parameters, ``r_lora = p / (d_in + d_out)``
-  (``= --rank``). ``peft.get_peft_model`` refuses a ``QuantLinear`` target ("Target module ... is not supported"),
-  so the layer is built directly as ``peft.tuners.lora.Linear(QuantLinear, ...)`` (peft warns "Unsupported layer
-  type ... proceed at your own risk"; it works: the base output is bit-identical and only ``lora_A``/``lora_B`` train).
+  (``= --rank``): :class:`qwha_export.lora_baseline.QuantLoraLinear`, the layer peft's ``get_peft_model`` injects
+  for a ``QuantLinear`` target through the custom module mapping (``quant_lora_config``).
+* QWHA's form (activation side or dense Delta W, :func:`qwha_export.kernels.choose_form`) is chosen per call from
+  the token count; the "form" column says which one ran.
 * **dense-Delta W**: the formulation that materialises the delta every step, with autograd: ``F`` dense by
   ``index_put`` of the trainable values, ``Delta W = c * hadamard_transform(F, transpose=True)`` (i.e. ``c * F @ M``),
   then ``F.linear(x, W_deq + Delta W)``; all in the compute dtype.
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from qwha_export.converters.quantize import quantize_rtn
 from qwha_export.converters.qwha_init import allocate_budget
-from qwha_export.kernels import hadamard_transform
+from qwha_export.kernels import choose_form, hadamard_transform
 from qwha_export.layer import QWHALinear, adapter_coefficient
 from qwha_export.quant_linear import QuantLinear
 
@@ -78,13 +78,11 @@ def random_support(d_out: int, d_in: int, total: int, gen: torch.Generator) -> t
 
 
 def build_lora(base: QuantLinear, r: int) -> nn.Module:
-    from peft import LoraConfig
-    from peft.tuners.lora import Linear as LoraLinear
+    """peft LoRA on the QuantLinear base: the layer ``get_peft_model(model, quant_lora_config(...))`` injects."""
+    from qwha_export.lora_baseline import QuantLoraLinear, quant_lora_config
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Unsupported layer type")
-        return LoraLinear(base, "default", config=config, r=r, lora_alpha=2 * r)
+    config = quant_lora_config(r=r, lora_alpha=2 * r, lora_dropout=0.0)
+    return QuantLoraLinear(base, "default", config=config, r=r, lora_alpha=2 * r)
 
 
 def trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -143,11 +141,11 @@ def main() -> None:
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}, "
           f"input grad {not args.no_input_grad}, rounds >= {args.rounds} (interleaved, median)")
-    print("LoRA = peft.tuners.lora.Linear built directly on the QuantLinear base (get_peft_model refuses QuantLinear)")
+    print("LoRA = qwha_export.lora_baseline.QuantLoraLinear (peft lora.Linear on the QuantLinear base)")
     header = (
         f"{'d_in->d_out':>12} {'tokens':>6} {'device':>6} {'dtype':>8} | {'QWHA ms':>9} {'LoRA ms':>9} "
         f"{'dense-dW ms':>11} | {'QWHA/LoRA':>9} {'QWHA/dense':>10} | {'QWHA params':>11} {'LoRA params':>11} "
-        f"{'dense params':>12}"
+        f"{'dense params':>12} {'form':>10}"
     )
     rows_out: list[str] = []
     checks: list[str] = []
@@ -190,7 +188,8 @@ def main() -> None:
                 line = (
                     f"{f'{d_in}->{d_out}':>12} {tokens:>6} {device:>6} {str(dtype).removeprefix('torch.'):>8} | "
                     f"{t_q * 1e3:>9.1f} {t_l * 1e3:>9.1f} {t_d * 1e3:>11.1f} | {t_q / t_l:>8.2f}x {t_q / t_d:>9.2f}x | "
-                    f"{counts['QWHA']:>11,} {counts['LoRA']:>11,} {counts['dense']:>12,}"
+                    f"{counts['QWHA']:>11,} {counts['LoRA']:>11,} {counts['dense']:>12,} "
+                    f"{choose_form(tokens, d_in, d_out, rows.numel(), device):>10}"
                 )
                 rows_out.append(line)
                 so_far = time.perf_counter() - t_total

@@ -5,8 +5,15 @@ Public, stable API: :func:`hadamard_matrix`, :func:`wht`, :func:`iwht`, :func:`s
 """
 
 from .hadamard import PUBLISHED_ORDERS, SUPPORTED_ORDERS, hadamard_k, hadamard_matrix, hadamard_order, is_supported_size
-from .reference import iwht_reference, spectral_adapter_reference, spectral_dense, wht_reference
+from .reference import (
+    iwht_reference,
+    spectral_adapter_reference,
+    spectral_dense,
+    spectral_linear_reference,
+    wht_reference,
+)
 from .spectral import SpectralLayout, dense_delta, spectral_adapter
+from .spectral_linear import choose_form, spectral_linear
 from .transform import hadamard_transform, iwht, wht, wht_torch
 
 __all__ = [
@@ -27,4 +34,7 @@ __all__ = [
     "iwht_reference",
     "spectral_dense",
     "spectral_adapter_reference",
+    "spectral_linear",
+    "spectral_linear_reference",
+    "choose_form",
 ]

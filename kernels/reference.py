@@ -9,7 +9,13 @@ import torch
 
 from .hadamard import hadamard_matrix
 
-__all__ = ["wht_reference", "iwht_reference", "spectral_dense", "spectral_adapter_reference"]
+__all__ = [
+    "wht_reference",
+    "iwht_reference",
+    "spectral_dense",
+    "spectral_adapter_reference",
+    "spectral_linear_reference",
+]
 
 
 def wht_reference(x: torch.Tensor) -> torch.Tensor:
@@ -37,3 +43,18 @@ def spectral_adapter_reference(
     """``scale * wht(x) @ F.T`` with a dense ``F``: the contract of :func:`qwha_export.kernels.spectral_adapter`."""
     f = spectral_dense(values.to(x.dtype), rows, cols, d_out, x.shape[-1])
     return scale * (wht_reference(x) @ f.T)
+
+
+def spectral_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """``x @ weight.T + bias + scale * wht(x) @ F.T`` in ``x.dtype``: the contract of
+    :func:`qwha_export.kernels.spectral_linear`."""
+    y = x @ weight.to(x.dtype).T + (0 if bias is None else bias.to(x.dtype))
+    return y + spectral_adapter_reference(x, values, rows, cols, weight.shape[0], scale)

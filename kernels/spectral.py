@@ -91,7 +91,17 @@ def _csr(lines: _Lines, values: torch.Tensor, n_rows: int, n_cols: int) -> torch
         )
 
 
-_DENSE_SDDMM_RATIO = 64  # value gradient via a dense dy^T z when nnz >= d_out * d_in / 64
+_DENSE_SDDMM_RATIO = 4  # value gradient via a dense dy^T z when nnz >= d_out * d_in / 4
+
+
+def _sampled_value_grad(grad: torch.Tensor, z: torch.Tensor, layout: SpectralLayout) -> torch.Tensor:
+    """``(grad.T @ z)[rows, cols]`` in value order, computed only at the ``nnz`` entries (``sampled_addmm``)."""
+    lines = layout.csr
+    pattern = _csr(lines, torch.zeros(layout.nnz, dtype=z.dtype, device=z.device), layout.d_out, layout.d_in)
+    sampled = torch.sparse.sampled_addmm(pattern, grad.T.contiguous(), z, beta=0.0).values()  # CSR order
+    dv = torch.empty(layout.nnz, dtype=z.dtype, device=z.device)
+    dv[lines.vidx.long()] = sampled
+    return dv
 
 
 class _SparseProduct(torch.autograd.Function):
@@ -117,8 +127,11 @@ class _SparseProduct(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             rows, cols = layout.rows.to(z.device), layout.cols.to(z.device)
             if layout.nnz * _DENSE_SDDMM_RATIO >= layout.d_out * layout.d_in:
-                # dense enough: one BLAS product dy^T z, then gather (faster than per-entry gathers on CPU)
+                # nearly dense: one BLAS product dy^T z, then gather
                 dv = (grad.T @ z)[rows, cols] * scale
+            elif not z.is_cuda:
+                # sampled dense-dense product on the CSR pattern (~10x faster than dy^T z at 1/64 density on CPU)
+                dv = _sampled_value_grad(grad, z, layout) * scale
             else:
                 dv = torch.empty(layout.nnz, dtype=z.dtype, device=z.device)
                 g_t, z_t = grad.T.contiguous(), z.T.contiguous()  # row gathers below read contiguous memory

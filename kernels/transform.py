@@ -34,8 +34,8 @@ def _pow2_factors(p: int, fmax: int) -> list[int]:
     return factors
 
 
-def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """O(n log n) torch transform: ``x @ M_n.T`` (or ``x @ M_n`` when ``transpose``), differentiable, any leading shape.
+def _wht_butterfly(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """The torch kernel: ``x @ M_n.T`` (or ``x @ M_n`` when ``transpose``) along the last dim, any leading shape.
 
     ``H_{2^m}`` is applied as a Kronecker product of small Sylvester factors (at most ``_FACTOR`` wide), one
     batched matmul per factor: ``O(n * _FACTOR * log_FACTOR(n))`` = O(n log n) work that runs in BLAS, several
@@ -54,6 +54,36 @@ def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         hk = hadamard_k(k).to(dtype=y.dtype, device=y.device)
         y = torch.matmul(hk.T if transpose else hk, y)
     return y.reshape(x.shape).to(x.dtype)
+
+
+class _WHT(torch.autograd.Function):
+    """Autograd of the torch kernel: the gradient of ``x @ M.T`` is ``grad @ M``, i.e. the transposed transform.
+
+    One transform each way instead of autograd through every factor's matmul/movedim and the broadcast ``H_K``
+    product (whose ``BmmBackward`` dominated the CPU training step).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, transpose: bool) -> torch.Tensor:
+        ctx.transpose = transpose
+        return _wht_butterfly(x, transpose)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _wht_butterfly(grad, not ctx.transpose), None
+
+
+def wht_torch(x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """O(n log n) torch transform: ``x @ M_n.T`` (``transpose=False``) or ``x @ M_n`` (``transpose=True``) along the
+    last dim, any leading shape, float16/bfloat16/float32 (computed in float32) or float64.
+
+    Differentiable: the backward is the transposed transform (:class:`_WHT`), exactly
+    ``torch.autograd.grad(x @ hadamard_matrix(n).T, x, g) == g @ hadamard_matrix(n)``. Reference:
+    :func:`qwha_export.kernels.reference.wht_reference`.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _WHT.apply(x, transpose)
+    return _wht_butterfly(x, transpose)
 
 
 def _use_triton(x: torch.Tensor) -> bool:

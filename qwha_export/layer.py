@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from .kernels import SpectralLayout, dense_delta, is_supported_size, spectral_adapter
+from .kernels import SpectralLayout, dense_delta, is_supported_size, spectral_adapter, spectral_linear
+from .quant_linear import QuantLinear
 
 __all__ = ["QWHALinear", "adapter_coefficient", "delta_weight", "validate_spectrum"]
 
@@ -55,10 +56,19 @@ class QWHALinear(nn.Module):
         values: ``(nnz,)`` spectrum values (trainable, float32).
         rows, cols: ``(nnz,)`` output-channel and Walsh indices.
         scale: ``s``; the adapter coefficient is ``s / (d_in * sqrt(d_out))``.
+        form: ``"auto"`` (the faster of the activation-side and dense-Delta-W forms for each call's token count,
+            :func:`qwha_export.kernels.choose_form`), ``"activation"`` or ``"dense"``; bases other than
+            ``nn.Linear``/``QuantLinear`` always run the activation side.
     """
 
     def __init__(
-        self, base: nn.Module, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float = 1.0
+        self,
+        base: nn.Module,
+        values: torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        scale: float = 1.0,
+        form: str = "auto",
     ):
         super().__init__()
         self.base = base
@@ -71,6 +81,7 @@ class QWHALinear(nn.Module):
         self.spectrum = nn.Parameter(values.detach().to(torch.float32).clone())
         self.register_buffer("indices", torch.stack([rows.long(), cols.long()]))
         self.scale = float(scale)
+        self.form = form
         self._layout: SpectralLayout | None = None
 
     @property
@@ -87,6 +98,9 @@ class QWHALinear(nn.Module):
         return lay
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, (nn.Linear, QuantLinear)):  # weight known: the faster form for this token count
+            w = self.base.weight
+            return spectral_linear(x, w, self.base.bias, self.spectrum, self.layout(), self.coefficient, self.form)
         y = self.base(x)
         return y + spectral_adapter(x, self.spectrum, self.layout(), self.coefficient).to(y.dtype)
 
