@@ -23,17 +23,21 @@ compute the same function) and the relative max difference is printed.
 Shapes are ``d_in x d_out`` (e.g. ``4096x14336`` is an up_proj: 4096 inputs, 14336 outputs). Tokens = batch x seq.
 CPU default: tokens 512 only (about a minute on 2 cores); 16 x 512 = 8192 tokens costs about 100 s per QWHA step
 for 4096x4096 on 2 CPU cores (pass ``--tokens 512 8192``; ``--rounds 1 --budget 0`` to keep it short). CUDA (when
-present): tokens 512 and 8192, compute dtype ``--cuda-dtype`` (default bfloat16). On a loaded machine
-``--threads 1`` gives steadier numbers (oversubscribed OpenMP threads make the many small ops erratic).
+present): tokens 1x512, 4x2048 and 16x2048, compute dtype ``--cuda-dtype`` (default bfloat16); goal (printed, and in
+``--json``): QWHA step <= 1.1x the LoRA step at 4x2048 tokens. ``--dry-run`` only checks the arguments. On a loaded
+machine ``--threads 1`` gives steadier numbers (oversubscribed OpenMP threads make the many small ops erratic).
 
-    python benchmarks/bench_layer.py [--shapes 4096x4096 4096x14336] [--tokens 512 8192] [--devices cpu cuda]
+    python benchmarks/bench_layer.py [--shapes 4096x4096 4096x14336] [--tokens 512 4x2048] [--devices cpu cuda]
+        [--json results.json] [--dry-run]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,6 +48,12 @@ from qwha_export.converters.qwha_init import allocate_budget
 from qwha_export.kernels import choose_form, hadamard_transform
 from qwha_export.layer import QWHALinear, adapter_coefficient
 from qwha_export.quant_linear import QuantLinear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import add_report_args, finish_dry_run, goal, print_goals, write_json  # noqa: E402
+
+CUDA_TOKENS = [(1, 512), (4, 2048), (16, 2048)]
+GOAL_TOKENS = 4 * 2048  # QWHA step <= 1.1x LoRA at 4 x 2048 tokens
 
 
 class DenseDeltaLinear(nn.Module):
@@ -120,12 +130,26 @@ def parse_shape(text: str) -> tuple[int, int]:
     return d_in, d_out
 
 
+def parse_tokens(text: str) -> tuple[int, int]:
+    """``"4x2048"`` -> (4, 2048) (batch x sequence); a plain count ``"512"`` -> (1, 512)."""
+    try:
+        parts = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts = [1, *parts]
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"tokens must look like 4x2048 (batch x seq) or 512, got {text!r}") from None
+    return parts[0], parts[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4096, 4096), (4096, 14336)],
                     help="d_in x d_out, e.g. 4096x14336 (default: 4096x4096 4096x14336)")
-    ap.add_argument("--tokens", type=int, nargs="+", default=None,
-                    help="batch x seq token counts (default: 512 on CPU; 512 8192 on CUDA)")
+    ap.add_argument("--tokens", type=parse_tokens, nargs="+", default=None,
+                    help="batch x seq, e.g. 4x2048, or a token count (default: 512 on CPU; 1x512 4x2048 16x2048 on "
+                         "CUDA)")
     ap.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     ap.add_argument("--rank", type=int, default=64, help="QWHA budget p = rank * (d_in + d_out); LoRA rank = rank")
     ap.add_argument("--cuda-dtype", default="bfloat16", choices=["float32", "float16", "bfloat16"])
@@ -134,11 +158,22 @@ def main() -> None:
     ap.add_argument("--no-input-grad", action="store_true", help="x does not require grad (no dL/dx)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
+    add_report_args(ap)
     args = ap.parse_args()
+    bad = [d for d in args.devices or () if d not in ("cpu", "cuda")]
+    if bad:
+        ap.error(f"--devices: choose cpu and/or cuda, got {bad[0]!r}")
+    if args.dry_run:
+        finish_dry_run("bench_layer", [
+            f"devices {args.devices or 'cpu (+ cuda when available)'}, shapes {args.shapes}, rank {args.rank}",
+            f"tokens {args.tokens or f'CPU [(1, 512)], CUDA {CUDA_TOKENS}'}, CUDA dtype {args.cuda_dtype}",
+        ])
     if args.threads:
         torch.set_num_threads(args.threads)
 
     devices = args.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    if "cuda" in devices and not torch.cuda.is_available():
+        sys.exit("bench_layer: --devices cuda but no CUDA device is available")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, rank {args.rank}, "
           f"input grad {not args.no_input_grad}, rounds >= {args.rounds} (interleaved, median)")
     print("LoRA = qwha_export.lora_baseline.QuantLoraLinear (peft lora.Linear on the QuantLinear base)")
@@ -149,10 +184,11 @@ def main() -> None:
     )
     rows_out: list[str] = []
     checks: list[str] = []
+    records: list[dict] = []
     t_total = time.perf_counter()
     for device in devices:
         dtype = torch.float32 if device == "cpu" else getattr(torch, args.cuda_dtype)
-        token_list = args.tokens or ([512] if device == "cpu" else [512, 8192])
+        token_list = args.tokens or ([(1, 512)] if device == "cpu" else CUDA_TOKENS)
         for d_in, d_out in args.shapes:
             gen = torch.Generator().manual_seed(args.seed)
             w = torch.randn(d_out, d_in, generator=gen) * 0.02
@@ -167,7 +203,8 @@ def main() -> None:
             dense = DenseDeltaLinear(base, values, rows, cols, scale=1.0).to(device)
             layers = {"QWHA": qwha, "LoRA": lora, "dense": dense}
             counts = {k: sum(p.numel() for p in trainable(m)) for k, m in layers.items()}
-            for tokens in token_list:
+            for batch, seq in token_list:
+                tokens = batch * seq
                 x = torch.randn(tokens, d_in, generator=gen).to(device=device, dtype=dtype)
                 x.requires_grad_(not args.no_input_grad)
                 dy = torch.randn(tokens, d_out, generator=gen).to(device=device, dtype=dtype)
@@ -192,6 +229,12 @@ def main() -> None:
                     f"{choose_form(tokens, d_in, d_out, rows.numel(), device):>10}"
                 )
                 rows_out.append(line)
+                records.append({
+                    "d_in": d_in, "d_out": d_out, "batch": batch, "seq": seq, "tokens": tokens, "device": device,
+                    "dtype": str(dtype).removeprefix("torch."), "qwha_s": t_q, "lora_s": t_l, "dense_s": t_d,
+                    "qwha_over_lora": t_q / t_l, "qwha_over_dense": t_q / t_d, "rel_diff_qwha_dense": rel,
+                    "params": counts, "form": choose_form(tokens, d_in, d_out, rows.numel(), device),
+                })
                 so_far = time.perf_counter() - t_total
                 print(f"  {line}   ({so_far:.0f} s so far)", flush=True)
                 del x, dy
@@ -206,7 +249,17 @@ def main() -> None:
     print()
     for c in checks:
         print(c)
+    goals = []
+    for device in sorted({r["device"] for r in records}):
+        at = [r for r in records if r["device"] == device and r["tokens"] == GOAL_TOKENS]
+        value = max((r["qwha_over_lora"] for r in at), default=None)
+        detail = "max of " + ", ".join(f"{r['d_in']}->{r['d_out']}: {r['qwha_over_lora']:.2f}x" for r in at)
+        goals.append(goal(f"QWHA / LoRA layer step at 4x2048 tokens, {device}", value, 1.1, False,
+                          detail if at else "4x2048 tokens not run"))
+    print_goals(goals)
     print(f"total {time.perf_counter() - t_total:.0f} s")
+    write_json(args.json, {"benchmark": "bench_layer", "args": {k: v for k, v in vars(args).items() if k != "json"},
+                           "records": records, "goals": goals})
 
 
 if __name__ == "__main__":
