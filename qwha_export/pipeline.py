@@ -71,12 +71,19 @@ class InitJob:
     batch_size: int = 4
     overwrite: bool = False
     quiet: bool = False
+    device: str = "cpu"  # where calibration, quantization and init run ("cuda", "cuda:1"); the files are the same
 
     def __post_init__(self) -> None:
         for name in ("calib_tokens", "heldout_tokens", "seq_len", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but no CUDA device is available")
 
 
 def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
@@ -193,6 +200,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     text = _read_calibration_text(job.calib)
     model_dir = resolve_model(job.model)
     model, tokenizer = load_causal_lm(model_dir)
+    model.to(job.device)
     calib, heldout = calibration_and_heldout(tokenizer, job.seq_len, job.calib_tokens, job.heldout_tokens, text=text)
 
     quantized: dict[str, QuantizedWeight] = {}

@@ -4,11 +4,12 @@ Without a GPU these run in Triton's interpreter on CPU tensors (the root conftes
 kernels are defined), so every kernel is checked in CI. On a GPU they run compiled on CUDA tensors.
 
 Bar: the kernel's error against the float64 reference stays under 2x the error of the same-dtype torch reference,
-plus a small atol (relative to the output's scale).
+plus a small atol (relative to the output's scale); the rule lives in tests/kernel_parity.py, shared with the GPU tests.
 """
 
 import pytest
 import torch
+from kernel_parity import check_parity, dense_same_dtype, random_spectrum, rel_err
 
 from qwha_export.kernels import spectral_adapter_reference, wht_reference
 from qwha_export.kernels.spectral import SpectralLayout
@@ -19,29 +20,7 @@ from qwha_export.kernels.triton_spectral import spectral_adapter_triton  # noqa:
 
 pytestmark = pytest.mark.skipif(not triton_wht.available(), reason="needs triton (CUDA, or TRITON_INTERPRET=1)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 SIZES = [12, 96, 576, 1536, 3072, 4096, 11008, 14336]
-
-
-def _err(a: torch.Tensor, ref64: torch.Tensor) -> float:
-    a, ref64 = a.detach().double().cpu(), ref64.detach().cpu()
-    return float((a - ref64).abs().max() / ref64.abs().max().clamp_min(1e-30))
-
-
-def _check(name: str, got: torch.Tensor, same_dtype_ref: torch.Tensor, ref64: torch.Tensor, dtype) -> None:
-    err, ref_err = _err(got, ref64), _err(same_dtype_ref, ref64)
-    bound = 2 * ref_err + ATOL[dtype]
-    assert err <= bound, (
-        f"{name}: kernel error {err:.3e}, same-dtype torch reference error {ref_err:.3e}, bound {bound:.3e}"
-    )
-
-
-def _dense_same_dtype(x: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """Same-dtype torch reference: a dense product in x.dtype (CPU half matmuls run in float32 internally)."""
-    from qwha_export.kernels import hadamard_matrix
-
-    m = hadamard_matrix(x.shape[-1], dtype=x.dtype, device=x.device)
-    return x @ (m if transpose else m.T)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -54,7 +33,7 @@ def test_wht_forward_parity(n, dtype, transpose):
     got = triton_wht.wht_triton(x, transpose=transpose)
     assert got.dtype == dtype and got.shape == x.shape
     ref64 = wht_torch(x.double(), transpose=transpose)
-    _check(f"wht n={n} {dtype} transpose={transpose}", got, _dense_same_dtype(x, transpose), ref64, dtype)
+    check_parity(f"wht n={n} {dtype} transpose={transpose}", got, dense_same_dtype(x, transpose), ref64, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -66,13 +45,13 @@ def test_wht_backward_parity(n, dtype):
     triton_wht.wht_triton(x).backward(dy)
     x64 = x.detach().double().requires_grad_()
     wht_reference(x64).backward(dy.double())
-    _check(f"wht backward n={n} {dtype}", x.grad, _dense_same_dtype(dy, transpose=True), x64.grad, dtype)
+    check_parity(f"wht backward n={n} {dtype}", x.grad, dense_same_dtype(dy, transpose=True), x64.grad, dtype)
 
 
 def test_wht_large_n_32768():
     x = torch.randn(2, 32768, device=DEVICE)
     got = triton_wht.wht_triton(x)
-    assert _err(got, wht_torch(x.double())) < 1e-6
+    assert rel_err(got, wht_torch(x.double())) < 1e-6
 
 
 def test_wht_rejects_float64_and_huge_n():
@@ -80,15 +59,6 @@ def test_wht_rejects_float64_and_huge_n():
         triton_wht.wht_triton(torch.randn(2, 16, dtype=torch.float64, device=DEVICE))
     with pytest.raises(ValueError, match="65536"):
         triton_wht.wht_triton(torch.randn(1, 65536, device=DEVICE))
-
-
-def _random_spectrum(d_out: int, d_in: int, nnz: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    # uneven rows (AdaAlloc-like budgets): channel o gets about (1 + o % 7) shares
-    weights = 1.0 + (torch.arange(d_out) % 7).double()
-    rows = torch.multinomial(weights, nnz, replacement=True, generator=g)
-    cols = torch.randint(0, d_in, (nnz,), generator=g)
-    return rows, cols, torch.randn(nnz, generator=g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -103,7 +73,7 @@ def _random_spectrum(d_out: int, d_in: int, nnz: int, seed: int):
     ],
 )
 def test_spectral_forward_backward_parity(d_in, d_out, nnz, batch, dtype):
-    rows, cols, vals = _random_spectrum(d_out, d_in, nnz, seed=d_in + d_out)
+    rows, cols, vals = random_spectrum(d_out, d_in, nnz, seed=d_in + d_out)
     layout = SpectralLayout.build(rows, cols, d_out, d_in)
     scale = 0.37
     x = torch.randn(*batch, d_in, device=DEVICE).to(dtype).requires_grad_()
@@ -122,9 +92,9 @@ def test_spectral_forward_backward_parity(d_in, d_out, nnz, batch, dtype):
     vs = vals.clone().to(DEVICE).to(dtype).requires_grad_()
     same = spectral_adapter_reference(xs, vs, rows, cols, d_out, scale)
     same.backward(dy)
-    _check(f"spectral fwd {d_out}x{d_in} {dtype}", y, same, ref, dtype)
-    _check(f"spectral dx {d_out}x{d_in} {dtype}", x.grad, xs.grad, x64.grad, dtype)
-    _check(f"spectral dvalues {d_out}x{d_in} {dtype}", v.grad, vs.grad, v64.grad, dtype)
+    check_parity(f"spectral fwd {d_out}x{d_in} {dtype}", y, same, ref, dtype)
+    check_parity(f"spectral dx {d_out}x{d_in} {dtype}", x.grad, xs.grad, x64.grad, dtype)
+    check_parity(f"spectral dvalues {d_out}x{d_in} {dtype}", v.grad, vs.grad, v64.grad, dtype)
 
 
 def test_spectral_empty_rows_and_duplicates():
@@ -136,5 +106,5 @@ def test_spectral_empty_rows_and_duplicates():
     x = torch.randn(6, 12, device=DEVICE)
     got = spectral_adapter_triton(x, vals.to(DEVICE), layout, 1.0)
     ref = spectral_adapter_reference(x.double(), vals.double(), rows, cols, 4, 1.0)
-    assert _err(got, ref) < 1e-6
+    assert rel_err(got, ref) < 1e-6
     assert torch.all(got[:, [1, 3]] == 0)
