@@ -116,6 +116,46 @@ def summary(folder: Path) -> dict:
 
 
 BENCHMARKS = ("bench_wht", "bench_layer", "bench_train_step")
+_FINDER = """# written by benchmarks/gpu_suite.sh: import qwha_export from {root} (as an editable install does)
+import importlib.util
+import sys
+
+_MAP = {mapping!r}
+
+
+class _QwhaExportSuiteFinder:
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        where = _MAP.get(name)
+        if where is None:
+            return None
+        return importlib.util.spec_from_file_location(name, where + "/__init__.py", submodule_search_locations=[where])
+
+
+if not any(getattr(f, "__name__", "") == "_QwhaExportSuiteFinder" for f in sys.meta_path):
+    sys.meta_path.insert(0, _QwhaExportSuiteFinder)
+"""
+
+
+def link_package(root: Path) -> list[Path]:
+    """Make ``qwha_export`` importable from ``root`` without pip: a meta-path finder module and the ``.pth`` that
+    imports it, in the first writable site-packages folder (user site as the last resort). Returns both paths."""
+    import site
+
+    mapping = {"qwha_export": str(root / "qwha_export")}
+    mapping.update({f"qwha_export.{sub}": str(root / sub) for sub in ("kernels", "converters", "formats")})
+    candidates = list(site.getsitepackages()) + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    for folder in map(Path, candidates):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            finder = folder / "_qwha_export_suite_finder.py"
+            finder.write_text(_FINDER.format(root=root, mapping=mapping))
+            pth = folder / "_qwha_export_suite.pth"
+            pth.write_text("import _qwha_export_suite_finder\n")
+            return [finder, pth]
+        except OSError:
+            continue
+    sys.exit(f"no writable site-packages folder among {candidates}")
 
 
 def report(results: Path) -> dict:
@@ -153,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--json", type=Path, default=None)
     r = sub.add_parser("report", help="write gpu_suite.json from the phases, tests and benchmark results")
     r.add_argument("--results", type=Path, required=True)
-    for q in (p, s, r):
+    lk = sub.add_parser("link-package", help="make qwha_export importable from this checkout without pip")
+    for q in (p, s, r, lk):
         q.add_argument("--dry-run", action="store_true", help="check the arguments only")
     args = ap.parse_args(argv)
     if args.command == "plan" and args.shards < 1:
@@ -167,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         for i, ids in enumerate(shards):
             (args.dir / f"shard_{i:02d}.txt").write_text("\n".join(ids) + "\n")
         print(f"{sum(map(len, shards))} gpu tests in {len(shards)} shards: {[len(s) for s in shards]}")
+        return
+    if args.command == "link-package":
+        print(" ".join(str(f) for f in link_package(REPO)))
         return
     if args.command == "report":
         out = report(args.results)

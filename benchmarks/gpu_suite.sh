@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/gpu_suite.sh
 #
-# 1. setup: qwha-export importable (an offline `pip install --no-deps --no-build-isolation -e .`, else a symlink
-#    shim on PYTHONPATH); optional wheels from $GPU_SUITE_WHEELS (default ./gpu_wheels) installed with
+# 1. setup: qwha-export importable (an offline `pip install --no-deps --no-build-isolation -e .`, else a path
+#    finder in site-packages, removed at the end); optional wheels from $GPU_SUITE_WHEELS (default ./gpu_wheels) installed with
 #    `pip install --no-index --no-deps` -- the GPU machine reaches no package registry;
 # 2. a dry run of the argument parsing of every benchmark it calls (each one's --dry-run);
 #    without a CUDA device it stops here: prints "no CUDA device" and exits 0;
@@ -51,22 +51,22 @@ cap_for() {  # the phase's cap, never past the suite's budget (0 = no time left)
     echo $(( $1 < left ? $1 : left ))
 }
 
+package_is_this_checkout() {  # qwha_export imports, and from this checkout (not a stale install elsewhere)
+    "$PY" -c "import pathlib, sys, qwha_export.kernels as k
+sys.exit(0 if pathlib.Path(k.__file__).resolve().is_relative_to(pathlib.Path(sys.argv[1]).resolve()) else 1)" \
+        "$ROOT" 2>/dev/null
+}
+
 ensure_package() {
-    if "$PY" -c "import qwha_export.kernels" 2>/dev/null; then
-        return 0
-    fi
-    log "qwha_export is not importable: installing it offline (pip install --no-deps --no-build-isolation -e .)"
+    package_is_this_checkout && return 0
+    log "qwha_export is not importable from $ROOT: installing it offline (pip install --no-deps -e .)"
     if "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e "$ROOT"; then
-        "$PY" -c "import qwha_export.kernels" && return 0
+        package_is_this_checkout && return 0
     fi
-    log "editable install failed; using a symlink shim on PYTHONPATH"
-    local shim
-    shim="$(mktemp -d)/site"
-    mkdir -p "$shim/qwha_export"
-    ln -s "$ROOT"/qwha_export/* "$shim/qwha_export/"
-    for sub in kernels converters formats; do ln -s "$ROOT/$sub" "$shim/qwha_export/$sub"; done
-    export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -c "import qwha_export.kernels"
+    log "editable install failed; linking the checkout with a path finder in site-packages instead"
+    "$PY" benchmarks/_gpu_suite.py link-package > "$RESULTS/.linked" || return 1
+    log "linked: $(cat "$RESULTS/.linked") (removed when the suite ends)"
+    package_is_this_checkout
 }
 
 dry_run() {
@@ -159,5 +159,11 @@ triton.__version__, torch.cuda.get_device_name())"
     log "done in $(( $(date +%s) - T0 )) s"
 }
 
+rm -f "$RESULTS/.linked"
 main "$@" 2>&1 | tee "$RESULTS/gpu_suite.log"
-exit "${PIPESTATUS[0]}"
+rc="${PIPESTATUS[0]}"
+if [[ -s "$RESULTS/.linked" ]]; then
+    xargs rm -f < "$RESULTS/.linked"
+fi
+rm -f "$RESULTS/.linked"
+exit "$rc"
