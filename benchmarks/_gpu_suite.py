@@ -178,6 +178,9 @@ def report(results: Path) -> dict:
         data = json.loads(path.read_text())
         out["environment"] = out["environment"] or data.get("environment")
         out["goals"] += data.get("goals", [])
+        if not data.get("complete", True):
+            out["goals"].append({"goal": f"{name}: partial results", "value": None, "met": None,
+                                 "detail": "stopped before the end (time cap or error); the goals above use what ran"})
     return out
 
 

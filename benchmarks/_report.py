@@ -56,9 +56,14 @@ def print_goals(goals: list[dict[str, Any]]) -> None:
         print(f"GOAL {g['goal']}: {value} (target {op} {g['target']}) {verdict}  {g['detail']}".rstrip())
 
 
-def write_json(path: Path | None, payload: dict[str, Any]) -> None:
+def write_json(path: Path | None, payload: dict[str, Any], complete: bool = True) -> None:
+    """Write the results; benchmarks also call it after every measurement with ``complete=False``, so a run stopped
+    by the suite's time cap leaves what it measured."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
-    print(f"wrote {path}")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"environment": environment(), "complete": complete, **payload}, indent=2))
+    tmp.replace(path)
+    if complete:
+        print(f"wrote {path}")

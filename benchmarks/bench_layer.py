@@ -235,6 +235,7 @@ def main() -> None:
                     "qwha_over_lora": t_q / t_l, "qwha_over_dense": t_q / t_d, "rel_diff_qwha_dense": rel,
                     "params": counts, "form": choose_form(tokens, d_in, d_out, rows.numel(), device),
                 })
+                save(args, records)
                 so_far = time.perf_counter() - t_total
                 print(f"  {line}   ({so_far:.0f} s so far)", flush=True)
                 del x, dy
@@ -249,6 +250,12 @@ def main() -> None:
     print()
     for c in checks:
         print(c)
+    print_goals(layer_goals(records))
+    print(f"total {time.perf_counter() - t_total:.0f} s")
+    save(args, records, complete=True)
+
+
+def layer_goals(records: list[dict]) -> list[dict]:
     goals = []
     for device in sorted({r["device"] for r in records}):
         at = [r for r in records if r["device"] == device and r["tokens"] == GOAL_TOKENS]
@@ -256,10 +263,12 @@ def main() -> None:
         detail = "max of " + ", ".join(f"{r['d_in']}->{r['d_out']}: {r['qwha_over_lora']:.2f}x" for r in at)
         goals.append(goal(f"QWHA / LoRA layer step at 4x2048 tokens, {device}", value, 1.1, False,
                           detail if at else "4x2048 tokens not run"))
-    print_goals(goals)
-    print(f"total {time.perf_counter() - t_total:.0f} s")
+    return goals
+
+
+def save(args: argparse.Namespace, records: list[dict], complete: bool = False) -> None:
     write_json(args.json, {"benchmark": "bench_layer", "args": {k: v for k, v in vars(args).items() if k != "json"},
-                           "records": records, "goals": goals})
+                           "records": records, "goals": layer_goals(records)}, complete)
 
 
 if __name__ == "__main__":

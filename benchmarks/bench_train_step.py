@@ -171,7 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    records = []
+    records: list[dict] = []
+    trainable = {name: m[2] for name, m in methods.items()}
+
+    def save(records: list[dict], complete: bool = False) -> None:
+        write_json(args.json, {"benchmark": "bench_train_step", "model": what, "device": device,
+                               "autocast_bf16": autocast, "args": {k: v for k, v in vars(args).items() if k != "json"},
+                               "trainable": trainable, "records": records, "goals": step_goals(records, what)},
+                   complete)
+
     gen = torch.Generator().manual_seed(0)
     for batch, seq in args.batch_seq:
         ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (batch, seq), generator=gen).to(device)
@@ -195,15 +203,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {batch}x{seq}: QWHA {med['QWHA'] * 1e3:8.1f} ms  LoRA {med['LoRA'] * 1e3:8.1f} ms  "
               f"QWHA/LoRA {rec['qwha_over_lora']:.2f}x  ({rounds} rounds, "
               f"{batch * seq / med['QWHA']:,.0f} vs {batch * seq / med['LoRA']:,.0f} tokens/s)", flush=True)
+        save(records)
+    print_goals(step_goals(records, what))
+    save(records, complete=True)
+
+
+def step_goals(records: list[dict], what: str) -> list[dict]:
     at1 = [r for r in records if r["batch"] == 1]
-    goals = [goal("QWHA / LoRA SmolLM2 training step at batch 1 vs the paper's 1.46x (A100)",
-                  at1[0]["qwha_over_lora"] if at1 else None, PAPER_RATIO, False,
-                  f"{at1[0]['batch']}x{at1[0]['seq']}, {what}" if at1 else "batch 1 not run")]
-    print_goals(goals)
-    write_json(args.json, {"benchmark": "bench_train_step", "model": what, "device": device, "autocast_bf16": autocast,
-                           "args": {k: v for k, v in vars(args).items() if k != "json"},
-                           "trainable": {name: m[2] for name, m in methods.items()}, "records": records,
-                           "goals": goals})
+    return [goal("QWHA / LoRA SmolLM2 training step at batch 1 vs the paper's 1.46x (A100)",
+                 at1[0]["qwha_over_lora"] if at1 else None, PAPER_RATIO, False,
+                 f"{at1[0]['batch']}x{at1[0]['seq']}, {what}" if at1 else "batch 1 not run")]
 
 
 if __name__ == "__main__":

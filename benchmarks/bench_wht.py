@@ -39,7 +39,7 @@ from _timing import median_time  # noqa: E402
 from qwha_export.kernels import hadamard_matrix, hadamard_order, is_supported_size, wht  # noqa: E402
 from qwha_export.kernels.transform import wht_torch  # noqa: E402
 
-CUDA_ROWS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536]
+CUDA_ROWS = [1, 16, 256, 1024, 4096, 16384, 65536]  # 1 and multiples of 16: two kernel specialisations
 GOAL_SIZES = (4096, 14336)
 GOAL_MIN_ROWS = 4096
 FHT_VARIANTS = {1: "hadamard_transform", 12: "hadamard_transform_12N", 20: "hadamard_transform_20N",
@@ -113,7 +113,8 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).abs().max() / ref.abs().max())
 
 
-def cuda_records(args: argparse.Namespace, device: str = "cuda") -> tuple[list[dict], str]:
+def cuda_records(args: argparse.Namespace, device: str = "cuda", on_record=None) -> tuple[list[dict], str]:
+    """Every measurement; ``on_record(records, status)`` after each one."""
     from triton.testing import do_bench
 
     from qwha_export.kernels.triton_wht import wht_triton
@@ -143,6 +144,8 @@ def cuda_records(args: argparse.Namespace, device: str = "cuda") -> tuple[list[d
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
                 print(f"  n={n} {dtype_name}: Triton WHT failed: {msg}")
                 records.append({**base, "error": msg})
+                if on_record is not None:
+                    on_record(records, fht_status)
                 continue
             for rows in args.rows:
                 x = torch.randn(rows, n, device=device).to(dtype)
@@ -163,6 +166,8 @@ def cuda_records(args: argparse.Namespace, device: str = "cuda") -> tuple[list[d
                       f"{rec['triton_gbs']:7.1f} GB/s | copy {rec['copy_gbs']:7.1f} GB/s | "
                       f"{100 * rec['triton_over_copy_bw']:5.1f}% of copy{fht_txt}", flush=True)
                 records.append(rec)
+                if on_record is not None:
+                    on_record(records, fht_status)
                 del x, y
             torch.cuda.empty_cache()
     return records, fht_status
@@ -202,11 +207,14 @@ def main(argv: list[str] | None = None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_wht: --device cuda but no CUDA device is available")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    records, fht_status = cuda_records(args)
-    goals = cuda_goals(records)
-    print_goals(goals)
-    write_json(args.json, {"benchmark": "bench_wht", "args": {k: v for k, v in vars(args).items() if k != "json"},
-                           "fast_hadamard_transform": fht_status, "records": records, "goals": goals})
+    def save(records: list[dict], fht_status: str, complete: bool = False) -> None:
+        write_json(args.json, {"benchmark": "bench_wht", "args": {k: v for k, v in vars(args).items() if k != "json"},
+                               "fast_hadamard_transform": fht_status, "records": records,
+                               "goals": cuda_goals(records)}, complete)
+
+    records, fht_status = cuda_records(args, on_record=save)
+    print_goals(cuda_goals(records))
+    save(records, fht_status, complete=True)
 
 
 if __name__ == "__main__":
