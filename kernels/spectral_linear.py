@@ -6,9 +6,12 @@
   from the values (one transform of a ``d_out x d_in`` matrix) and fused into the base product; the extra work is
   the value gradient ``dy^T x`` (one ``tokens * d_in * d_out`` product) plus two ``d_out x d_in`` transforms.
 
-``form="auto"`` picks by a cost model in units of one dense multiply-add (:func:`choose_form`), measured on CPU:
-a sparse multiply-add costs about 4 (``torch.sparse.mm`` / ``sampled_addmm`` run at memory speed) and a
-transform multiply-add about 1.5. On CUDA the activation side runs the Triton kernels and is always chosen.
+``form="auto"`` picks by a cost model in units of one dense (GEMM) multiply-add (:func:`choose_form`), fitted to
+CPU float32 measurements of both forms (1 thread; SmolLM2's 576/1536-wide layers at 256-4096 tokens and 4096x4096
+at 512-8192 tokens: all 14 cases classified right): a sparse multiply-add (``torch.sparse.mm``, ``sampled_addmm``)
+costs ``7 + 5 log2(tokens / 512)`` (they run at memory speed and lose the cache as the activations grow), a
+transform multiply-add 1.5, and rebuilding the delta ``0.33 d_in + 100`` per weight element. On CUDA the
+activation side runs the Triton kernels and is always chosen.
 
 Reference: :func:`qwha_export.kernels.reference.spectral_linear_reference` (dense ``F``, any dtype).
 """
@@ -27,9 +30,12 @@ from .transform import _pow2_factors, wht_torch
 __all__ = ["FORMS", "choose_form", "spectral_linear"]
 
 FORMS = ("auto", "activation", "dense")
-SPARSE_COST = 4.0  # one sparse multiply-add (CSR mm, sampled_addmm) in dense-GEMM multiply-adds, CPU float32
-WHT_COST = 1.5  # one multiply-add of the factored transform (small batched matmuls)
-ELEMENTWISE_COST = 8.0  # per element of a d_out x d_in temporary (zeros, scatter, add, gather), dense form
+WHT_COST = 1.5  # one multiply-add of the factored transform (small batched matmuls), in GEMM multiply-adds
+
+
+def _sparse_cost(tokens: int) -> float:
+    """One sparse multiply-add in GEMM multiply-adds at this token count (fitted, CPU float32)."""
+    return 7.0 + 5.0 * max(0.0, math.log2(max(tokens, 1) / 512))
 
 
 def _transform_macs(n: int) -> int:
@@ -43,13 +49,12 @@ def choose_form(tokens: int, d_in: int, d_out: int, nnz: int, device: torch.devi
 
     Activation side: three sparse products of ``tokens * nnz`` (forward, input and value gradients) and two
     transforms of the ``tokens x d_in`` activations. Dense Delta W: one ``tokens * d_in * d_out`` product (the
-    value gradient), two transforms of the ``d_out x d_in`` delta and a few elementwise passes over it.
+    value gradient ``dy^T x``) and rebuilding the delta (scatter, two transforms, add, gather) per weight element.
     """
     if torch.device(device).type == "cuda":
         return "activation"
-    t_macs = _transform_macs(d_in)
-    activation = tokens * (3 * SPARSE_COST * nnz + 2 * WHT_COST * t_macs)
-    dense = tokens * d_in * d_out + d_out * (2 * WHT_COST * t_macs + ELEMENTWISE_COST * d_in)
+    activation = tokens * (3 * _sparse_cost(tokens) * nnz + 2 * WHT_COST * _transform_macs(d_in))
+    dense = tokens * d_in * d_out + d_out * d_in * (0.33 * d_in + 100)
     return "activation" if activation <= dense else "dense"
 
 

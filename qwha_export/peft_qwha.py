@@ -43,7 +43,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils import PeftType
 from torch import nn
 
-from .kernels import SpectralLayout, is_supported_size, spectral_adapter
+from .kernels import SpectralLayout, is_supported_size, spectral_adapter, spectral_linear
 from .layer import adapter_coefficient, delta_weight, validate_spectrum
 from .quant_linear import QuantLinear
 
@@ -457,6 +457,14 @@ class QWHALinear(nn.Module, QWHALayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        base = self.get_base_layer()
+        active = [a for a in self.active_adapters if a in self.qwha_spectrum and self.qwha_spectrum[a].numel()]
+        plain = isinstance(base, (nn.Linear, QuantLinear)) and not args and not kwargs
+        if plain and not self.merged and len(active) == 1:
+            # one adapter on a plain/quantized linear: the faster of the activation-side and dense-Delta-W forms
+            a = active[0]
+            values, layout, coef = self.qwha_spectrum[a], self.layout(a), self.coefficient(a)
+            return spectral_linear(x, base.weight, base.bias, values, layout, coef)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result
