@@ -21,14 +21,13 @@ GroupQueryAttention applies the causal mask on cache slots; padding (left or any
 ``total_sequence_length`` slots. Rotary embedding runs outside the attention op because GroupQueryAttention's own
 rotary uses only the first position id of a prompt, which is wrong for left-padded rows.
 
-Spectral adapters (fused exports) add ``WHT(x) @ F.T`` to a projection's output. ``x`` is transformed once per
-distinct input (q/k/v share one, gate/up share one) by the ``qwha::WalshHadamard`` function
-(:mod:`.onnx_ops`), and ``F`` is applied from two-level ELL tables: ``mode="token"`` (``GatherElements`` on
-``[1, n]``, one token) or ``mode="prompt"`` (any number of tokens: ``ScatterElements`` rebuilds ``F.T`` densely at
-run time from the tables' ``flat1`` positions, then one ``MatMul``; the dense copy lives only during that node, and is
-7-8x faster than gathering ``WHT(x)`` per entry at 512 tokens and 3x at 4). With adapters the graph is an ``If`` on
-``batch * sequence == 1`` whose branches are the two modes (decode steps of one row take the single-token path);
-both branches share the initializers.
+Spectral adapters (fused exports): each adapted projection group (q|k|v, o, gate|up, down) is one
+``qwha::SpectralAdd(x, base, HK, ELL tables)`` node computing ``base + WHT(x) @ F.T`` (:mod:`.onnx_ops`;
+``SpectralAddDense`` for adapters denser than ``dense_adapter_density``). The graph is then
+``If(batch * sequence == 1)``: a single-token branch (static ``[1, 1, *]`` shapes, the ``token`` bodies), else
+``If(sequence == 1)``: a batched decode step (the ``step`` bodies), else any number of tokens (the ``prompt``
+bodies, ``ScatterElements`` + ``MatMul``); all branches share the initializers. With the native qwha kernels
+registered every branch runs the same kernel; without them each branch runs its bodies.
 """
 
 from __future__ import annotations
@@ -41,12 +40,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .onnx_ops import (
-    WHT_DOMAIN,
+    DOMAIN,
+    SPECTRAL_MODES,
     SpectralTables,
     matmul_nbits_tensors,
+    qwha_functions,
+    spectral_dense_node,
+    spectral_node,
     spectral_tables,
-    wht_function,
-    wht_node,
 )
 
 __all__ = [
@@ -273,10 +274,11 @@ def _stack_bias(projs: Sequence[Projection]) -> np.ndarray | None:
 
 
 class _Layers:
-    """Writes (packed) projections: MatMulNBits / MatMul, bias, WalshHadamard + spectral product."""
+    """Writes (packed) projections: MatMulNBits / MatMul, bias, ``qwha::SpectralAdd`` (WHT + spectral product)."""
 
-    def __init__(self, accuracy_level: int, ell_width: int, dense_adapter_density: float):
+    def __init__(self, accuracy_level: int, ell_width: int, dense_adapter_density: float, wht_factors: dict):
         self.accuracy_level, self.ell_width, self.dense_density = accuracy_level, ell_width, dense_adapter_density
+        self.wht_factors = wht_factors
         self.root = _Graph()
         self.tables: dict[str, tuple[SpectralTables, str, str, str]] = {}
         self.linears: dict[str, tuple[str, list[str], dict]] = {}
@@ -325,7 +327,15 @@ class _Layers:
             "MatMulNBits", [x, *inputs], domain=_MS, name=f"{name}.MatMulNBits", outputs=outputs, **extra["attrs"]
         )
 
-    def projection(self, g: _Graph, x: str, name: str, projs: Sequence[Projection], mode: str, wht: dict) -> str:
+    def hadamard_init(self, n: int) -> tuple[int, str]:
+        """``(K, name)`` of the ``H_K`` initializer of size ``n`` (``[[1]]`` when ``K = 1``), shared by all layers."""
+        if n not in self.wht_factors:
+            raise ValueError(f"no Walsh-Hadamard factors given for size {n}")
+        k, mats = self.wht_factors[n]
+        hk = mats[0] if k > 1 else np.ones((1, 1), np.float32)
+        return k, self.root.init(f"qwha.hadamard_{k}", np.asarray(hk, np.float32))
+
+    def projection(self, g: _Graph, x: str, name: str, projs: Sequence[Projection], mode: str) -> str:
         stacked = _stack_linear([p.linear for p in projs])
         if stacked is None:  # different quantization settings: one node each, outputs concatenated
             y = g.op("Concat", [self.matmul(g, x, f"{name}.{i}", p.linear) for i, p in enumerate(projs)], axis=-1)
@@ -334,43 +344,31 @@ class _Layers:
         bias = _stack_bias(projs)
         if bias is not None:
             y = g.op("Add", [y, g.init(f"{name}.bias", bias)], name=f"{name}.bias_add")
-        adapters = [p.adapter for p in projs if p.adapter is not None]
-        if adapters:
-            n = projs[0].linear.shape[1]
-            if x not in wht:
-                out = f"{g.prefix}{name}.wht/out0"
-                g.add(wht_node(x, out, n, adapters[0].wht_k, f"{g.prefix}{name}.wht"))
-                wht[x] = out
-            y = g.op("Add", [y, self.spectral(g, wht[x], n, name, projs, mode)], name=f"{name}.adapter_add")
+        if any(p.adapter is not None for p in projs):
+            y = self.spectral(g, x, y, name, projs, mode)
         return y
 
-    def spectral(self, g: _Graph, z: str, n: int, name: str, projs: Sequence[Projection], mode: str) -> str:
-        """``WHT(x) @ F.T`` for the packed projections (see the module docstring for the two modes)."""
-        d_out = sum(p.linear.shape[0] for p in projs)
+    def spectral(self, g: _Graph, x: str, base: str, name: str, projs: Sequence[Projection], mode: str) -> str:
+        """``base + WHT(x) @ F.T`` for the packed projections: one ``qwha::SpectralAdd`` node (``SpectralAddDense``
+        when ``F`` is dense enough), whose function body is the ``mode`` path (see the module docstring)."""
+        n, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
+        k, hk = self.hadamard_init(n)
         rows, cols, vals = _stack_adapters(projs)
-        if vals.size >= self.dense_density * d_out * n:  # dense enough: one float32 MatMul
+        out = f"{g.prefix}{name}.adapter/out0"
+        if vals.size >= self.dense_density * d_out * n:  # dense enough: one float32 MatMul in the function body
             ft = np.zeros((n, d_out), np.float32)
             np.add.at(ft, (cols, rows), vals)
-            return g.op("MatMul", [z, g.init(f"{name}.adapter_dense_t", ft)], name=f"{name}.adapter")
+            ft_name = self.root.init(f"{name}.adapter_dense_t", ft)
+            g.add(spectral_dense_node([x, base, hk, ft_name], out, n, k, f"{g.prefix}{name}.adapter"))
+            return out
         t, cols, vals, pieces, flat = self.table_init(name, projs)
-        if mode == "token":  # one token, static shapes [1, 1, *]: GatherElements (tables reshaped at session load)
-            cols3 = g.op("Reshape", [cols, g.const([1, 1, -1])])
-            p1 = g.op("Mul", [g.op("GatherElements", [z, cols3], axis=2), g.op("Reshape", [vals, g.const([1, 1, -1])])])
-            s1 = g.op("ReduceSum", [g.op("Reshape", [p1, g.const([t.n_pieces, t.width])]), g.const([1])], keepdims=0)
-            s2 = g.op("Reshape", [g.op("GatherElements", [s1, pieces], axis=0), g.const([t.d_out, t.depth])])
-            return g.op("ReduceSum", [s2, g.const([1])], keepdims=0, name=f"{name}.adapter")  # [N], broadcasts
-        # any number of tokens: F.T rebuilt densely at run time by one ScatterElements, then one MatMul. The zeros'
-        # size is made to depend on z so that onnxruntime does not constant-fold F.T into a resident dense copy.
-        size = g.op("Add", [g.const([n * t.d_out]), g.op("Mul", [g.op("Shape", [z], start=0, end=1), g.const([0])])])
-        zeros = g.op("ConstantOfShape", [size], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
-        ft = g.op("ScatterElements", [zeros, flat, vals], axis=0, reduction="add")
-        ft = g.op("Reshape", [ft, g.const([n, t.d_out])])
-        return g.op("MatMul", [z, ft], name=f"{name}.adapter")
+        g.add(spectral_node([x, base, hk, vals, flat, cols, pieces], out, n, k, t, mode, f"{g.prefix}{name}.adapter"))
+        return out
 
 
 class _Decoder(_Layers):
     def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
-        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density)
+        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density, spec.wht_factors)
         self.spec, self.w = spec, weights
 
     def shared_inits(self) -> None:
@@ -413,8 +411,7 @@ class _Decoder(_Layers):
         qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, lw in enumerate(w.layers):
             p = _layer_prefix(i)
-            wht: dict = {}
-            qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode, wht)
+            qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode)
             q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
             q, k = (
                 g.op("RotaryEmbedding", [t, pos, "cos_cache", "sin_cache"], domain=_MS, name=f"{p}rotary")
@@ -433,7 +430,7 @@ class _Decoder(_Layers):
                 local_window_size=s.window,
                 do_rotary=0,
             )
-            attn = self.projection(g, attn, f"{p}self_attn.o_proj", [lw.o], mode, wht)
+            attn = self.projection(g, attn, f"{p}self_attn.o_proj", [lw.o], mode)
             x, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization",
                 [attn, residual, f"{p}post_attention_layernorm.weight"],
@@ -441,10 +438,10 @@ class _Decoder(_Layers):
                 domain=_MS,
                 epsilon=s.rms_eps,
             )
-            gu = self.projection(g, x, f"{p}mlp.gate_up_proj", [lw.gate, lw.up], mode, wht)
+            gu = self.projection(g, x, f"{p}mlp.gate_up_proj", [lw.gate, lw.up], mode)
             gate, up = g.op("Split", [gu, g.const([lw.gate.linear.shape[0], lw.up.linear.shape[0]])], n_out=2, axis=-1)
             act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up], name=f"{p}mlp.act")
-            down = self.projection(g, act, f"{p}mlp.down_proj", [lw.down], mode, wht)
+            down = self.projection(g, act, f"{p}mlp.down_proj", [lw.down], mode)
             norm_w = f"{_layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < len(w.layers) else "model.norm.weight"
             x, _, _, residual = g.op(
                 "SkipSimplifiedLayerNormalization", [down, residual, norm_w], n_out=4, domain=_MS, epsilon=s.rms_eps
@@ -491,14 +488,19 @@ def build_decoder_model(
     )
     if not adapted:
         dec.body(root, "prompt", out_names)
-    else:  # If(batch * sequence == 1): single-token branch / any-length branch, sharing the initializers
-        branches = {}
-        for mode in ("token", "prompt"):
-            sub = _Graph(prefix=f"{mode}/", root=root)
-            sub_outs = [f"{mode}/{n}" for n in out_names]
-            dec.body(sub, mode, sub_outs)
-            vis = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in sub_outs]
-            branches[mode] = helper.make_graph(sub.nodes, f"decoder_{mode}", [], vis)
+    else:  # If(batch * sequence == 1) token / else If(sequence == 1) step / else prompt; initializers shared
+        branches = {mode: _branch(dec, root, mode, out_names) for mode in ("token", "step", "prompt")}
+        multi = _Graph(prefix="multi/", root=root)
+        multi_outs = [f"multi/{n}" for n in out_names]
+        seq = multi.op("Gather", [multi.op("Shape", ["input_ids"]), multi.const(1)], axis=0)
+        multi.op(
+            "If",
+            [multi.op("Equal", [seq, multi.const(1)], name="decode_step")],
+            name="step_or_prompt",
+            outputs=multi_outs,
+            then_branch=branches["step"],
+            else_branch=branches["prompt"],
+        )
         tokens = root.op("ReduceProd", [root.op("Shape", ["input_ids"])], keepdims=0)
         root.op(
             "If",
@@ -506,13 +508,25 @@ def build_decoder_model(
             name="decode_or_prompt",
             outputs=out_names,
             then_branch=branches["token"],
-            else_branch=branches["prompt"],
+            else_branch=helper.make_graph(multi.nodes, "decoder_multi", [], _float_infos(multi_outs)),
         )
     graph = helper.make_graph(root.nodes, "qwha_decoder", ins, outs, initializer=list(root.inits.values()))
     model = _with_functions(graph, spec.wht_factors, doc)
     for k, v in (metadata or {}).items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
     return model
+
+
+def _float_infos(names: Sequence[str]) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
+
+
+def _branch(dec: _Decoder, root: _Graph, mode: str, out_names: Sequence[str]) -> onnx.GraphProto:
+    """The decoder as an If branch whose spectral adapters take the ``mode`` path."""
+    sub = _Graph(prefix=f"{mode}/", root=root)
+    sub_outs = [f"{mode}/{n}" for n in out_names]
+    dec.body(sub, mode, sub_outs)
+    return helper.make_graph(sub.nodes, f"decoder_{mode}", [], _float_infos(sub_outs))
 
 
 def build_projection_model(
@@ -524,13 +538,14 @@ def build_projection_model(
     dense_adapter_density: float = 0.3,
 ) -> onnx.ModelProto:
     """One exported (packed) projection as a model ``x [batch, seq, d_in] -> y [batch, seq, sum d_out]``, written
-    exactly as inside the decoder (``mode`` "token" needs batch = seq = 1); for layer-level tests and benchmarks."""
-    if mode not in ("token", "prompt"):
-        raise ValueError(f"mode={mode!r} must be 'token' or 'prompt'")
-    lw = _Layers(accuracy_level, ell_width, dense_adapter_density)
+    exactly as inside the decoder (``mode`` "token" needs batch = seq = 1, "step" seq = 1); for layer-level tests
+    and benchmarks."""
+    if mode not in SPECTRAL_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {SPECTRAL_MODES}")
+    lw = _Layers(accuracy_level, ell_width, dense_adapter_density, wht_factors)
     g = lw.root
     x = g.op("Reshape", ["x", g.const([1, 1, -1])]) if mode == "token" else "x"
-    y = lw.projection(g, x, "proj", projs, mode, {})
+    y = lw.projection(g, x, "proj", projs, mode)
     g.op("Identity", [y], outputs=["y"])
     d_in, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
     graph = helper.make_graph(
@@ -544,23 +559,14 @@ def build_projection_model(
 
 
 def _with_functions(graph: onnx.GraphProto, wht_factors: dict, doc: str) -> onnx.ModelProto:
-    used = {_attr(node, "n") for node in _all_nodes(graph) if node.domain == WHT_DOMAIN}
-    missing = used - set(wht_factors)
-    if missing:
-        raise ValueError(f"no Walsh-Hadamard factors given for sizes {sorted(missing)}")
-    functions = [wht_function(n, k, mats, OPSET) for n, (k, mats) in sorted(wht_factors.items()) if n in used]
     return helper.make_model(
         graph,
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1), helper.make_opsetid(WHT_DOMAIN, 1)],
-        functions=functions,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(_MS, 1), helper.make_opsetid(DOMAIN, 1)],
+        functions=qwha_functions(_all_nodes(graph), wht_factors, OPSET),
         ir_version=IR_VERSION,
         producer_name="qwha-export",
         doc_string=doc,
     )
-
-
-def _attr(node: onnx.NodeProto, name: str):
-    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
 def _all_nodes(graph: onnx.GraphProto):

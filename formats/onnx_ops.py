@@ -1,4 +1,4 @@
-"""ONNX building blocks of the QWHA export: MatMulNBits tensors, the ``qwha::WalshHadamard`` function, spectra layout.
+"""ONNX building blocks of the QWHA export: MatMulNBits tensors, the ``qwha`` op functions, spectra layout.
 
 Layout only (bit packing, reshapes, index tables); every number written here is computed by the caller.
 
@@ -25,7 +25,22 @@ points and float16 scales (cast exactly to float32) therefore dequantize to iden
 (the convention of :mod:`qwha_export.kernels.transform`). One ONNX function per size (``overload`` = ``"n<n>"``),
 whose body uses standard ops only: ``x`` is viewed as ``[-1, K, f_1, ..., f_j]`` (``f_i`` Sylvester factors of
 ``2^m``, chosen by the caller) and every axis is multiplied by its small matrix with one ``MatMul`` (see
-:func:`wht_function`). A runtime with a native kernel for ``qwha::WalshHadamard`` may use it instead of the body.
+:func:`wht_function`). Exports no longer call it on its own (the transform is part of ``SpectralAdd``).
+
+**qwha::SpectralAdd** (inputs :data:`SPECTRAL_INPUTS` = ``X, Base, HK, values, flat, cols, pieces``; attributes
+``n``, ``K``, ``pieces_shape = [n_pieces, width]``, ``rows_shape = [d_out, depth]``, ``ft_size = [n * d_out]``,
+``ft_shape = [n, d_out]``): ``Y = Base + WHT_n(X) @ F.T`` with ``F`` in the ELL tables below and ``HK`` the
+``K x K`` factor (``[[1]]`` when ``K = 1``), one call per adapted projection group. One function per size and path
+(``overload`` ``"n<n>_<mode>"``, :data:`SPECTRAL_MODES`), whose body is the WHT body (``H_K`` read from ``HK``)
+followed by the path's sparse product: ``token`` (one token, static ``[1, 1, n]`` shapes: ``GatherElements`` on
+``WHT(X)``, then the two levels of sums), ``step`` (``[B, 1, n]``: the same on the flattened batch, row ``b``'s
+indices offset by ``b * n``) or ``prompt`` (any shape: ``ScatterElements`` rebuilds ``F.T`` densely at run time from
+``flat``, then one ``MatMul``). **qwha::SpectralAddDense** (``X, Base, HK, FT``; ``n``, ``K``): ``Y = Base +
+WHT_n(X) @ FT`` with ``FT = F.T`` dense, for dense adapters. The attributes reach the bodies as ``Constant`` nodes
+with ``ref_attr_name``. The native kernels of :mod:`qwha_export.ortops` implement both ops with these inputs, so
+a session that registers them runs the kernels and one that does not inlines the bodies. (onnxruntime 1.32 cannot
+resolve a model-local function called with an ``overload`` from inside another function, hence the WHT nodes are
+written into each body rather than called.)
 
 **Spectral product layout** (:func:`spectral_tables`): a sparse ``F`` (``d_out x n``) in a two-level ELL layout.
 Row ``r``'s entries are split into pieces of ``width`` entries (the last one zero-padded); level 1 holds the
@@ -38,27 +53,44 @@ aligned with ``vals1``) is each slot's position ``col * d_out + row`` in a row-m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from onnx import FunctionProto, NodeProto, helper, numpy_helper
+from onnx import AttributeProto, FunctionProto, NodeProto, TensorProto, helper, numpy_helper
 
 __all__ = [
+    "DOMAIN",
     "WHT_DOMAIN",
     "WHT_OP",
+    "SPECTRAL_OP",
+    "SPECTRAL_DENSE_OP",
+    "SPECTRAL_MODES",
+    "SPECTRAL_INPUTS",
+    "SPECTRAL_DENSE_INPUTS",
     "MATMUL_NBITS_BITS",
     "pack_le",
     "matmul_nbits_tensors",
     "wht_overload",
     "wht_function",
     "wht_node",
+    "wht_nodes",
+    "spectral_overload",
+    "spectral_function",
+    "spectral_dense_function",
+    "spectral_node",
+    "spectral_dense_node",
+    "qwha_functions",
     "SpectralTables",
     "spectral_tables",
 ]
 
-WHT_DOMAIN = "qwha"
+DOMAIN = "qwha"
+WHT_DOMAIN = DOMAIN
 WHT_OP = "WalshHadamard"
+SPECTRAL_OP = "SpectralAdd"
+SPECTRAL_DENSE_OP = "SpectralAddDense"
+SPECTRAL_MODES: tuple[str, ...] = ("token", "step", "prompt")
 MATMUL_NBITS_BITS: tuple[int, ...] = (2, 4, 8)
 
 
@@ -112,6 +144,56 @@ def _const(name: str, array: np.ndarray) -> NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.ascontiguousarray(array), name))
 
 
+def _attr_const(name: str, attribute: str) -> NodeProto:
+    """``Constant`` whose int64 list is the calling node's attribute ``attribute`` (a function-body reference)."""
+    ref = AttributeProto()
+    ref.name, ref.ref_attr_name, ref.type = "value_ints", attribute, AttributeProto.INTS
+    node = helper.make_node("Constant", [], [name])
+    node.attribute.append(ref)
+    return node
+
+
+def _check_factors(n: int, factors: Sequence[np.ndarray]) -> list[int]:
+    sizes = [int(f.shape[0]) for f in factors]
+    if int(np.prod(sizes)) != n or any(f.shape != (s, s) for f, s in zip(factors, sizes, strict=True)):
+        raise ValueError(f"WalshHadamard factors {sizes} do not multiply to n={n}")
+    return sizes
+
+
+def wht_nodes(x: str, y: str, factors: Sequence[np.ndarray], hk: str | None = None) -> list[NodeProto]:
+    """Nodes of ``Y = X @ M_n.T`` along the last axis (names local to a function body; see :func:`wht_function`).
+
+    ``hk``: the name of an input that holds ``factors[0]`` (``H_K``), used instead of a ``Constant`` copy of it.
+    """
+    sizes = [int(f.shape[0]) for f in factors]
+    nodes = [helper.make_node("Shape", [x], ["wht_shape"])]
+    cur, last = x, len(sizes) - 1
+    for i, (f, size) in enumerate(zip(factors, sizes, strict=True)):
+        mat = f"wht_h{i}"
+        if i == last:  # y <- y @ H.T along the last axis of the current view
+            if i == 0:
+                nodes.append(_const("wht_s_last", np.array([-1, size], np.int64)))
+                nodes.append(helper.make_node("Reshape", [cur, "wht_s_last"], ["wht_r_last"]))
+                cur = "wht_r_last"
+            if i == 0 and hk:
+                nodes.append(helper.make_node("Transpose", [hk], [mat]))
+            else:
+                nodes.append(_const(mat, np.ascontiguousarray(f.T, dtype=np.float32)))
+            nodes.append(helper.make_node("MatMul", [cur, mat], [f"wht_m{i}"]))
+        else:  # y <- H @ y on the view [-1, size, rest]
+            rest = int(np.prod(sizes[i + 1 :]))
+            if i == 0 and hk:
+                mat = hk
+            else:
+                nodes.append(_const(mat, np.asarray(f, dtype=np.float32)))
+            nodes.append(_const(f"wht_s{i}", np.array([-1, size, rest], np.int64)))
+            nodes.append(helper.make_node("Reshape", [cur, f"wht_s{i}"], [f"wht_r{i}"]))
+            nodes.append(helper.make_node("MatMul", [mat, f"wht_r{i}"], [f"wht_m{i}"]))
+        cur = f"wht_m{i}"
+    nodes.append(helper.make_node("Reshape", [cur, "wht_shape"], [y]))
+    return nodes
+
+
 def wht_function(n: int, k: int, factors: Sequence[np.ndarray], opset: int) -> FunctionProto:
     """The ``qwha::WalshHadamard`` function of size ``n``: ``Y = X @ M_n.T`` along the last axis of ``X``.
 
@@ -121,35 +203,13 @@ def wht_function(n: int, k: int, factors: Sequence[np.ndarray], opset: int) -> F
     ``MatMul(y, H_j.T)`` on the previous view (no reshape), so ``n = K * 2^m`` with ``2^m <= max factor`` costs two
     MatMuls and two Reshapes.
     """
-    sizes = [int(f.shape[0]) for f in factors]
-    if int(np.prod(sizes)) != n or any(f.shape != (s, s) for f, s in zip(factors, sizes, strict=True)):
-        raise ValueError(f"WalshHadamard factors {sizes} do not multiply to n={n}")
-    nodes = [helper.make_node("Shape", ["X"], ["x_shape"])]
-    cur = "X"
-    last = len(sizes) - 1
-    for i, (f, size) in enumerate(zip(factors, sizes, strict=True)):
-        mat = f"h{i}"
-        if i == last:  # y <- y @ H.T along the last axis of the current view
-            if i == 0:
-                nodes.append(_const("s_last", np.array([-1, size], np.int64)))
-                nodes.append(helper.make_node("Reshape", [cur, "s_last"], ["r_last"]))
-                cur = "r_last"
-            nodes.append(_const(mat, np.ascontiguousarray(f.T, dtype=np.float32)))
-            nodes.append(helper.make_node("MatMul", [cur, mat], [f"m{i}"]))
-        else:  # y <- H @ y on the view [-1, size, rest]
-            rest = int(np.prod(sizes[i + 1 :]))
-            nodes.append(_const(mat, np.asarray(f, dtype=np.float32)))
-            nodes.append(_const(f"s{i}", np.array([-1, size, rest], np.int64)))
-            nodes.append(helper.make_node("Reshape", [cur, f"s{i}"], [f"r{i}"]))
-            nodes.append(helper.make_node("MatMul", [mat, f"r{i}"], [f"m{i}"]))
-        cur = f"m{i}"
-    nodes.append(helper.make_node("Reshape", [cur, "x_shape"], ["Y"]))
+    _check_factors(n, factors)
     return helper.make_function(
-        WHT_DOMAIN,
+        DOMAIN,
         WHT_OP,
         ["X"],
         ["Y"],
-        nodes,
+        wht_nodes("X", "Y", factors),
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=["n", "K"],
         doc_string=f"Walsh-Hadamard transform of size n={n} (K={k}) along the last axis: Y = X @ M_n^T",
@@ -158,9 +218,183 @@ def wht_function(n: int, k: int, factors: Sequence[np.ndarray], opset: int) -> F
 
 
 def wht_node(x: str, y: str, n: int, k: int, name: str) -> NodeProto:
-    node = helper.make_node(WHT_OP, [x], [y], name=name, domain=WHT_DOMAIN, n=n, K=k)
+    node = helper.make_node(WHT_OP, [x], [y], name=name, domain=DOMAIN, n=n, K=k)
     node.overload = wht_overload(n)
     return node
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# SpectralAdd / SpectralAddDense functions
+# ----------------------------------------------------------------------------------------------------------------------
+
+SPECTRAL_INPUTS = ["X", "Base", "HK", "values", "flat", "cols", "pieces"]
+SPECTRAL_DENSE_INPUTS = ["X", "Base", "HK", "FT"]
+_SPECTRAL_ATTRS = ["n", "K", "pieces_shape", "rows_shape", "ft_size", "ft_shape"]
+
+
+def spectral_overload(n: int, mode: str) -> str:
+    if mode not in SPECTRAL_MODES:
+        raise ValueError(f"mode={mode!r} must be one of {SPECTRAL_MODES}")
+    return f"n{n}_{mode}"
+
+
+def _sparse_product_nodes(mode: str, n: int) -> list[NodeProto]:
+    """``A = WHT(X) @ F.T`` from the ELL tables (input ``Z`` = WHT(X)), for one mode (see the module docstring)."""
+    mk = helper.make_node
+    if mode == "token":  # Z [1, 1, n]: GatherElements on static shapes (tables reshaped at session load)
+        return [
+            _const("c_113", np.array([1, 1, -1], np.int64)),
+            _const("c_axis1", np.array([1], np.int64)),
+            mk("Reshape", ["cols", "c_113"], ["cols3"]),
+            mk("GatherElements", ["Z", "cols3"], ["g1"], axis=2),
+            mk("Reshape", ["values", "c_113"], ["vals3"]),
+            mk("Mul", ["g1", "vals3"], ["p1"]),
+            _attr_const("pieces_shape", "pieces_shape"),
+            mk("Reshape", ["p1", "pieces_shape"], ["p1r"]),
+            mk("ReduceSum", ["p1r", "c_axis1"], ["s1"], keepdims=0),
+            mk("GatherElements", ["s1", "pieces"], ["g2"], axis=0),
+            _attr_const("rows_shape", "rows_shape"),
+            mk("Reshape", ["g2", "rows_shape"], ["s2"]),
+            mk("ReduceSum", ["s2", "c_axis1"], ["A"], keepdims=0),  # [d_out], broadcasts
+        ]
+    if mode == "step":  # Z [B, 1, n], B > 1: the token path on the flattened batch (row b's indices offset by b*n)
+        return [
+            _const("c_flat", np.array([1, -1], np.int64)),
+            _const("c_col", np.array([-1, 1], np.int64)),
+            _const("c_n", np.array(n, np.int64)),
+            _const("c_0", np.array(0, np.int64)),
+            _const("c_1", np.array(1, np.int64)),
+            _const("c_axis2", np.array([2], np.int64)),
+            mk("Shape", ["Z"], ["z_batch"], start=0, end=1),
+            mk("Squeeze", ["z_batch"], ["batch"]),
+            mk("Range", ["c_0", "batch", "c_1"], ["rows"]),
+            mk("Reshape", ["rows", "c_col"], ["rows_col"]),  # [B, 1]
+            mk("Reshape", ["Z", "c_flat"], ["z_flat"]),  # [1, B * n]
+            mk("Mul", ["rows_col", "c_n"], ["z_off"]),
+            mk("Reshape", ["cols", "c_flat"], ["cols_row"]),
+            mk("Add", ["cols_row", "z_off"], ["cols_b"]),  # [B, S]
+            mk("Reshape", ["cols_b", "c_flat"], ["cols_flat"]),
+            mk("GatherElements", ["z_flat", "cols_flat"], ["g1"], axis=1),
+            _attr_const("pieces_shape", "pieces_shape"),
+            mk("Concat", ["z_batch", "pieces_shape"], ["pieces_shape_b"], axis=0),
+            mk("Reshape", ["g1", "pieces_shape_b"], ["g1r"]),  # [B, n_pieces, width]
+            mk("Reshape", ["values", "pieces_shape"], ["vals2"]),
+            mk("Mul", ["g1r", "vals2"], ["p1"]),
+            mk("ReduceSum", ["p1", "c_axis2"], ["s1"], keepdims=0),  # [B, n_pieces]
+            mk("Shape", ["s1"], ["s1_shape"], start=1, end=2),
+            mk("Mul", ["rows_col", "s1_shape"], ["s1_off"]),
+            mk("Reshape", ["pieces", "c_flat"], ["pieces_row"]),
+            mk("Add", ["pieces_row", "s1_off"], ["pieces_b"]),
+            mk("Reshape", ["pieces_b", "c_flat"], ["pieces_flat"]),
+            mk("Reshape", ["s1", "c_flat"], ["s1_flat"]),
+            mk("GatherElements", ["s1_flat", "pieces_flat"], ["g2"], axis=1),
+            _attr_const("rows_shape", "rows_shape"),
+            mk("Concat", ["z_batch", "rows_shape"], ["rows_shape_b"], axis=0),
+            mk("Reshape", ["g2", "rows_shape_b"], ["s2"]),  # [B, d_out, depth]
+            mk("ReduceSum", ["s2", "c_axis2"], ["s3"], keepdims=0),
+            mk("Shape", ["Base"], ["base_shape"]),
+            mk("Reshape", ["s3", "base_shape"], ["A"]),
+        ]
+    # any number of tokens: F.T rebuilt densely at run time by one ScatterElements, then one MatMul. The zeros' size
+    # is made to depend on Z so that onnxruntime does not constant-fold F.T into a resident dense copy.
+    return [
+        _attr_const("ft_size", "ft_size"),
+        _const("c_zero", np.array([0], np.int64)),
+        mk("Shape", ["Z"], ["z_batch"], start=0, end=1),
+        mk("Mul", ["z_batch", "c_zero"], ["z_zero"]),
+        mk("Add", ["ft_size", "z_zero"], ["size"]),
+        mk("ConstantOfShape", ["size"], ["zeros"], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])),
+        mk("ScatterElements", ["zeros", "flat", "values"], ["ft_flat"], axis=0, reduction="add"),
+        _attr_const("ft_shape", "ft_shape"),
+        mk("Reshape", ["ft_flat", "ft_shape"], ["ft"]),
+        mk("MatMul", ["Z", "ft"], ["A"]),
+    ]
+
+
+def spectral_function(n: int, k: int, factors: Sequence[np.ndarray], mode: str, opset: int) -> FunctionProto:
+    """The ``qwha::SpectralAdd`` function of size ``n`` for ``mode``: ``Y = Base + WHT_n(X) @ F.T``, ``F`` from the
+    ELL tables (:func:`spectral_tables`); the WHT body of :func:`wht_function` with ``H_K`` read from input ``HK``."""
+    _check_factors(n, factors)
+    body = wht_nodes("X", "Z", factors, hk="HK" if k > 1 else None)
+    body += _sparse_product_nodes(mode, n) + [helper.make_node("Add", ["Base", "A"], ["Y"])]
+    return helper.make_function(
+        DOMAIN,
+        SPECTRAL_OP,
+        SPECTRAL_INPUTS,
+        ["Y"],
+        body,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=_SPECTRAL_ATTRS,
+        doc_string=f"Y = Base + WHT_n(X) @ F^T, n={n} (K={k}), F from two-level ELL tables ({mode} path)",
+        overload=spectral_overload(n, mode),
+    )
+
+
+def spectral_dense_function(n: int, k: int, factors: Sequence[np.ndarray], opset: int) -> FunctionProto:
+    """The ``qwha::SpectralAddDense`` function of size ``n``: ``Y = Base + WHT_n(X) @ FT`` (``FT`` = ``F.T`` dense)."""
+    _check_factors(n, factors)
+    body = wht_nodes("X", "Z", factors, hk="HK" if k > 1 else None)
+    body += [helper.make_node("MatMul", ["Z", "FT"], ["A"]), helper.make_node("Add", ["Base", "A"], ["Y"])]
+    return helper.make_function(
+        DOMAIN,
+        SPECTRAL_DENSE_OP,
+        SPECTRAL_DENSE_INPUTS,
+        ["Y"],
+        body,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["n", "K"],
+        doc_string=f"Y = Base + WHT_n(X) @ FT, n={n} (K={k}), FT dense",
+        overload=wht_overload(n),
+    )
+
+
+def spectral_node(inputs: Sequence[str], y: str, n: int, k: int, t: SpectralTables, mode: str, name: str) -> NodeProto:
+    """A ``qwha::SpectralAdd`` call; ``inputs`` in :data:`SPECTRAL_INPUTS` order."""
+    node = helper.make_node(
+        SPECTRAL_OP,
+        list(inputs),
+        [y],
+        name=name,
+        domain=DOMAIN,
+        n=n,
+        K=k,
+        pieces_shape=[t.n_pieces, t.width],
+        rows_shape=[t.d_out, t.depth],
+        ft_size=[n * t.d_out],
+        ft_shape=[n, t.d_out],
+    )
+    node.overload = spectral_overload(n, mode)
+    return node
+
+
+def spectral_dense_node(inputs: Sequence[str], y: str, n: int, k: int, name: str) -> NodeProto:
+    node = helper.make_node(SPECTRAL_DENSE_OP, list(inputs), [y], name=name, domain=DOMAIN, n=n, K=k)
+    node.overload = wht_overload(n)
+    return node
+
+
+def qwha_functions(nodes: Iterable[NodeProto], factors: dict[int, tuple[int, list[np.ndarray]]], opset: int):
+    """The model-local functions that the ``qwha`` nodes among ``nodes`` call, one per (op, overload), sorted."""
+    calls = {}
+    for node in nodes:
+        if node.domain == DOMAIN:
+            n = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "n")
+            calls[(node.op_type, node.overload)] = n
+    missing = sorted({n for n in calls.values() if n not in factors})
+    if missing:
+        raise ValueError(f"no Walsh-Hadamard factors given for sizes {missing}")
+    out = []
+    for (op, overload), n in sorted(calls.items()):
+        k, mats = factors[n]
+        if op == WHT_OP:
+            out.append(wht_function(n, k, mats, opset))
+        elif op == SPECTRAL_DENSE_OP:
+            out.append(spectral_dense_function(n, k, mats, opset))
+        elif op == SPECTRAL_OP:
+            out.append(spectral_function(n, k, mats, overload.rsplit("_", 1)[1], opset))
+        else:
+            raise ValueError(f"unknown op {DOMAIN}::{op}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -130,7 +130,8 @@ def _echo_onnx_parity(parity) -> None:
     if parity:
         click.echo(
             f"ONNX vs PyTorch on {parity['tokens']} tokens: top-1 agreement {parity['top1_agreement']:.4f}, "
-            f"KL/token {parity['kl_per_token']:.3g}, max |logit diff| {parity['max_abs_logit_diff']:.3g}",
+            f"KL/token {parity['kl_per_token']:.3g}, max |logit diff| {parity['max_abs_logit_diff']:.3g}"
+            + (f", qwha ops: {parity['qwha_ops']}" if parity.get("qwha_ops", "none") != "none" else ""),
             err=True,
         )
 
@@ -425,10 +426,11 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
 @_ACCURACY_LEVEL
 @click.option("--parity-tokens", default=64, show_default=True, type=int, help="Parity check tokens (0: skip).")
+@click.option("--bundle-ops", is_flag=True, help="Copy the native qwha ops library into OUT (for onnxruntime-genai).")
 @_OVERWRITE
 @_QUIET
 @_friendly_errors
-def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
+def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwrite, quiet):
     """Export SRC (a merged gptq/gptq_v2/compressed-tensors folder, a fused folder, or a dense HF folder) as an
     ONNX causal LM with a KV cache (model.onnx + model.onnx.data, genai_config.json, tokenizer)."""
     import warnings
@@ -438,13 +440,43 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, overwrite, quiet):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         report = export_onnx(
-            src, out, accuracy_level=accuracy_level, overwrite=overwrite, quiet=quiet, parity_tokens=parity_tokens
+            src,
+            out,
+            accuracy_level=accuracy_level,
+            overwrite=overwrite,
+            quiet=quiet,
+            parity_tokens=parity_tokens,
+            bundle_ops=bundle_ops,
         )
     for w in caught:
         if "accuracy_level" in str(w.message):
             click.echo(f"Warning: {_cli_words(str(w.message))}", err=True)
     _echo_onnx_parity(report.get("parity"))
     click.echo(f"wrote {out}")
+
+
+@main.command("build-ops")
+@click.option(
+    "--headers",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="onnxruntime C/C++ API headers (default: ORT_INCLUDE_DIR, /usr/include/onnxruntime, cache, else Debian's).",
+)
+@click.option("--force", is_flag=True, help="Rebuild even when the cache holds a valid library.")
+@_QUIET
+@_friendly_errors
+def build_ops_cmd(headers, force, quiet):
+    """Build the native qwha ops library for this onnxruntime into the per-user cache and print its path.
+
+    Without headers on the machine it fetches Debian's libonnxruntime-dev with apt (own state and cache dirs)."""
+    from .ortops import OrtOpsError, build_library
+
+    try:
+        path = build_library(headers=headers, fetch=True, force=force, say=lambda m: quiet or click.echo(m, err=True))
+    except OrtOpsError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+    click.echo(str(path))
 
 
 @main.command("verify")
@@ -543,8 +575,9 @@ def generate_cmd(
             click.echo(f"--- prompt {i + 1} ---\n{text}")
     if not quiet:
         n = sum(len(t) for t in out.token_ids)
+        ops = f", qwha ops {lm.qwha_ops}" if lm.qwha_ops != "none" else ""
         click.echo(
-            f"[{lm.device}] prefill {out.prefill_seconds * 1000:.0f} ms ({max(out.prompt_lengths)} tokens x "
+            f"[{lm.device}{ops}] prefill {out.prefill_seconds * 1000:.0f} ms ({max(out.prompt_lengths)} tokens x "
             f"{len(prompts)}), {n} new tokens, decode {out.decode_tokens_per_second:.1f} steps/s",
             err=True,
         )

@@ -9,6 +9,7 @@ its numbers are taken by :func:`qwha_export.converters.onnx_export.decoder_from_
     config.json           the source's config without quantization_config
     generation_config.json, tokenizer files, chat template (copied when the source has them)
     genai_config.json     onnxruntime-genai decoder description
+    libqwha_ortops.so     the native qwha ops library (fused exports with ``bundle_ops``; named in genai_config.json)
     qwha_export.json      manifest: tool_version, settings (format "onnx", variant, bits, group_size,
                           accuracy_level), source (the source folder and its manifest), parity, files
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +42,7 @@ __all__ = [
     "export_onnx",
     "merge_to_onnx",
     "open_onnx_session",
+    "onnx_session",
     "OnnxLogits",
     "check_external_data",
     "genai_config",
@@ -76,11 +79,14 @@ def export_onnx(
     quiet: bool = False,
     parity_tokens: int = 64,
     exact_lm_head: bool = True,
+    bundle_ops: bool = False,
 ) -> dict[str, Any]:
     """Export ``src`` (merged gptq/gptq_v2/compressed-tensors, fused, or dense HF folder) to ``out``; returns the
     manifest. ``accuracy_level`` (0-4) is MatMulNBits' attribute (4 warns). ``parity_tokens`` 0 skips the parity
     run. ``exact_lm_head``: with ``accuracy_level=4``, write an unquantized lm_head as a bit-identical 8-bit MatMulNBits
-    when its weights lie on such a grid (quantized variants only; the dense variant stays float32 throughout)."""
+    when its weights lie on such a grid (quantized variants only; the dense variant stays float32 throughout).
+    ``bundle_ops`` (fused exports): copy the native qwha ops library into ``out`` and name it in ``genai_config.json``
+    (``model.decoder.session_options.custom_ops_library``), so onnxruntime-genai runs the native kernels."""
     import onnx
 
     from .converters.onnx_export import check_config, decoder_from_model
@@ -104,6 +110,7 @@ def export_onnx(
     cfg = read_json_object(src / "config.json") if (src / "config.json").is_file() else {}
     check_config(cfg)
     variant = _variant(fmt)
+    ops_lib = _ops_library(variant) if bundle_ops else None
     _say(quiet, f"loading {src} ({fmt.value})")
     model, _ = load_export(src, dtype=torch.float32)
     # 8-bit MatMulNBits is fast only with int8 activations (accuracy_level 4); at levels 0-3 onnxruntime 1.32 runs it
@@ -139,7 +146,12 @@ def export_onnx(
         onnx.checker.check_model(str(path))
         DenseFormat.write_config(tmp, src)
         aux = DenseFormat.copy_aux_files(src, tmp)
-        (tmp / "genai_config.json").write_text(json.dumps(genai_config(tmp), indent=2) + "\n")
+        files = {"model": MODEL_FILE, "data": DATA_FILE, "aux": aux}
+        if ops_lib is not None:
+            shutil.copy2(ops_lib, tmp / ops_lib.name)
+            files["ops_library"] = ops_lib.name
+        genai = genai_config(tmp, custom_ops_library=ops_lib.name if ops_lib else None)
+        (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         parity = None
         if parity_tokens:
             _say(quiet, "checking parity against the PyTorch model")
@@ -152,7 +164,7 @@ def export_onnx(
             "source": {"path": str(src.resolve()), "format": fmt.value, "manifest": src_manifest},
             "parity": parity,
             "graph": info,
-            "files": {"model": MODEL_FILE, "data": DATA_FILE, "aux": aux},
+            "files": files,
             "seconds": time.time() - t0,
         }
         (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -182,6 +194,18 @@ def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
     manifest = out / "qwha_export.json"
     manifest.write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _ops_library(variant: str) -> Path:
+    """The native qwha ops library to bundle; one-line ValueError when the export has no qwha ops or none is built."""
+    from .ortops import OrtOpsError, find_library
+
+    if variant != "fused":
+        raise ValueError(f"--bundle-ops is for fused exports: a {variant} export has no qwha ops")
+    try:
+        return find_library()
+    except OrtOpsError as exc:
+        raise ValueError(f"--bundle-ops: no native qwha ops library ({exc})") from None
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -221,9 +245,10 @@ def _parity(model: torch.nn.Module, folder: Path, n_tokens: int, vocab: int) -> 
     ids = torch.randint(0, vocab, (2, max(2, n_tokens // 2)), generator=gen)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits.float()
-    got = OnnxLogits(folder)(ids)
-    out = compare_logits(ref, got)
+    onnx_logits = OnnxLogits(folder)
+    out = compare_logits(ref, onnx_logits(ids))
     out["max_abs_logit"] = float(ref.abs().max())
+    out["qwha_ops"] = onnx_logits.qwha_ops
     return out
 
 
@@ -256,7 +281,15 @@ def check_external_data(model_path: str | os.PathLike[str]) -> list[str]:
 
 def open_onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
     """An ``onnxruntime.InferenceSession`` of ``folder/model.onnx`` (checked for missing external data first)."""
+    return onnx_session(folder, threads, providers)[0]
+
+
+def onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
+    """``(session, qwha ops path)`` of ``folder/model.onnx``: the native qwha kernels registered when available
+    (:func:`qwha_export.ortops.inference_session`; the path is ``native``, ``function`` or ``none``)."""
     import onnxruntime as ort
+
+    from .ortops import inference_session
 
     path = Path(folder) / MODEL_FILE
     check_external_data(path)
@@ -264,7 +297,7 @@ def open_onnx_session(folder: str | os.PathLike[str], threads: int | None = None
     if threads:
         so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    return inference_session(path, so, providers or ["CPUExecutionProvider"])
 
 
 class OnnxLogits:
@@ -274,7 +307,7 @@ class OnnxLogits:
     """
 
     def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
-        self.session = open_onnx_session(folder, threads)
+        self.session, self.qwha_ops = onnx_session(folder, threads)  # qwha_ops: "native", "function" or "none"
         self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -290,9 +323,10 @@ class OnnxLogits:
         return torch.from_numpy(self.session.run(["logits"], feed)[0])
 
 
-def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+def genai_config(folder: str | os.PathLike[str], custom_ops_library: str | None = None) -> dict[str, Any]:
     """The onnxruntime-genai ``genai_config.json`` of an export folder (from its config.json and
-    generation_config.json), in the layout written by onnxruntime-genai's model builder."""
+    generation_config.json), in the layout written by onnxruntime-genai's model builder. ``custom_ops_library``: a
+    library file name inside the folder for the decoder's session (onnxruntime-genai refuses paths outside it)."""
     d = Path(folder)
     cfg = read_json_object(d / "config.json")
     gen = read_json_object(d / "generation_config.json") if (d / "generation_config.json").is_file() else {}
@@ -306,6 +340,9 @@ def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
                 return src[key]
         return default
 
+    session_options: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if custom_ops_library:
+        session_options["custom_ops_library"] = custom_ops_library
     eos = pick("eos_token_id", 0)  # onnxruntime-genai needs numbers here
     first_eos = eos[0] if isinstance(eos, list) and eos else eos
     return {
@@ -313,7 +350,7 @@ def genai_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
             "bos_token_id": pick("bos_token_id", first_eos),
             "context_length": ctx,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": session_options,
                 "filename": MODEL_FILE,
                 "head_size": head_dim,
                 "hidden_size": int(cfg["hidden_size"]),

@@ -253,8 +253,17 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
 class OnnxCausalLM:
     """A causal LM in an onnxruntime session with a KV cache; see :meth:`from_folder` and :meth:`generate`."""
 
-    def __init__(self, session: Any, folder: Path, tokenizer: Any = None, device: str = "cpu", pad_right: bool = False):
+    def __init__(
+        self,
+        session: Any,
+        folder: Path,
+        tokenizer: Any = None,
+        device: str = "cpu",
+        pad_right: bool = False,
+        qwha_ops: str = "none",
+    ):
         self.session = session
+        self.qwha_ops = qwha_ops  # "native" (qwha kernels of qwha_export.ortops), "function" (ONNX bodies) or "none"
         self.pad_right = pad_right  # GroupQueryAttention graphs without attention_bias: rows padded on the right
         self.folder = folder
         self.tokenizer = tokenizer
@@ -319,13 +328,18 @@ class OnnxCausalLM:
         load_tokenizer: bool = True,
     ) -> OnnxCausalLM:
         """Open an exported folder. ``provider``: ``auto`` (CUDA when onnxruntime-gpu and a GPU are present, else
-        CPU), ``cpu`` or ``cuda``; ``threads`` sets onnxruntime's intra-op threads (None: its default)."""
+        CPU), ``cpu`` or ``cuda``; ``threads`` sets onnxruntime's intra-op threads (None: its default). On the CPU
+        provider a fused export runs the native qwha kernels when they are available (:mod:`qwha_export.ortops`);
+        ``qwha_ops`` says which path ran (``native``, ``function`` or ``none``)."""
         import onnxruntime as ort
+
+        from .ortops import inference_session, model_uses_qwha_ops
 
         providers = _pick_providers(provider)
         d = Path(folder).expanduser()
         path, proto = _open_folder(d)
         pad_right = _needs_right_padding(proto)
+        uses_qwha_ops = model_uses_qwha_ops(proto)
         del proto
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -334,7 +348,7 @@ class OnnxCausalLM:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             options.intra_op_num_threads = threads
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session, qwha_ops = inference_session(path, options, providers, uses_qwha_ops=uses_qwha_ops)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"onnxruntime cannot load {path}: {first}") from None
@@ -347,7 +361,7 @@ class OnnxCausalLM:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
-        return cls(session, d, tokenizer=tokenizer, device=device, pad_right=pad_right)
+        return cls(session, d, tokenizer=tokenizer, device=device, pad_right=pad_right, qwha_ops=qwha_ops)
 
     # ----------------------------------------------------------------------------------------------------------
     # one forward pass

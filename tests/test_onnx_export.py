@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from native_ops import use_ops
 from test_merge_errors import _byte_tokenizer
 from tiny_adapter import build_adapter_dir, tiny_config, write_adapter_dir
 
@@ -20,9 +21,10 @@ from qwha_export.converters.onnx_export import nbits_linear, wht_factors
 from qwha_export.converters.quantize import QuantizedWeight, quantize_rtn
 from qwha_export.formats import ExportFormat
 from qwha_export.formats.onnx_graph import Projection, SpectralAdapter, build_projection_model
+from qwha_export.formats.onnx_ops import SPECTRAL_MODES as MODES
 from qwha_export.formats.onnx_ops import matmul_nbits_tensors, wht_function, wht_node
 from qwha_export.kernels import hadamard_order, wht
-from qwha_export.onnx_export import DATA_FILE, MODEL_FILE, export_onnx, open_onnx_session
+from qwha_export.onnx_export import DATA_FILE, MODEL_FILE, export_onnx, onnx_session, open_onnx_session
 from qwha_export.quant_linear import QuantLinear
 from qwha_export.verify import detect_format, load_export
 
@@ -153,9 +155,15 @@ def test_wht_function_matches_kernels(n, shape):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["prompt", "token"])
+def _function_ops(model: onnx.ModelProto) -> dict[tuple[str, str], set[str]]:
+    return {(f.name, f.overload): {n.op_type for n in f.node} for f in model.functions}
+
+
+@pytest.mark.parametrize("mode", ["prompt", "step", "token"])
 @pytest.mark.parametrize("d_in,density", [(576, 0.03), (1536, 0.02), (192, 0.5)])
 def test_fused_layer_matches_triton_kernels(mode, d_in, density):
+    """The function bodies of qwha::SpectralAdd / SpectralAddDense (no native library registered) against the
+    training-time Triton kernels; native kernels are compared in tests/test_ortops.py."""
     triton_spectral = pytest.importorskip("qwha_export.kernels.triton_spectral")
     if not triton_spectral.available():
         pytest.skip("needs triton (CUDA, or TRITON_INTERPRET=1)")
@@ -165,7 +173,7 @@ def test_fused_layer_matches_triton_kernels(mode, d_in, density):
     d_outs = (64, 32, 32)  # three projections packed like q/k/v, the last one without adapter
     gen = torch.Generator().manual_seed(d_in)
     projs, refs = [], []
-    x = torch.randn((1, 1, d_in) if mode == "token" else (2, 3, d_in), generator=gen)
+    x = torch.randn({"token": (1, 1, d_in), "step": (3, 1, d_in), "prompt": (2, 3, d_in)}[mode], generator=gen)
     for i, d_out in enumerate(d_outs):
         module, qw = _qlinear(d_out, d_in, 4, 64, seed=i)
         y = x @ qw.dequantize(torch.float32).T
@@ -182,12 +190,15 @@ def test_fused_layer_matches_triton_kernels(mode, d_in, density):
         projs.append(Projection(nbits_linear(module), None, adapter))
         refs.append(y)
     model = build_projection_model(projs, {d_in: wht_factors(d_in)}, mode=mode)
-    ops = {n.op_type for n in model.graph.node}
-    assert "WalshHadamard" in ops and "MatMulNBits" in ops
-    if density > 0.45:  # dense above 30% of the packed output (2 of 3 adapted): a float32 MatMul in both modes
-        assert "MatMul" in ops and not ops & {"ScatterElements", "GatherElements"}
-    else:  # sparse: GatherElements for one token, F.T scattered at run time + MatMul for any number of tokens
-        assert ("GatherElements" in ops) == (mode == "token") and ("ScatterElements" in ops) == (mode == "prompt")
+    ops, bodies = {n.op_type for n in model.graph.node}, _function_ops(model)
+    if density > 0.45:  # dense above 30% of the packed output (2 of 3 adapted): a float32 MatMul in every mode
+        assert {"SpectralAddDense", "MatMulNBits"} <= ops and list(bodies) == [("SpectralAddDense", f"n{d_in}")]
+        assert not bodies[("SpectralAddDense", f"n{d_in}")] & {"ScatterElements", "GatherElements"}
+    else:  # sparse: GatherElements for decode steps, F.T scattered at run time + MatMul for any number of tokens
+        assert {"SpectralAdd", "MatMulNBits"} <= ops and list(bodies) == [("SpectralAdd", f"n{d_in}_{mode}")]
+        body = bodies[("SpectralAdd", f"n{d_in}_{mode}")]
+        assert ("GatherElements" in body) == (mode != "prompt") and ("ScatterElements" in body) == (mode == "prompt")
+        assert "WalshHadamard" not in body and "MatMul" in body  # the WHT is written into the body
     got = _session(model).run(None, {"x": x.numpy()})[0]
     ref = torch.cat(refs, dim=-1).numpy()
     assert _rel(got, ref) <= 1e-4, _rel(got, ref)
@@ -224,7 +235,7 @@ def exports(sources, tmp_path_factory):
 
 class _Runner:
     def __init__(self, folder):
-        self.s = open_onnx_session(folder)
+        self.s, self.qwha_ops = onnx_session(folder)
         past = [i for i in self.s.get_inputs() if i.name.startswith("past_key_values.")]
         self.layers, self.kv, self.hd = len(past) // 2, past[0].shape[1], past[0].shape[3]
 
@@ -265,12 +276,13 @@ def test_export_folder_manifest_and_graph(variant, exports, sources):
     assert (src_manifest is None) == (variant == "dense")
     ops = {n.op_type for n in model.graph.node}
     sub_ops = {n.op_type for a in (n.attribute for n in model.graph.node) for x in a if x.g for n in x.g.node}
-    if variant == "fused":
-        assert "If" in ops and {"WalshHadamard", "MatMulNBits", "GroupQueryAttention"} <= sub_ops
-        assert [f.overload for f in model.functions] == ["n64", "n128"]
+    if variant == "fused":  # If(single token) / else If(decode step) / else prompt, each with its bodies
+        assert "If" in ops and {"SpectralAdd", "MatMulNBits", "GroupQueryAttention", "If"} <= sub_ops
+        assert set(_function_ops(model)) == {("SpectralAdd", f"n{n}_{m}") for n in (64, 128) for m in MODES}
+        assert manifest["parity"]["qwha_ops"] in ("native", "function")
     else:
         assert "GroupQueryAttention" in ops and not model.functions
-        assert ("MatMulNBits" in ops) == (variant == "merged")
+        assert ("MatMulNBits" in ops) == (variant == "merged") and manifest["parity"]["qwha_ops"] == "none"
     sess = open_onnx_session(folder)
     ins = [(i.name, i.shape) for i in sess.get_inputs()]
     assert ins[:3] == [
@@ -288,11 +300,16 @@ def test_export_folder_manifest_and_graph(variant, exports, sources):
     assert genai["decoder"]["inputs"]["past_key_names"] == "past_key_values.%d.key"
 
 
-@pytest.mark.parametrize("variant", ["merged", "fused", "dense"])
-def test_logits_kv_cache_and_left_padding(variant, exports, sources):
+@pytest.mark.parametrize(
+    "variant,ops", [("merged", None), ("fused", "native"), ("fused", "function"), ("dense", None)]
+)
+def test_logits_kv_cache_and_left_padding(variant, ops, exports, sources, monkeypatch):
+    """Fused: with the native qwha kernels and with the function bodies (token, step and prompt branches)."""
+    use_ops(monkeypatch, ops)
     folder, _ = exports[variant]
     torch_model, _ = load_export(sources["base"] if variant == "dense" else sources[variant])
     run = _Runner(folder)
+    assert run.qwha_ops == (ops or "none")
     rng = np.random.default_rng(1)
     ids = rng.integers(0, 256, (2, 11)).astype(np.int64)
     ones = np.ones_like(ids)

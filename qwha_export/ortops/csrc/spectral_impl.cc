@@ -1,0 +1,336 @@
+// Compute kernels of Y = Base + WHT_n(X) . F~^T (see spectral.h for the layout). Compiled twice: with the baseline
+// flags (portable loops) and with -march=x86-64-v3 (AVX2 + FMA intrinsics); QWHA_NS names the namespace.
+#include <algorithm>
+#include <cstring>
+
+#include "spectral.h"
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define QWHA_AVX2 1
+#endif
+
+#ifndef QWHA_NS
+#error "compile with -DQWHA_NS=qwha_baseline or -DQWHA_NS=qwha_v3"
+#endif
+
+namespace QWHA_NS {
+namespace {
+
+using qwha::kLanes;
+using qwha::SpectralLayout;
+
+constexpr int64_t kTile = 64;        // tokens per tile of the multi-token path (8 AVX2 accumulators)
+constexpr int64_t kBlockChunk = 32;  // row blocks per parallel task
+
+// d[j * ds + i] = s[i * ss + j] for i < ri, j < rj (an 8 x 8 block in registers when full).
+inline void transpose8(const float* s, int64_t ss, float* d, int64_t ds, int64_t ri = 8, int64_t rj = 8) {
+#ifdef QWHA_AVX2
+  if (ri == 8 && rj == 8) {
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * ss);
+    for (int i = 0; i < 8; i += 2) {
+      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+      r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+      r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+      r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+      r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      _mm256_storeu_ps(d + i * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+      _mm256_storeu_ps(d + (i + 4) * ds, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < ri; ++i)
+    for (int64_t j = 0; j < rj; ++j) d[j * ds + i] = s[i * ss + j];
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// the transform
+
+// In-place unnormalised Walsh-Hadamard transform of size p on elements of `w` floats each (element i at v + i*w).
+void fwht(float* v, int64_t p, int64_t w) {
+  for (int64_t h = 1; h < p; h <<= 1) {
+    for (int64_t i = 0; i < p; i += 2 * h) {
+      float* a = v + i * w;
+      float* b = v + (i + h) * w;
+      const int64_t len = h * w;  // elements i..i+h-1 are contiguous: one run of h*w floats
+      for (int64_t e = 0; e < len; ++e) {
+        const float u = a[e], d = b[e];
+        a[e] = u + d;
+        b[e] = u - d;
+      }
+    }
+  }
+}
+
+// out[a] = sum_b hk[a, b] * in[b] over k blocks of `len` floats (the H_K factor on the outer axis): chunks of 32
+// floats of two outputs held in registers while the k inputs stream through.
+void mix_hk(const float* hk, int64_t k, const float* in, float* out, int64_t len) {
+  constexpr int64_t kChunk = 32;
+  for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
+    const int64_t w = std::min(kChunk, len - c0);
+    int64_t a = 0;
+#ifdef QWHA_AVX2
+    if (w == kChunk) {
+      for (; a + 2 <= k; a += 2) {
+        const float* h0 = hk + a * k;
+        const float* h1 = h0 + k;
+        __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0;
+        for (int64_t b = 0; b < k; ++b) {
+          const float* src = in + b * len + c0;
+          const __m256 s0 = _mm256_set1_ps(h0[b]), s1 = _mm256_set1_ps(h1[b]);
+          const __m256 v0 = _mm256_loadu_ps(src), v1 = _mm256_loadu_ps(src + 8);
+          const __m256 v2 = _mm256_loadu_ps(src + 16), v3 = _mm256_loadu_ps(src + 24);
+          x0 = _mm256_fmadd_ps(s0, v0, x0);
+          x1 = _mm256_fmadd_ps(s0, v1, x1);
+          x2 = _mm256_fmadd_ps(s0, v2, x2);
+          x3 = _mm256_fmadd_ps(s0, v3, x3);
+          y0 = _mm256_fmadd_ps(s1, v0, y0);
+          y1 = _mm256_fmadd_ps(s1, v1, y1);
+          y2 = _mm256_fmadd_ps(s1, v2, y2);
+          y3 = _mm256_fmadd_ps(s1, v3, y3);
+        }
+        float* o0 = out + a * len + c0;
+        float* o1 = o0 + len;
+        _mm256_storeu_ps(o0, x0);
+        _mm256_storeu_ps(o0 + 8, x1);
+        _mm256_storeu_ps(o0 + 16, x2);
+        _mm256_storeu_ps(o0 + 24, x3);
+        _mm256_storeu_ps(o1, y0);
+        _mm256_storeu_ps(o1 + 8, y1);
+        _mm256_storeu_ps(o1 + 16, y2);
+        _mm256_storeu_ps(o1 + 24, y3);
+      }
+    }
+#endif
+    for (; a < k; ++a) {
+      const float* h = hk + a * k;
+      float acc[kChunk] = {};
+      for (int64_t b = 0; b < k; ++b) {
+        const float sgn = h[b];
+        const float* src = in + b * len + c0;
+        for (int64_t e = 0; e < w; ++e) acc[e] += sgn * src[e];
+      }
+      std::memcpy(out + a * len + c0, acc, sizeof(float) * w);
+    }
+  }
+}
+
+// z = WHT(x) for one vector (natural layout); w is scratch of n floats.
+void wht_vector(const SpectralLayout& L, const float* x, float* w, float* z) {
+  float* t = L.k > 1 ? w : z;
+  std::memcpy(t, x, sizeof(float) * L.n);
+  for (int64_t b = 0; b < L.k; ++b) fwht(t + b * L.p, L.p, 1);
+  if (L.k > 1) mix_hk(L.hk.data(), L.k, t, z, L.p);
+}
+
+// zt[i * tile + t] = WHT(x[t, :])[i] for t < tt (zero for tt <= t < tile); w is scratch of n * tile floats.
+void wht_tile(const SpectralLayout& L, const float* x, int64_t tt, int64_t tile, float* w, float* zt) {
+  const int64_t n = L.n;
+  float* t = L.k > 1 ? w : zt;
+  if (tt < tile) std::memset(t, 0, sizeof(float) * n * tile);
+  for (int64_t t0 = 0; t0 < tt; t0 += 8)
+    for (int64_t i0 = 0; i0 < n; i0 += 8)
+      transpose8(x + t0 * n + i0, n, t + i0 * tile + t0, tile, std::min<int64_t>(8, tt - t0),
+                 std::min<int64_t>(8, n - i0));
+  for (int64_t b = 0; b < L.k; ++b) fwht(t + b * L.p * tile, L.p, tile);
+  if (L.k > 1) mix_hk(L.hk.data(), L.k, t, zt, L.p * tile);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// the sparse product
+
+#ifdef QWHA_AVX2
+inline __m256i load_idx(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i load_idx(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
+// One token: every lane of a block accumulates its row, 8 rows per gather.
+template <class Idx>
+void sparse_token(const SpectralLayout& L, const Idx* idx, const float* z, const float* base, float* y, int64_t b0,
+                  int64_t b1) {
+  const float* val = L.val.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s0 = L.block_slot[b], s1 = L.block_slot[b + 1];
+    alignas(32) float acc[kLanes];
+#ifdef QWHA_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t s = s0;
+    for (; s + 4 <= s1; s += 4) {
+      const Idx* ip = idx + s * kLanes;
+      const float* vp = val + s * kLanes;
+      const __m256 g0 = _mm256_i32gather_ps(z, load_idx(ip), 4);
+      const __m256 g1 = _mm256_i32gather_ps(z, load_idx(ip + 8), 4);
+      const __m256 g2 = _mm256_i32gather_ps(z, load_idx(ip + 16), 4);
+      const __m256 g3 = _mm256_i32gather_ps(z, load_idx(ip + 24), 4);
+      a0 = _mm256_fmadd_ps(g0, _mm256_loadu_ps(vp), a0);
+      a1 = _mm256_fmadd_ps(g1, _mm256_loadu_ps(vp + 8), a1);
+      a2 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(vp + 16), a2);
+      a3 = _mm256_fmadd_ps(g3, _mm256_loadu_ps(vp + 24), a3);
+    }
+    for (; s < s1; ++s) {
+      const __m256 g = _mm256_i32gather_ps(z, load_idx(idx + s * kLanes), 4);
+      a0 = _mm256_fmadd_ps(g, _mm256_loadu_ps(val + s * kLanes), a0);
+    }
+    _mm256_store_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#else
+    for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
+    for (int64_t s = s0; s < s1; ++s) {
+      const Idx* ip = idx + s * kLanes;
+      const float* vp = val + s * kLanes;
+      for (int l = 0; l < kLanes; ++l) acc[l] += vp[l] * z[ip[l]];
+    }
+#endif
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t r = L.row_of[b * kLanes + l];
+      if (r >= 0) y[r] = base[r] + acc[l];
+    }
+  }
+}
+
+// A tile of `tile` = 8 * NV tokens (transposed activations zt [n, tile]): each row r accumulates its entries over
+// the tile into acc[r * tile ...] (transposed output, written back by add_transposed).
+template <int NV, class Idx>
+void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float* acc, int64_t b0, int64_t b1) {
+  constexpr int64_t tile = 8 * NV;
+  const float* val = L.val.data();
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s0 = L.block_slot[b];
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t r = L.row_of[b * kLanes + l];
+      if (r < 0) continue;
+      const int64_t cnt = L.count[b * kLanes + l];
+      const Idx* ip = idx + s0 * kLanes + l;
+      const float* vp = val + s0 * kLanes + l;
+      float* out = acc + static_cast<int64_t>(r) * tile;
+#ifdef QWHA_AVX2
+      __m256 a[NV];
+      for (int q = 0; q < NV; ++q) a[q] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < cnt; ++j) {
+        const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+        const __m256 v = _mm256_set1_ps(vp[j * kLanes]);
+        for (int q = 0; q < NV; ++q) a[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(zc + 8 * q), a[q]);
+      }
+      for (int q = 0; q < NV; ++q) _mm256_storeu_ps(out + 8 * q, a[q]);
+#else
+      float a[tile] = {};
+      for (int64_t j = 0; j < cnt; ++j) {
+        const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+        const float v = vp[j * kLanes];
+        for (int64_t t = 0; t < tile; ++t) a[t] += v * zc[t];
+      }
+      std::memcpy(out, a, sizeof(a));
+#endif
+    }
+  }
+}
+
+// y[t, r] = base[t, r] + acc[r * tile + t] for t < tt and r0 <= r < r1, in 8 x 8 blocks.
+void add_transposed(const float* acc, int64_t tile, const float* base, float* y, int64_t tt, int64_t d_out, int64_t r0,
+                    int64_t r1) {
+  alignas(32) float blk[64];
+  for (int64_t t0 = 0; t0 < tt; t0 += 8) {
+    const int64_t te = std::min<int64_t>(8, tt - t0);
+    for (int64_t rb = r0; rb < r1; rb += 8) {
+      const int64_t re = std::min<int64_t>(8, r1 - rb);
+      transpose8(acc + rb * tile + t0, tile, blk, 8, re, te);  // blk[t * 8 + r]
+#ifdef QWHA_AVX2
+      if (re == 8) {
+        for (int64_t t = 0; t < te; ++t) {
+          const int64_t o = (t0 + t) * d_out + rb;
+          _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(base + o), _mm256_load_ps(blk + t * 8)));
+        }
+        continue;
+      }
+#endif
+      for (int64_t t = 0; t < te; ++t) {
+        const float* bp = base + (t0 + t) * d_out + rb;
+        float* yp = y + (t0 + t) * d_out + rb;
+        for (int64_t r = 0; r < re; ++r) yp[r] = bp[r] + blk[t * 8 + r];
+      }
+    }
+  }
+}
+
+template <class Idx>
+void sparse_tile_any(int64_t tile, const SpectralLayout& L, const Idx* idx, const float* zt, float* acc, int64_t b0,
+                     int64_t b1) {
+  switch (tile / 8) {
+    case 1: return sparse_tile<1>(L, idx, zt, acc, b0, b1);
+    case 2: return sparse_tile<2>(L, idx, zt, acc, b0, b1);
+    case 3: return sparse_tile<3>(L, idx, zt, acc, b0, b1);
+    case 4: return sparse_tile<4>(L, idx, zt, acc, b0, b1);
+    case 5: return sparse_tile<5>(L, idx, zt, acc, b0, b1);
+    case 6: return sparse_tile<6>(L, idx, zt, acc, b0, b1);
+    case 7: return sparse_tile<7>(L, idx, zt, acc, b0, b1);
+    default: return sparse_tile<8>(L, idx, zt, acc, b0, b1);
+  }
+}
+
+template <class Idx>
+void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* base, float* y, int64_t rows,
+         const qwha::ParallelFor& par) {
+  const int64_t n = L.n, d_out = L.d_out, nb = L.n_blocks;
+  const int64_t chunks = (nb + kBlockChunk - 1) / kBlockChunk;
+  if (rows == 1) {
+    thread_local std::vector<float> w, z;
+    w.resize(n);
+    z.resize(n);
+    wht_vector(L, x, w.data(), z.data());
+    const float* zp = z.data();
+    par(static_cast<size_t>(chunks), [&](size_t c) {
+      const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
+      sparse_token(L, idx, zp, base, y, b0, std::min(nb, b0 + kBlockChunk));
+    });
+    return;
+  }
+  const int64_t tile = rows >= kTile ? kTile : (rows + 7) / 8 * 8;
+  const int64_t tiles = (rows + tile - 1) / tile;
+  thread_local std::vector<float> zt_buf, acc_buf;  // per call: WHT(x) and F~ WHT(x), both transposed per tile
+  zt_buf.resize(static_cast<size_t>(tiles * n * tile));
+  acc_buf.resize(static_cast<size_t>(tiles * d_out * tile));
+  float* zt = zt_buf.data();
+  float* acc = acc_buf.data();
+  par(static_cast<size_t>(tiles), [&](size_t i) {
+    thread_local std::vector<float> w;
+    w.resize(static_cast<size_t>(n * tile));
+    const int64_t t0 = static_cast<int64_t>(i) * tile;
+    wht_tile(L, x + t0 * n, std::min(tile, rows - t0), tile, w.data(), zt + i * n * tile);
+  });
+  par(static_cast<size_t>(tiles * chunks), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / chunks, b0 = static_cast<int64_t>(task) % chunks * kBlockChunk;
+    sparse_tile_any(tile, L, idx, zt + i * n * tile, acc + i * d_out * tile, b0, std::min(nb, b0 + kBlockChunk));
+  });
+  const int64_t row_chunk = kBlockChunk * kLanes, row_chunks = (d_out + row_chunk - 1) / row_chunk;
+  par(static_cast<size_t>(tiles * row_chunks), [&](size_t task) {
+    const int64_t i = static_cast<int64_t>(task) / row_chunks, r0 = static_cast<int64_t>(task) % row_chunks * row_chunk;
+    const int64_t t0 = i * tile;
+    add_transposed(acc + i * d_out * tile, tile, base + t0 * d_out, y + t0 * d_out, std::min(tile, rows - t0), d_out,
+                   r0, std::min(d_out, r0 + row_chunk));
+  });
+}
+
+}  // namespace
+
+void spectral_add(const SpectralLayout& L, const float* x, const float* base, float* y, int64_t rows,
+                  const qwha::ParallelFor& par) {
+  if (rows <= 0) return;
+  if (L.n_blocks == 0) {  // no entries: Y = Base
+    std::memcpy(y, base, sizeof(float) * rows * L.d_out);
+    return;
+  }
+  if (L.wide())
+    run(L, L.idx32.data(), x, base, y, rows, par);
+  else
+    run(L, L.idx16.data(), x, base, y, rows, par);
+}
+
+}  // namespace QWHA_NS

@@ -1,0 +1,149 @@
+"""Native qwha kernels (qwha_export.ortops) against the ONNX function bodies and the training-time Triton kernels
+(interpreter on CPU), layer by layer: every Hadamard order K the exporter emits, odd shapes (1, 5, 64 tokens, a
+batched decode step), rows without entries, a dense adapter (> 30%), both kernel variants (x86-64-v3, baseline).
+
+Bound: max |error| <= 1e-5 of the output's scale (max |y|); measured errors are printed on failure."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from native_ops import require_native
+
+from qwha_export import ortops
+from qwha_export.converters.onnx_export import nbits_linear, wht_factors
+from qwha_export.converters.quantize import quantize_rtn
+from qwha_export.formats.onnx_graph import DenseLinear, Projection, SpectralAdapter, build_projection_model
+from qwha_export.kernels import SpectralLayout, hadamard_order
+from qwha_export.kernels.hadamard import SUPPORTED_ORDERS
+from qwha_export.layer import adapter_coefficient
+from qwha_export.quant_linear import QuantLinear
+
+BOUND = 1e-5
+SHAPES = {"token": [(1, 1)], "step": [(3, 1)], "prompt": [(1, 5), (2, 5), (1, 64)]}
+SHAPES_SHORT = {"token": [(1, 1)], "step": [(3, 1)], "prompt": [(2, 5)]}
+
+
+@pytest.fixture(scope="module")
+def native():
+    return require_native()
+
+
+@pytest.fixture(scope="module")
+def triton_spectral():
+    ts = pytest.importorskip("qwha_export.kernels.triton_spectral")
+    if not ts.available():
+        pytest.skip("needs triton (CUDA, or TRITON_INTERPRET=1)")
+    return ts
+
+
+def _size(k: int) -> int:
+    """A transform size n = K * 2^m whose order is K (m = 2 for K < 100, else 1, or less where the exporter picks
+    another K for that size)."""
+    if k == 1:
+        return 256
+    for m in (2, 1, 0) if k < 100 else (1, 0):
+        if hadamard_order(k << m)[0] == k:
+            return k << m
+    raise AssertionError(k)
+
+
+def _layer(n: int, d_outs: tuple[int, ...], density: float, seed: int, triton_spectral):
+    """Packed projections (the last one without adapter; the first with rows 0 and 3 left empty) and a function
+    ``x [rows, n] -> reference y`` (float32 torch base on the dequantized weights + the Triton adapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    projs, parts = [], []
+    for i, d_out in enumerate(d_outs):
+        w = torch.randn(d_out, n, generator=gen)
+        if n % 32 == 0:  # a MatMulNBits base, as in the exports
+            qw = quantize_rtn(w, 4, 32)
+            linear = nbits_linear(QuantLinear.from_linear(torch.nn.Linear(n, d_out, bias=False), qw))
+            w = qw.dequantize(torch.float32)
+        else:  # MatMulNBits needs blocks of >= 16 columns: a float32 base
+            linear = DenseLinear(w.numpy())
+        adapter, spec = None, None
+        if i < len(d_outs) - 1:
+            allowed = torch.tensor([r for r in range(d_out) if not (i == 0 and r in (0, 3))])
+            nnz = max(1, int(density * d_out * n))
+            flat = torch.randperm(len(allowed) * n, generator=gen)[:nnz]
+            rows, cols = allowed[flat // n], flat % n
+            values = torch.randn(nnz, generator=gen)
+            coef = adapter_coefficient(2.0, n, d_out)
+            spec = (values, SpectralLayout.build(rows, cols, d_out, n), coef)
+            folded = (values.double() * coef).float().numpy()
+            adapter = SpectralAdapter(rows.numpy(), cols.numpy(), folded, hadamard_order(n)[0])
+        projs.append(Projection(linear, None, adapter))
+        parts.append((w, spec))
+
+    def reference(x: torch.Tensor) -> np.ndarray:
+        ys = []
+        for w, spec in parts:
+            y = x @ w.T
+            if spec is not None:
+                y = y + triton_spectral.spectral_adapter_triton(x, *spec)
+            ys.append(y)
+        return torch.cat(ys, dim=-1).numpy()
+
+    return projs, reference
+
+
+def _sessions(model, native_lib):
+    plain = ort.SessionOptions()
+    plain.log_severity_level = 3
+    function = ort.InferenceSession(model.SerializeToString(), plain, providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.register_custom_ops_library(str(native_lib))
+    before = ortops.library_info(native_lib)["kernels"]
+    fast = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    assert ortops.library_info(native_lib)["kernels"] == before + 1  # the native kernel, not the body, runs
+    return function, fast
+
+
+def _check(projs, reference, n: int, native_lib, modes=SHAPES, label=""):
+    factors = {n: wht_factors(n)}
+    rng = np.random.default_rng(n)
+    for mode, shapes in modes.items():
+        function, fast = _sessions(build_projection_model(projs, factors, mode=mode), native_lib)
+        for shape in shapes:
+            x = rng.standard_normal((*shape, n)).astype(np.float32)
+            ref = reference(torch.from_numpy(x.reshape(-1, n))).reshape(*shape, -1)
+            y_fn = function.run(None, {"x": x})[0]
+            y_nat = fast.run(None, {"x": x})[0]
+            scale = float(np.abs(ref).max())
+            err = {
+                "native-function": float(np.abs(y_nat - y_fn).max()) / scale,
+                "native-triton": float(np.abs(y_nat - ref).max()) / scale,
+                "function-triton": float(np.abs(y_fn - ref).max()) / scale,
+            }
+            assert max(err.values()) <= BOUND, (label, mode, shape, err, f"bound {BOUND}")
+
+
+@pytest.mark.parametrize("k", SUPPORTED_ORDERS)
+def test_every_hadamard_order(k, native, triton_spectral):
+    n = _size(k)
+    projs, reference = _layer(n, (13, 6, 5), 0.05, seed=k, triton_spectral=triton_spectral)
+    _check(projs, reference, n, native, modes=SHAPES_SHORT, label=f"K={k} n={n}")
+
+
+@pytest.mark.parametrize("isa", ["x86-64-v3", "baseline"])
+@pytest.mark.parametrize(
+    "n,d_outs,density",
+    [
+        (576, (64, 32, 32), 0.03),  # q|k|v-like, K=36
+        (1536, (40, 24), 0.02),  # down-like, K=12, 2^m = 128
+        (256, (24, 8), 0.5),  # denser than 30% of the packed output: SpectralAddDense
+        (20, (9, 7), 0.3),  # n = K (no Sylvester factor), odd row counts
+    ],
+)
+def test_odd_shapes_and_variants(isa, n, d_outs, density, native, triton_spectral, monkeypatch):
+    if isa == "x86-64-v3" and ortops.library_info(native)["isa"] != "x86-64-v3":
+        pytest.skip("this CPU has no AVX2/FMA: only the baseline kernels run here")
+    monkeypatch.setenv("QWHA_ORT_OPS_ISA", isa)
+    baseline_before = ortops.library_info(native)["baseline_kernels"]
+    projs, reference = _layer(n, d_outs, density, seed=n, triton_spectral=triton_spectral)
+    _check(projs, reference, n, native, label=f"{isa} n={n}")
+    created = ortops.library_info(native)["baseline_kernels"] - baseline_before
+    assert created == (len(SHAPES) if isa == "baseline" else 0)  # one kernel per mode's model
