@@ -47,7 +47,8 @@ def test_both_forms_match_the_reference(form, d_in, d_out, nnz):
     ref32 = spectral_linear_reference(x32, w32, b32, v32, rows, cols, 0.3)
     err, ref_err = _rel(got, ref64), _rel(ref32, ref64)
     assert got.dtype == torch.float32
-    assert err <= 2 * ref_err + 1e-6, f"{form}: error {err:.2e}, reference error {ref_err:.2e}, bound {2 * ref_err + 1e-6:.2e}"
+    bound = 2 * ref_err + 1e-6
+    assert err <= bound, f"{form}: error {err:.2e}, reference error {ref_err:.2e}, bound {bound:.2e}"
 
 
 def test_choose_form_follows_the_cost_model():
