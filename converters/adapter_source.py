@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..formats.jsonfile import read_json_object
+from ..formats.manifest import Source
 from ..formats.shards import iter_checkpoint_tensors, sha256_file, validate_checkpoint, validate_safetensors_file
 
 __all__ = [
@@ -203,15 +204,16 @@ def _read_base_meta(adapter_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def source_record(adapter_dir: Path, base_dir: Path, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """The manifest's ``source`` entry: adapter and base paths, base hash, SHA-256 of the adapter files."""
+def source_record(adapter_dir: Path, base_dir: Path, meta: Mapping[str, Any]) -> Source:
+    """The manifest's ``source``: adapter and base paths, base hash, SHA-256 of the adapter files."""
     adapter_files = [adapter_dir / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META)]
-    return {
-        "adapter_dir": str(adapter_dir.resolve()),
-        "base_model": str(base_dir.resolve()),
-        "base_hash": meta.get("base_hash"),
-        "adapter_sha256": {p.name: sha256_file(p) for p in adapter_files if p.is_file()},
-    }
+    base_hash = meta.get("base_hash")
+    return Source(
+        adapter_dir=str(adapter_dir.resolve()),
+        base_model=str(base_dir.resolve()),
+        base_hash=dict(base_hash) if isinstance(base_hash, Mapping) and base_hash else None,
+        adapter_sha256={p.name: sha256_file(p) for p in adapter_files if p.is_file()},
+    )
 
 
 def _adapter_shapes(adapter_dir: Path) -> dict[str, tuple[int, int]]:

@@ -20,7 +20,6 @@ being filled (at most ``max_shard_bytes``); flat in the number of layers.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +31,7 @@ from safetensors import safe_open
 
 from ..formats import ExportFormat, get_writer, needs_desc_act
 from ..formats.dense import DenseFormat
+from ..formats.manifest import Manifest, finish_manifest
 from ..formats.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
@@ -55,7 +55,6 @@ from .quantize import QuantConfig, QuantizedWeight, config_group_size, has_ragge
 
 __all__ = [
     "REQUANT_METHODS",
-    "MANIFEST_FILE",
     "read_adapter_spectra",
     "merged_weight",
     "grid_requantize",
@@ -66,7 +65,6 @@ __all__ = [
 ]
 
 REQUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "grid")
-MANIFEST_FILE = "qwha_export.json"
 _DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -321,37 +319,35 @@ def stream_merge(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )
         aux = DenseFormat.copy_aux_files(base_dir, tmp)
-        report = {
-            "tool": "qwha-export",
-            "tool_version": __version__,
-            "source": source_record(adapter_dir, base_dir, meta),
-            "settings": {
+        totals = _totals(layers)
+        same_bit = not dense_merge and base_bits == {bits}
+        manifest = Manifest(
+            settings={
+                "format": fmt.value,
                 "bits": bits,
                 "group_size": group_size,
                 "requant": None if dense_merge else method,
-                "format": fmt.value,
                 "dtype": str(dtype).removeprefix("torch."),
                 "max_shard_bytes": max_shard_bytes,
                 "grams": grams is not None,
             },
-            "quantization_config": qconfig,
-            "layers": layers,
-            "total": _totals(layers),
-            "adapter_gain": {},
-            "files": {
+            source=source_record(adapter_dir, base_dir, meta),
+            tool_version=__version__,
+            quantization_config=qconfig,
+            files={
                 "shards": sorted(set(index["weight_map"].values())),
                 "aux": aux,
                 "total_size": index["metadata"]["total_size"],
             },
-            "seconds": time.time() - t0,
-        }
-        same_bit = not dense_merge and base_bits == {bits}
-        report["adapter_gain"] = _adapter_gain(report["total"].get("kept_fraction"), same_bit, bits, method)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if on_written is not None:
-            report.update(on_written(tmp))
-            (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+            seconds=time.time() - t0,
+            sections={
+                "layers": layers,
+                "total": totals,
+                "adapter_gain": _adapter_gain(totals.get("kept_fraction"), same_bit, bits, method),
+            },
+        )
+        manifest = finish_manifest(tmp, manifest, on_written)
+    return manifest.to_json()
 
 
 def _adapter_gain(kept: float | None, same_bit: bool, bits: int, method: str) -> dict[str, Any]:

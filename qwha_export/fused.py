@@ -16,7 +16,6 @@ loader for plain ``gptq``/``gptq_v2``/``compressed-tensors`` exports (GPTQModel 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -27,7 +26,6 @@ from safetensors import safe_open
 
 from .converters.merge import (
     BASE_FILE,
-    MANIFEST_FILE,
     iter_base_layers,
     open_adapter_source,
     source_record,
@@ -43,6 +41,7 @@ from .formats.fused import (
     write_fused_adapter,
     write_fused_config,
 )
+from .formats.manifest import Manifest, Source, finish_manifest
 from .formats.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, checkpoint_files, iter_checkpoint_tensors
 from .layer import QWHALinear, adapter_coefficient
 from .quant_linear import QuantLinear, replace_linear
@@ -74,13 +73,17 @@ def write_fused(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     check_hash: bool = True,
     on_written: Callable[[Path], Mapping[str, Any]] | None = None,
+    source: Source | None = None,
+    settings_extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write the fused checkpoint of ``adapter_dir`` into ``out_dir``; returns the manifest (``qwha_export.json``).
 
     ``base_format``: ``gptq_v2`` (default), ``compressed-tensors`` or ``dense`` (dequantized base weights in
     ``dtype``; not bit-identical codes, but the exact ``(code - zero) * scale`` values for float32).
     ``on_written(folder)`` runs on the complete temporary folder before it is renamed into place; the entries it
-    returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`).
+    returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`). ``source``
+    replaces the manifest's source record (``merge --requant refit`` names the original adapter directory, not its
+    temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``).
     """
     from . import __version__
     from .pipeline import atomic_output_dir, check_output_dir
@@ -150,29 +153,26 @@ def write_fused(
         write_fused_adapter(tmp, {k: (v, r, c) for k, (v, r, c, _s) in spectra.items()})
         cfg = make_fused_config(fmt.value, layer_recs, qrecords)
         write_fused_config(tmp, cfg)
-        report = {
-            "tool": "qwha-export",
-            "tool_version": __version__,
-            "source": source_record(adapter_dir, base_dir, meta),
-            "settings": {
+        manifest = Manifest(
+            settings={
                 "format": ExportFormat.FUSED.value,
                 "base_format": fmt.value,
                 "max_shard_bytes": max_shard_bytes,
+                **(settings_extra or {}),
             },
-            "quantization_config": qconfig,
-            "fused": cfg,
-            "files": {
+            source=source if source is not None else source_record(adapter_dir, base_dir, meta),
+            tool_version=__version__,
+            quantization_config=qconfig,
+            files={
                 "shards": sorted(set(index["weight_map"].values())),
                 "aux": aux,
                 "total_size": index["metadata"]["total_size"],
             },
-            "seconds": time.time() - t0,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        if on_written is not None:
-            report.update(on_written(tmp))
-            (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return report
+            seconds=time.time() - t0,
+            sections={"fused": cfg},
+        )
+        manifest = finish_manifest(tmp, manifest, on_written)
+    return manifest.to_json()
 
 
 def _layer_shape(base_dir: Path, layer: str) -> tuple[int, int]:

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from .formats.jsonfile import read_json_object
+from .formats.manifest import MANIFEST_FILE, Manifest, read_manifest
 from .formats.shards import SAFE_WEIGHTS_INDEX_NAME, sha256_file, validate_safetensors_file
-from .verify import MANIFEST_FILE
 
 __all__ = ["HubPushError", "PushPlan", "push_folder", "validate_push_folder"]
 
@@ -47,7 +47,7 @@ class PushPlan:
     """A validated export folder: its manifest, format and the files ``upload_folder`` will send (POSIX paths)."""
 
     folder: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     format: str
     files: tuple[str, ...]
 
@@ -62,9 +62,7 @@ def validate_push_folder(folder: str | os.PathLike[str]) -> PushPlan:
     d = Path(folder)
     if not d.is_dir():
         raise ValueError(f"{d}: folder does not exist; pass the folder written by `qwha-export merge` or `fuse`")
-    manifest = _read_json(d / MANIFEST_FILE, what="manifest", hint="re-run the export that writes it")
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{d / MANIFEST_FILE}: manifest is not a JSON object; re-run the export")
+    manifest = read_manifest(d)
     if not (d / "config.json").is_file():
         raise ValueError(f"{d}: config.json is missing; re-run the export (loaders need it)")
     files = _upload_files(d)
@@ -73,7 +71,7 @@ def validate_push_folder(folder: str | os.PathLike[str]) -> PushPlan:
         raise ValueError(f"{d}: leftover temporary file {leftovers[0]} of an interrupted write; re-run the export")
     data_bytes = _check_safetensors(d, files)
     _check_onnx(d, files)
-    _check_manifest_files(d, manifest, data_bytes)
+    _check_manifest_files(d, manifest.files, data_bytes)
     return PushPlan(folder=d, manifest=manifest, format=_format_name(d, files), files=tuple(files))
 
 
@@ -161,8 +159,7 @@ def _file_entries(files: Any) -> Iterator[tuple[str, dict[str, Any]]]:
                     yield name, item
 
 
-def _check_manifest_files(d: Path, manifest: dict[str, Any], data_bytes: dict[str, int]) -> None:
-    files = manifest.get("files")
+def _check_manifest_files(d: Path, files: dict[str, Any], data_bytes: dict[str, int]) -> None:
     where = str(d / MANIFEST_FILE)
     hint = "re-run the export (the folder is incomplete or was modified)"
     for name, rec in _file_entries(files):
@@ -187,41 +184,10 @@ def _check_manifest_files(d: Path, manifest: dict[str, Any], data_bytes: dict[st
 
 
 def _check_onnx(d: Path, files: list[str]) -> None:
-    models = [f for f in files if f.endswith(".onnx")]
-    if not models:
-        return
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo
+    from .formats.onnx_folder import read_onnx_model
 
-    from .serving import onnx_graph_tensors, onnx_node_tensors
-
-    for name in models:
-        path = d / name
-        try:
-            model = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # DecodeError and friends
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: not a readable ONNX model ({msg}); re-run the ONNX export") from None
-        tensors = list(onnx_graph_tensors(model.graph))
-        tensors += list(onnx_node_tensors([n for fn in model.functions for n in fn.node]))
-        for t in tensors:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            info = ExternalDataInfo(t)
-            if not info.location:
-                raise ValueError(f"{path}: tensor {t.name!r} is external but names no location; re-run the export")
-            data = _inside(d, str(Path(name).parent / info.location), str(path))
-            if not data.is_file():
-                raise ValueError(
-                    f"{path}: external data file {info.location} (tensor {t.name!r}) is missing; copy it next to "
-                    "the model or re-run the ONNX export"
-                )
-            end = (info.offset or 0) + (info.length or 0)
-            if info.length and data.stat().st_size < end:
-                raise ValueError(
-                    f"{path}: external data file {info.location} is {data.stat().st_size} bytes, tensor "
-                    f"{t.name!r} needs {end}; the file is truncated, re-run the ONNX export"
-                )
+    for name in (f for f in files if f.endswith(".onnx")):
+        read_onnx_model(d / name)
 
 
 def _format_name(d: Path, files: list[str]) -> str:

@@ -6,9 +6,10 @@ The card starts with YAML metadata the Hub reads: ``base_model`` (a Hub id, see 
 for dense / GPTQ / compressed-tensors, ``onnxruntime`` for ONNX; omitted for fused folders, which plain
 transformers would load without their adapter), ``license`` (from the base when known), ``pipeline_tag`` and
 ``tags``. The body says how the model was made (format, bits, group size, re-quantization method, adapter rank and
-size, re-quantization error), shows the parity numbers the manifest records (``parity`` or ``verify``: one
-:func:`~qwha_export.verify.verify_export` result, a list of them, or a mapping name -> result) and gives usage
-snippets for the runtimes that load the format.
+size, re-quantization error), shows the parity numbers the manifests record (this export's ``parity``, and for an
+ONNX export also that of the folder it was exported from, each with what it was compared against) and gives usage
+snippets for the runtimes that load the format. The manifest is read as a typed
+:class:`~qwha_export.formats.manifest.Manifest`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import re
 from pathlib import Path
 from typing import Any
+
+from .formats.manifest import Manifest, Parity
 
 __all__ = ["card_metadata", "render_model_card", "resolve_base_model", "write_model_card"]
 
@@ -80,7 +83,7 @@ def _license_of(model_dir: Path) -> str | None:
 
 
 def resolve_base_model(
-    folder: str | os.PathLike[str], manifest: dict[str, Any], base_model_id: str | None = None
+    folder: str | os.PathLike[str], manifest: Manifest, base_model_id: str | None = None
 ) -> tuple[str | None, str | None, list[str]]:
     """``(hub_id, license, warnings)`` of the export's base model.
 
@@ -91,13 +94,13 @@ def resolve_base_model(
     unknown (a warning says how to set the id).
     """
     folder = Path(folder)
-    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+    source = manifest.source.origin()
     if base_model_id is not None and not _is_hub_id(base_model_id):
-        raise ValueError(f"base model id {base_model_id!r} is not a Hub id of the form ORG/NAME")
-    local = source.get("base_model")
-    meta_base = _json(Path(str(source.get("adapter_dir", ""))) / "qwha_base.json").get("base_model")
+        raise ValueError(f"--base-model-id {base_model_id!r} is not a Hub id of the form ORG/NAME")
+    local = source.base_model
+    meta_base = _json(Path(source.adapter_dir) / "qwha_base.json").get("base_model") if source.adapter_dir else None
     local_dirs = [Path(p) for p in (local, meta_base) if isinstance(p, str) and p and Path(p).is_dir()]
-    candidates = [base_model_id, manifest.get("base_model_id"), source.get("base_model_id"), local, meta_base]
+    candidates = [base_model_id, manifest.sections.get("base_model_id"), local, meta_base]
     candidates += [_json(d / "config.json").get("_name_or_path") for d in local_dirs]
     candidates.append(_json(folder / "config.json").get("_name_or_path"))
     hub_id = next((c for c in candidates if _is_hub_id(c)), None)
@@ -117,47 +120,54 @@ def resolve_base_model(
     return hub_id, license_, warnings
 
 
-def _quant_config(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    qc = manifest.get("quantization_config")
-    if not isinstance(qc, dict):
+def _chain(manifest: Manifest) -> list[Manifest]:
+    """The manifest and those of the folders it was made from (an ONNX export's merged or fused folder)."""
+    out = [manifest]
+    while out[-1].source.manifest is not None and len(out) < 8:
+        out.append(out[-1].source.manifest)
+    return out
+
+
+def _facts(folder: Path, manifest: Manifest, fmt: str) -> dict[str, Any]:
+    """What the card says about how the model was made, from the manifest chain (and the adapter dir if present)."""
+    chain = _chain(manifest)
+    settings = manifest.settings
+    qc = next((m.quantization_config for m in chain if m.quantization_config), None)
+    if qc is None:
         qc = _json(folder / "config.json").get("quantization_config")
-    return qc if isinstance(qc, dict) else {}
-
-
-def _facts(folder: Path, manifest: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """What the card says about how the model was made, from the manifest (and the adapter dir when present)."""
-    settings = manifest.get("settings") if isinstance(manifest.get("settings"), dict) else {}
-    qc = _quant_config(folder, manifest)
+    qc = qc if isinstance(qc, dict) else {}
     weights: dict[str, Any] = {}
     if qc.get("quant_method") == "compressed-tensors":
         group = next(iter((qc.get("config_groups") or {}).values()), {})
         weights = (group.get("weights") if isinstance(group, dict) else None) or {}
-    bits = settings.get("bits")
-    if not isinstance(bits, int):
+    bits = next((m.settings["bits"] for m in chain if isinstance(m.settings.get("bits"), int)), None)
+    if bits is None:
         bits = qc.get("bits", weights.get("num_bits"))
-    group_size = settings.get("group_size")
-    if not isinstance(group_size, int):
+    group_size = next((m.settings["group_size"] for m in chain if isinstance(m.settings.get("group_size"), int)), None)
+    if group_size is None:
         group_size = qc.get("group_size", weights.get("group_size"))
     sym = qc.get("sym", weights.get("symmetric"))
-    fused = fmt == "fused" or bool(manifest.get("fused")) or settings.get("variant") == "fused"
-    layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
+    fused = any(m.format == "fused" for m in chain) or settings.get("variant") == "fused"
+    fused_section = next((m.sections["fused"] for m in chain if isinstance(m.sections.get("fused"), dict)), None)
+    layers = next((m.sections["layers"] for m in chain if isinstance(m.sections.get("layers"), list)), [])
     adapted = [
         (r.get("nnz", 0), sum(r.get("shape", [0, 0]))) for r in layers if isinstance(r, dict) and r.get("adapted")
     ]
-    fused_layers = (manifest.get("fused") or {}).get("layers") if isinstance(manifest.get("fused"), dict) else None
-    if isinstance(fused_layers, dict):
-        adapted = [(r.get("nnz", 0), r.get("d_in", 0) + r.get("d_out", 0)) for r in fused_layers.values()]
-    source = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
-    rank = _json(Path(str(source.get("adapter_dir", ""))) / "adapter_config.json").get("rank")
-    total = manifest.get("total") if isinstance(manifest.get("total"), dict) else {}
+    if fused_section is not None and isinstance(fused_section.get("layers"), dict):
+        adapted = [(r.get("nnz", 0), r.get("d_in", 0) + r.get("d_out", 0)) for r in fused_section["layers"].values()]
+    origin = manifest.source.origin()
+    rank = _json(Path(origin.adapter_dir) / "adapter_config.json").get("rank") if origin.adapter_dir else None
+    total = next((m.sections["total"] for m in chain if isinstance(m.sections.get("total"), dict)), {})
+    base_format = next((m.settings.get("base_format") for m in chain if m.settings.get("base_format")), None)
+    requant = next((m.settings.get("requant") for m in chain if m.settings.get("requant")), None)
     return {
         "format": fmt,
-        "base_format": settings.get("base_format") or (qc.get("quant_method") if fused else None),
+        "base_format": base_format or (qc.get("quant_method") if fused else None),
         "checkpoint_format": qc.get("checkpoint_format"),
         "bits": bits if isinstance(bits, int) else None,
         "group_size": group_size if isinstance(group_size, int) else None,
         "sym": sym if isinstance(sym, bool) else None,
-        "requant": settings.get("requant"),
+        "requant": requant,
         "dtype": settings.get("dtype"),
         "fused": fused,
         "rank": rank if isinstance(rank, int) else None,
@@ -165,8 +175,8 @@ def _facts(folder: Path, manifest: dict[str, Any], fmt: str) -> dict[str, Any]:
         "nnz": (nnz := sum(n for n, _ in adapted)),
         "budget_rank": nnz / span if (span := sum(s for _, s in adapted)) else None,
         "rms_err": total.get("rms_rel_err_requant_vs_merged"),
-        "tool_version": manifest.get("tool_version"),
-        "base_hash": source.get("base_hash"),
+        "tool_version": manifest.tool_version,
+        "base_hash": origin.base_hash,
         "has_tokenizer": any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")),
         "genai": (folder / "genai_config.json").is_file(),
     }
@@ -182,7 +192,7 @@ def _relation(f: dict[str, Any]) -> str | None:
 
 def card_metadata(
     folder: str | os.PathLike[str],
-    manifest: dict[str, Any],
+    manifest: Manifest,
     fmt: str,
     base_model_id: str | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
@@ -231,24 +241,27 @@ def _fmt_metric(key: str, v: Any) -> str:
     return f"{v:.3g}"
 
 
-def _parity_rows(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    data = manifest.get("parity", manifest.get("verify"))
-    if isinstance(data, dict) and any(k in data for k, _ in _METRICS):
-        return [(str(data.get("format") or manifest.get("settings", {}).get("format") or "export"), data)]
-    if isinstance(data, dict):
-        return [(str(k), v) for k, v in data.items() if isinstance(v, dict)]
-    if isinstance(data, list):
-        return [(str(d.get("name") or d.get("format") or i + 1), d) for i, d in enumerate(data) if isinstance(d, dict)]
-    return []
+_REFERENCES = {"training-time": "the training-time model", "pytorch": "the PyTorch model it was exported from"}
 
 
-def _parity_section(manifest: dict[str, Any]) -> list[str]:
+def _parity_rows(manifest: Manifest) -> list[tuple[str, str, Parity]]:
+    """``(variant, reference, parity)`` rows: this export's check, then those of the folders it was made from."""
+    rows = []
+    for m in _chain(manifest):
+        p = m.parity
+        if p is None or not p.measured:
+            continue
+        ref = p.reference or ("pytorch" if m.format == "onnx" else "training-time")
+        rows.append((m.format if m is not manifest else f"{m.format} (this export)", _REFERENCES.get(ref, ref), p))
+    return rows
+
+
+def _parity_section(manifest: Manifest) -> list[str]:
     rows = _parity_rows(manifest)
-    keys = [(k, label) for k, label in _METRICS if any(k in r for _, r in rows)]
-    out = ["## Parity with the training-time model", ""]
-    skipped = (manifest.get("parity") or {}).get("skipped") if isinstance(manifest.get("parity"), dict) else None
-    if skipped:
-        out += [f"The export's parity check was skipped: {skipped}.", ""]
+    keys = [(k, label) for k, label in _METRICS if any(getattr(p, k, None) is not None for _, _, p in rows)]
+    out = ["## Parity", ""]
+    if manifest.parity is not None and manifest.parity.skipped:
+        out += [f"The export's parity check was skipped: {manifest.parity.skipped}.", ""]
     if not rows or not keys:
         out += [
             "The manifest records no parity numbers. Measure them against the adapter directory the export came",
@@ -256,16 +269,18 @@ def _parity_section(manifest: dict[str, Any]) -> list[str]:
             "",
         ]
         return out
+    text = next((p.text for _, _, p in rows if p.text), None)
     out += [
-        "Logits of this export against the training-time QWHA model (quantized base + adapter) on the same tokens"
-        + (f" ({text})" if isinstance(text := rows[0][1].get("text"), str) else "")
+        "Logits of the export against its reference on the same tokens"
+        + (f" ({text})" if text else "")
         + ", as recorded in `qwha_export.json`:",
         "",
-        "| variant | " + " | ".join(label for _, label in keys) + " |",
-        "|---|" + "---|" * len(keys),
+        "| variant | against | " + " | ".join(label for _, label in keys) + " |",
+        "|---|---|" + "---|" * len(keys),
     ]
-    for name, r in rows:
-        out.append(f"| {name} | " + " | ".join(_fmt_metric(k, r[k]) if k in r else "" for k, _ in keys) + " |")
+    for name, ref, p in rows:
+        cells = [_fmt_metric(k, getattr(p, k)) if getattr(p, k) is not None else "" for k, _ in keys]
+        out.append(f"| {name} | {ref} | " + " | ".join(cells) + " |")
     return out + [""]
 
 
@@ -298,7 +313,8 @@ def _made_section(f: dict[str, Any], hub_id: str | None) -> list[str]:
             ("Re-quantization error", f"RMS relative output error {f['rms_err']:.4f} vs the merged float layers")
         )
     if f["base_hash"]:
-        rows.append(("Base checkpoint SHA-256", f"`{f['base_hash'][:16]}…`"))
+        digests = ", ".join(f"`{name}` `{digest[:16]}…`" for name, digest in sorted(f["base_hash"].items()))
+        rows.append(("Base checkpoint SHA-256", digests))
     if f["tool_version"]:
         rows.append(("Made with", f"qwha-export {f['tool_version']}"))
     out = ["## How it was made", "", "| | |", "|---|---|"]
@@ -367,7 +383,7 @@ def _usage_section(f: dict[str, Any], repo: str, hub_id: str | None) -> list[str
 
 def render_model_card(
     folder: str | os.PathLike[str],
-    manifest: dict[str, Any],
+    manifest: Manifest,
     fmt: str,
     *,
     repo_id: str | None = None,
@@ -407,7 +423,7 @@ def render_model_card(
 
 def write_model_card(
     folder: str | os.PathLike[str],
-    manifest: dict[str, Any],
+    manifest: Manifest,
     *,
     fmt: str,
     repo_id: str | None = None,

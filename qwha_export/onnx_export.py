@@ -91,9 +91,10 @@ def export_onnx(
 
     from .converters.onnx_export import check_config, decoder_from_model
     from .formats.dense import DenseFormat
+    from .formats.manifest import MANIFEST_FILE, Manifest, Parity, Source, read_manifest, write_manifest
     from .formats.onnx_graph import build_decoder_model
     from .pipeline import atomic_output_dir, check_output_dir
-    from .verify import MANIFEST_FILE, detect_format, load_export
+    from .verify import detect_format, load_export
 
     t0 = time.time()
     if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
@@ -117,7 +118,7 @@ def export_onnx(
     # ~20x slower than a float32 MatMul, so the exact 8-bit lm_head is used with level 4 only
     exact = exact_lm_head and variant != "dense" and accuracy_level == 4
     spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact)
-    src_manifest = read_json_object(src / MANIFEST_FILE) if (src / MANIFEST_FILE).is_file() else None
+    src_manifest = read_manifest(src) if (src / MANIFEST_FILE).is_file() else None
     settings = {
         "format": ExportFormat.ONNX.value,
         "variant": variant,
@@ -127,7 +128,7 @@ def export_onnx(
     metadata = {
         "qwha_export.tool_version": _tool_version(),
         "qwha_export.settings": json.dumps(settings),
-        "qwha_export.source_manifest": json.dumps(src_manifest),
+        "qwha_export.source_manifest": json.dumps(src_manifest.to_json() if src_manifest else None),
     }
     _say(quiet, f"building the graph ({spec.num_layers} layers, {variant})")
     proto = build_decoder_model(spec, weights, metadata, doc=f"qwha-export {variant} export of {src.name}")
@@ -155,21 +156,20 @@ def export_onnx(
         parity = None
         if parity_tokens:
             _say(quiet, "checking parity against the PyTorch model")
-            parity = _parity(model, tmp, parity_tokens, spec.vocab_size)
+            parity = {**_parity(model, tmp, parity_tokens, spec.vocab_size), "reference": "pytorch"}
             _set_metadata(path, {"qwha_export.parity": json.dumps(parity)})
-        report = {
-            "tool": "qwha-export",
-            "tool_version": _tool_version(),
-            "settings": settings,
-            "source": {"path": str(src.resolve()), "format": fmt.value, "manifest": src_manifest},
-            "parity": parity,
-            "graph": info,
-            "files": files,
-            "seconds": time.time() - t0,
-        }
-        (tmp / MANIFEST_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        manifest = Manifest(
+            settings=settings,
+            source=Source(path=str(src.resolve()), format=fmt.value, manifest=src_manifest),
+            tool_version=_tool_version(),
+            files=files,
+            parity=Parity.from_json(parity),
+            seconds=time.time() - t0,
+            sections={"graph": info},
+        )
+        write_manifest(tmp, manifest)
     _say(quiet, f"wrote {out}")
-    return report
+    return manifest.to_json()
 
 
 def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
@@ -179,6 +179,7 @@ def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
     import dataclasses
     import tempfile
 
+    from .formats.manifest import read_manifest, write_manifest
     from .pipeline import check_output_dir, merge_qwha
 
     check_output_dir(job.out, job.overwrite)
@@ -189,11 +190,12 @@ def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.merge-", dir=out.parent) as tmp:
         merged = Path(tmp) / "merged"
         merge_report = merge_qwha(dataclasses.replace(job, out=str(merged), overwrite=False))
-        report = export_onnx(merged, out, accuracy_level=accuracy_level, overwrite=job.overwrite, quiet=job.quiet)
-    report["merge"] = {k: merge_report.get(k) for k in ("settings", "total", "parity") if k in merge_report}
-    manifest = out / "qwha_export.json"
-    manifest.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+        export_onnx(merged, out, accuracy_level=accuracy_level, overwrite=job.overwrite, quiet=job.quiet)
+    manifest = read_manifest(out).with_sections(
+        merge={k: merge_report.get(k) for k in ("settings", "total", "parity") if k in merge_report}
+    )
+    write_manifest(out, manifest)
+    return manifest.to_json()
 
 
 def _ops_library(variant: str) -> Path:
@@ -258,25 +260,11 @@ def _parity(model: torch.nn.Module, folder: Path, n_tokens: int, vocab: int) -> 
 
 
 def check_external_data(model_path: str | os.PathLike[str]) -> list[str]:
-    """The external data files ``model_path`` refers to; one-line ``ValueError`` if the graph or one is missing."""
-    import onnx
+    """The external data files ``model_path`` refers to; one-line ``ValueError`` if the graph or one of them is
+    missing, outside the folder or truncated (:func:`qwha_export.formats.onnx_folder.read_onnx_model`)."""
+    from .formats.onnx_folder import external_data_files, read_onnx_model
 
-    path = Path(model_path)
-    if not path.is_file():
-        raise ValueError(f"{path.parent}: no {path.name}; not an ONNX export folder")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises several types
-        raise ValueError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
-    files = set()
-    for t in model.graph.initializer:
-        for entry in t.external_data:
-            if entry.key == "location":
-                files.add(entry.value)
-    for f in sorted(files):
-        if not (path.parent / f).is_file():
-            raise ValueError(f"{path}: external data file {f} is missing (copy it next to {path.name})")
-    return sorted(files)
+    return sorted(external_data_files(read_onnx_model(model_path)))
 
 
 def open_onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):

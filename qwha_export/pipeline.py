@@ -31,7 +31,7 @@ from . import __version__
 from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
 from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
-from .formats.shards import sha256_file, validate_checkpoint, validate_safetensors_file
+from .formats.shards import DEFAULT_MAX_SHARD_BYTES, sha256_file, validate_checkpoint, validate_safetensors_file
 from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
@@ -352,6 +352,9 @@ def import_published(src: str | Path, base_dir: str | Path, out: str | Path, ove
     """
     from .converters.import_published import convert_published_adapter
 
+    if not Path(src).exists():
+        raise ValueError(f"published adapter {src} does not exist; pass the folder or file the QWHA code saved")
+    check_output_dir(out, overwrite)
     model, _, _ = load_quantized_base(base_dir)
     with atomic_output_dir(out, overwrite) as tmp:
         convert_published_adapter(src, model, tmp / "adapter")
@@ -379,29 +382,34 @@ class MergeJob:
     overwrite: bool = False
     quiet: bool = False
     verify_tokens: int = 512  # held-out tokens of the parity check written into the manifest; 0 = no check
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # safetensors shard size limit (as save_pretrained's)
 
     def __post_init__(self) -> None:
         from .formats import ExportFormat
 
+        shard = self.max_shard_bytes
+        if isinstance(shard, bool) or not isinstance(shard, int) or shard < 1:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {self.max_shard_bytes!r}")
+
         if isinstance(self.bits, bool) or self.bits not in MERGE_BITS:
             raise ValueError(
-                f"bits={self.bits!r} is not supported; choose 2, 3, 4 or 8 (re-quantize) or 16 (dense merged model)"
+                f"--bits {self.bits!r} is not supported; choose 2, 3, 4 or 8 (re-quantize) or 16 (dense merged model)"
             )
         if self.requant not in (*MERGE_REQUANT, "refit"):
-            raise ValueError(f"requant={self.requant!r} is not supported; choose rtn, gptq, grid or refit")
+            raise ValueError(f"--requant {self.requant!r} is not supported; choose rtn, gptq, grid or refit")
         fmt = ExportFormat.parse(self.format)
         if fmt.value not in MERGE_FORMATS:
             raise ValueError(
-                f"format={self.format!r} is not written by merge; choose one of {', '.join(MERGE_FORMATS)}"
+                f"--format {self.format!r} is not written by merge; choose one of {', '.join(MERGE_FORMATS)}"
             )
         if self.bits == 16 and fmt.value not in ("dense", "fused") and self.requant != "refit":
-            raise ValueError(f"bits=16 writes a dense merged model; use format 'dense', not {self.format!r}")
+            raise ValueError(f"--bits 16 writes a dense merged model; use --format dense, not {self.format}")
         if self.requant == "refit" and self.bits == 16:
-            raise ValueError("requant 'refit' re-quantizes; choose bits 2, 3, 4 or 8")
+            raise ValueError("--requant refit re-quantizes; choose --bits 2, 3, 4 or 8")
         if self.bits != 16 and self.group_size is not None and self.requant != "grid":
             QuantConfig(bits=self.bits, group_size=self.group_size)  # ValueError naming a bad group size
         if self.dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"dtype={self.dtype!r} is not supported; choose float16, bfloat16 or float32")
+            raise ValueError(f"--dtype {self.dtype!r} is not supported; choose float16, bfloat16 or float32")
         for name in ("calib_tokens", "verify_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -459,6 +467,7 @@ def fuse_qwha(
     overwrite: bool = False,
     verify_tokens: int = 512,
     seq_len: int = 256,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> dict[str, Any]:
     """``qwha-export fuse``: :func:`qwha_export.fused.write_fused` plus the short parity check on held-out text
     (``verify_tokens`` tokens, 0 = none) stored under ``parity`` in the manifest before the folder is renamed into
@@ -472,6 +481,7 @@ def fuse_qwha(
         out,
         base_format=base_format,
         overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
         on_written=_parity_hook(adapter_dir, verify_tokens, seq_len),
     )
 
@@ -491,7 +501,13 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
     if not (Path(job.adapter_dir) / BASE_META).is_file():
         raise ValueError(f"{job.adapter_dir} is not a qwha-export adapter directory (no {BASE_META}); run `init` first")
     if ExportFormat.parse(job.format) == ExportFormat.FUSED and job.requant != "refit":
-        return fuse_qwha(job.adapter_dir, job.out, overwrite=job.overwrite, verify_tokens=job.verify_tokens)
+        return fuse_qwha(
+            job.adapter_dir,
+            job.out,
+            overwrite=job.overwrite,
+            verify_tokens=job.verify_tokens,
+            max_shard_bytes=job.max_shard_bytes,
+        )
     open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
     if job.requant == "refit":
         return _refit_and_fuse(job)
@@ -510,9 +526,20 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         dtype=job.dtype,
         overwrite=job.overwrite,
         grams=grams,
+        max_shard_bytes=job.max_shard_bytes,
         check_hash=False,  # checked above
         on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),
     )
+
+
+def _original_source(adapter_dir: str | Path):
+    """The manifest source of a refit export: the adapter directory the user passed (the refitted adapter lives in a
+    temporary folder that is gone once the export is written)."""
+    from .converters.adapter_source import source_record
+
+    d = Path(adapter_dir)
+    meta = json.loads((d / BASE_META).read_text())
+    return source_record(d, Path(meta["base_model"]), meta)
 
 
 def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
@@ -535,8 +562,11 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
             job.out,
             base_format=base,
             overwrite=job.overwrite,
+            max_shard_bytes=job.max_shard_bytes,
             on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),  # against the original
+            source=_original_source(job.adapter_dir),
+            settings_extra={"requant": "refit", "bits": job.bits, "group_size": job.group_size},
         )
-    if "parity" in manifest:
+    if manifest.get("parity") is not None:
         report["parity"] = manifest["parity"]
     return report

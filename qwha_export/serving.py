@@ -20,7 +20,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,72 +138,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def onnx_graph_tensors(graph: Any) -> Iterator[Any]:
-    """Every TensorProto of an ONNX graph: initializers, sparse initializers, tensor attributes, subgraphs."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        yield from onnx_node_tensors([node])
-
-
-def onnx_node_tensors(nodes: Sequence[Any]) -> Iterator[Any]:
-    for node in nodes:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from onnx_graph_tensors(attr.g)
-            for g in attr.graphs:
-                yield from onnx_graph_tensors(g)
-
-
 def check_onnx_folder(folder: str | Path) -> Path:
     """Return the path of the folder's model file after checking that it and all its external data exist.
 
     Raises ``ValueError`` (one line) for a missing folder or model file, or external data that is missing or too
-    short, so a broken folder never reaches onnxruntime.
+    short, so a broken folder never reaches onnxruntime (:func:`qwha_export.formats.onnx_folder.check_onnx_folder`).
     """
     return _open_folder(folder)[0]
 
 
 def _open_folder(folder: str | Path) -> tuple[Path, Any]:
     """``(model path, ModelProto without external data)`` after the checks of :func:`check_onnx_folder`."""
-    import onnx
+    from .formats.onnx_folder import check_onnx_folder as check
 
-    d = Path(folder).expanduser()
-    if not d.is_dir():
-        raise ValueError(f"ONNX folder {d} does not exist")
-    name = (_read_json(d / "genai_config.json").get("model", {}).get("decoder", {}) or {}).get("filename", MODEL_FILE)
-    path = d / name
-    if not path.is_file():
-        raise ValueError(f"{d} has no {name}; export one with `qwha-export export-onnx SRC --out {d}`")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf errors have no common base class
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{path} is not a readable ONNX model: {first}") from None
-    tensors = list(onnx_graph_tensors(proto.graph))
-    tensors += list(onnx_node_tensors([n for f in proto.functions for n in f.node]))
-    needed: dict[str, int] = {}
-    for t in tensors:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        loc = info.get("location", "")
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        needed[loc] = max(needed.get(loc, 0), end)
-    for loc, end in sorted(needed.items()):
-        data = (d / loc).resolve()
-        if d.resolve() not in data.parents:
-            raise ValueError(f"{path.name} references external data {loc!r} outside its folder")
-        if not data.is_file():
-            raise ValueError(f"{path.name} references external data file {loc} which is missing from {d}")
-        if data.stat().st_size < end:
-            raise ValueError(f"external data file {data} is truncated ({data.stat().st_size} bytes, needs {end})")
-    return path, proto
+    return check(folder)
 
 
 def _needs_right_padding(proto: Any) -> bool:

@@ -371,10 +371,10 @@ def _plan_folders(config: TrainConfig) -> _FolderPlan:
     ckpts = work / CHECKPOINTS
     if not config.resume:
         if out.exists() and not config.overwrite:
-            raise ValueError(f"output folder {out} already exists; pass overwrite=True or choose another out")
+            raise ValueError(f"output folder {out} already exists; pass --overwrite or choose another --out")
         if work.exists() and not config.overwrite:
             raise ValueError(
-                f"{work} holds an interrupted run; pass resume=True to continue it or overwrite=True to start over"
+                f"{work} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
             )
         return _FolderPlan(work, None, work.exists(), None)
 
@@ -382,12 +382,13 @@ def _plan_folders(config: TrainConfig) -> _FolderPlan:
         ckpt = Path(config.resume)
         if not (ckpt / "trainer_state.json").is_file() or not (ckpt / ADAPTER_WEIGHTS).is_file():
             raise ValueError(
-                f"resume={config.resume!r} is not a training checkpoint (needs trainer_state.json + {ADAPTER_WEIGHTS})"
+                f"checkpoint {config.resume!r} to resume from is not a training checkpoint (needs trainer_state.json + "
+                f"{ADAPTER_WEIGHTS})"
             )
     else:
         ckpt = _latest_checkpoint(ckpts) or _latest_checkpoint(out / CHECKPOINTS)
         if ckpt is None:
-            raise ValueError(f"resume=True but there is no checkpoint in {ckpts} or {out / CHECKPOINTS}")
+            raise ValueError(f"--resume: there is no checkpoint in {ckpts} or {out / CHECKPOINTS} to continue from")
     copy_from = None
     if not ckpts.is_dir() and (out / CHECKPOINTS).is_dir():
         # a finished run trained further: carry its checkpoints into the work folder (``out`` is replaced at the end)

@@ -31,11 +31,11 @@ import torch
 
 from .formats import ExportFormat
 from .formats.fused import FUSED_CONFIG_NAME
+from .formats.manifest import MANIFEST_FILE, read_manifest
 from .metrics import compare_logits, logits_for
 
 __all__ = ["NoTokenizerError", "detect_format", "heldout_parity", "load_export", "load_reference", "verify_export"]
 
-MANIFEST_FILE = "qwha_export.json"
 
 
 class NoTokenizerError(ValueError):
@@ -68,17 +68,8 @@ def detect_format(export_dir: str | Path) -> ExportFormat:
         raise ValueError(f"export folder {d} does not exist")
     if (d / FUSED_CONFIG_NAME).is_file():
         return ExportFormat.FUSED
-    manifest = d / MANIFEST_FILE
-    if manifest.is_file():
-        try:
-            fmt = json.loads(manifest.read_text()).get("settings", {}).get("format")
-        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            fmt = None
-        if isinstance(fmt, str):
-            try:
-                return ExportFormat.parse(fmt)
-            except ValueError:
-                raise ValueError(f"{manifest}: unknown export format {fmt!r}") from None
+    if (d / MANIFEST_FILE).is_file():
+        return ExportFormat.parse(read_manifest(d).format)
     if (d / "model.onnx").is_file():
         return ExportFormat.ONNX
     cfg_path = d / "config.json"
@@ -127,22 +118,46 @@ def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
     raise ValueError(f"{export_dir}: format {fmt.value!r} cannot be verified with a torch model")
 
 
-def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The training-time model of ``adapter_dir`` (quantized base + peft adapter) and its tokenizer (or None).
+def reference_kind(against: str | Path) -> str:
+    """``"training-time"`` when ``against`` is an adapter directory (``qwha_base.json`` present), else the export
+    format of the folder (``gptq_v2``, ``fused``, ...); one-line ``ValueError`` when it is neither."""
+    from .pipeline import BASE_META
 
-    Same construction as :func:`qwha_export.pipeline.load_qwha_model`, but a base without tokenizer files or without
-    a recorded ``base_hash`` is accepted."""
+    d = Path(against)
+    if (d / BASE_META).is_file():
+        return "training-time"
+    if not d.is_dir():
+        raise ValueError(f"--against folder {d} does not exist")
+    try:
+        return detect_format(d).value
+    except ValueError:
+        raise ValueError(
+            f"{d} is neither a qwha-export adapter directory (no {BASE_META}) nor an export folder (no "
+            f"{MANIFEST_FILE} or config.json); pass --against the adapter directory or the folder the export came from"
+        ) from None
+
+
+def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The reference model of ``verify --against`` and its tokenizer (or None): for an adapter directory the
+    training-time model (quantized base + peft adapter), for an export folder that export (:func:`load_export`).
+
+    For adapter directories this is the construction of :func:`qwha_export.pipeline.load_qwha_model`, but a base
+    without tokenizer files or without a recorded ``base_hash`` is accepted."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from .converters.quantize import QuantizedWeight
+    from .fused import _try_tokenizer
     from .peft_qwha import load_qwha_adapter
     from .pipeline import BASE_FILE, BASE_META, check_base_hash
     from .quant_linear import QuantLinear, replace_linear
 
     d = Path(adapter_dir)
-    if not (d / BASE_META).is_file() or not (d / BASE_FILE).is_file():
-        raise ValueError(f"{d} is not a qwha-export adapter directory (missing {BASE_META} or {BASE_FILE})")
+    if reference_kind(d) != "training-time":
+        _check_export_files(d, detect_format(d))
+        return load_export(d, dtype=dtype)[0], _try_tokenizer(d)
+    if not (d / BASE_FILE).is_file():
+        raise ValueError(f"{d} is not a complete qwha-export adapter directory (missing {BASE_FILE}); run init again")
     meta = json.loads((d / BASE_META).read_text())
     base = Path(meta["base_model"])
     if not base.is_dir():
@@ -157,8 +172,6 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
         except AttributeError:
             raise ValueError(f"quantized layer {name} does not exist in base model {base}") from None
         replace_linear(model, name, QuantLinear.from_linear(linear, QuantizedWeight.from_dict(tensors, f"{name}.")))
-    from .fused import _try_tokenizer
-
     return load_qwha_adapter(model.eval(), str(d)).eval(), _try_tokenizer(base)
 
 
@@ -185,8 +198,12 @@ def verify_export(
     """
     from .fused import _try_tokenizer
 
+    for name, v, low in (("seq_len", seq_len, 2), ("tokens", tokens, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an integer of at least {low}, got {v!r}")
     fmt = detect_format(export_dir)  # fail fast on unknown folders
     _check_export_files(Path(export_dir), fmt)  # and on truncated / corrupt files, before the reference loads
+    kind = reference_kind(adapter_dir)
     reference, ref_tok = load_reference(adapter_dir, dtype=dtype)
     if chunks is None:
         from .data import lee_corpus_text, token_chunks
@@ -206,7 +223,9 @@ def verify_export(
     exp_logits = logits_for(export, chunks, batch_size)
     ppl_ref, ppl_exp = _ppl(ref_logits, chunks), _ppl(exp_logits, chunks)
     out: dict[str, Any] = dict(compare_logits(ref_logits, exp_logits))
-    out.update(ppl_export=ppl_exp, ppl_reference=ppl_ref, format=fmt.value)
+    out.update(ppl_export=ppl_exp, ppl_reference=ppl_ref, format=fmt.value, reference=kind)
+    if hasattr(export, "qwha_ops"):  # ONNX: "native" (qwha_export.ortops kernels), "function" or "none"
+        out["qwha_ops"] = export.qwha_ops
     return out
 
 

@@ -47,3 +47,23 @@ def smollm2(smollm2_dir):
     from qwha_export.models import load_causal_lm
 
     return load_causal_lm(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def flow(tmp_path_factory):
+    """Every folder the real commands write on a tiny model: init -> train -> merge (every format) -> fuse ->
+    export-onnx (:func:`flow_folders.build_flow`). Read-only for tests: copy a folder before changing it."""
+    from flow_folders import build_flow
+
+    return build_flow(tmp_path_factory.mktemp("flow"))
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Undo this conftest's HF_HUB_OFFLINE for this process; no stray endpoint or token from the machine."""
+    from huggingface_hub import constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    for var in ("HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    return monkeypatch

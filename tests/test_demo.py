@@ -10,7 +10,35 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_end_to_end(smollm2_dir, tmp_path):
+def _push_every_folder(folders, tmp_path, online) -> None:
+    """`qwha-export push` of each folder the demo wrote reaches the local Hub endpoint with a valid card."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    import yaml
+    from click.testing import CliRunner
+    from hub_server import LocalHub
+
+    from qwha_export.cli import main
+
+    relation = {"merged-int4": "quantized", "fused": "adapter", "onnx-merged": "quantized", "onnx-fused": "adapter"}
+    with LocalHub(lfs_policy="regular") as hub:
+        for src in map(Path, folders):
+            folder = tmp_path / "push" / src.name
+            shutil.copytree(src, folder)
+            env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "hf_demoTestToken0123456789", "HF_HOME": str(tmp_path / "hf")}
+            r = CliRunner().invoke(main, ["push", str(folder), "--repo-id", f"me/{src.name}", "--quiet"], env=env)
+            assert r.exit_code == 0, r.output
+            local = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+            assert {k: v for k, v in hub.files(f"me/{src.name}").items() if k != ".gitattributes"} == local
+            meta = yaml.safe_load(re.match(r"^---\n(.*?)\n---\n", local["README.md"].decode(), re.S).group(1))
+            assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"
+            assert meta["base_model_relation"] == relation[src.name] and "qwha" in meta["tags"]
+        assert hub.unknown == []
+
+
+def test_demo_end_to_end(smollm2_dir, tmp_path, online):
     from qwha_export.demo import DEMO_REPORT, DemoConfig, format_table, run_demo
     from qwha_export.hub import validate_push_folder
 
@@ -38,6 +66,7 @@ def test_demo_end_to_end(smollm2_dir, tmp_path):
     assert len(report["pushable"]) == 4
     for folder in report["pushable"]:
         validate_push_folder(folder)
+    _push_every_folder(report["pushable"], tmp_path, online)
     table = format_table(report)
     assert "answer:" in table and "export ONNX (fused)" in table
     with pytest.raises(ValueError, match="already exists"):

@@ -13,64 +13,25 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from click.testing import CliRunner
 from hub_server import LocalHub
 from huggingface_hub import constants as hf_constants
-from tiny_adapter import build_adapter_dir
 
 from qwha_export.cli import main
 from qwha_export.hub import push_folder, validate_push_folder
 from qwha_export.model_card import resolve_base_model
 
 TOKEN = "hf_localTestToken0123456789abcdef"
-SHARD_BYTES = 60_000  # three shards of ~55-66 kB for the tiny model
+SHARD_BYTES = 60_000  # the multipart chunk: shards above it (the 65,792-byte embedding) go multipart
 
 
 @pytest.fixture(scope="module")
-def exports(tmp_path_factory):
-    """``{"adapter", "gptq", "fused", "onnx"}``: real export folders of the tiny adapter (+ a small ONNX folder)."""
-    from qwha_export.converters.merge import stream_merge
-    from qwha_export.fused import write_fused
-    from qwha_export.verify import verify_export
-
-    root = tmp_path_factory.mktemp("hub")
-    adir, base, _ = build_adapter_dir(root)
-    (base / "README.md").write_text("---\nlicense: mit\n---\n# tiny base\n")
-    gptq, fused = root / "gptq", root / "fused"
-    stream_merge(adir, gptq, bits=4, group_size=None, requant="rtn", fmt="gptq_v2", max_shard_bytes=SHARD_BYTES)
-    write_fused(adir, fused)
-    # the parity numbers merge stores in the manifest (tiny base has no tokenizer: token ids given directly)
-    chunks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    manifest = json.loads((gptq / "qwha_export.json").read_text())
-    manifest["parity"] = verify_export(gptq, adir, chunks=chunks)
-    (gptq / "qwha_export.json").write_text(json.dumps(manifest, indent=2))
-    return {"adapter": adir, "gptq": gptq, "fused": fused, "onnx": _onnx_folder(root / "onnx", gptq)}
-
-
-def _onnx_folder(d: Path, like: Path) -> Path:
-    """A small real ONNX model whose weight lives in external data, with config.json and a manifest."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    d.mkdir()
-    w = numpy_helper.from_array(torch.randn(64, 64, generator=torch.Generator().manual_seed(1)).numpy(), "w")
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
-        [w],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save_model(model, str(d / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
-    shutil.copy(like / "config.json", d / "config.json")
-    manifest = json.loads((like / "qwha_export.json").read_text())
-    manifest["settings"]["format"] = "onnx"
-    manifest["files"] = {"onnx": ["model.onnx", "model.onnx.data"]}
-    (d / "qwha_export.json").write_text(json.dumps(manifest))
-    return d
+def exports(flow):
+    """``{"adapter", "gptq", "fused", "onnx"}``: folders the real commands wrote (tests/flow_folders.py): the trained
+    adapter, its ``merge --format gptq_v2 --max-shard-size 60KB`` (three shards), its ``fuse`` and the
+    ``export-onnx`` of the fused folder. Each has the parity numbers its command measured."""
+    return {"adapter": flow["trained"], "gptq": flow["gptq_v2"], "fused": flow["fused"], "onnx": flow["onnx-fused"]}
 
 
 def _copy(exports, name: str, tmp_path: Path) -> Path:
@@ -87,15 +48,6 @@ def _card(text: str) -> tuple[dict, str]:
     m = re.match(r"^---\n(.*?)\n---\n(.*)$", text, re.S)
     assert m, text[:200]
     return yaml.safe_load(m.group(1)), m.group(2)
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """Undo tests/conftest.py's HF_HUB_OFFLINE for this process; no stray endpoint or token from the machine."""
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    for var in ("HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
-        monkeypatch.delenv(var, raising=False)
-    return monkeypatch
 
 
 def test_push_gptq_through_lfs_to_a_new_branch(exports, tmp_path, online):
@@ -158,7 +110,8 @@ def test_cli_push_fused_with_env_endpoint_and_token(exports, tmp_path):
         r = subprocess.run([*cmd, "--private", "--quiet"], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert TOKEN not in r.stdout + r.stderr
-        assert "wrote model card" in r.stdout and "pushed 7 files to me/tiny-fused (main)" in r.stdout
+        local = _local_files(folder)
+        assert "wrote model card" in r.stdout and f"pushed {len(local)} files to me/tiny-fused (main)" in r.stdout
         assert hub.unknown == [] and hub.repos["me/tiny-fused"].private
         local = _local_files(folder)
         assert {k: v for k, v in hub.files("me/tiny-fused").items() if k != ".gitattributes"} == local
@@ -283,16 +236,25 @@ def test_onnx_folder_card(exports, tmp_path, online):
     assert "qwha-export generate tiny-onnx --prompt" in body and "ort.InferenceSession" in body
 
 
-def test_base_model_resolution(tmp_path):
+def test_base_model_resolution(exports, tmp_path):
     """Hub id from the config's _name_or_path; the embedded SmolLM2 folder maps to its Hub id and license."""
+    from qwha_export.formats.manifest import Source, read_manifest
     from qwha_export.models import default_cache_dir
 
-    hub_id, license_, warnings = resolve_base_model(tmp_path, {"source": {"base_model": str(default_cache_dir())}})
+    real = read_manifest(exports["gptq"])
+
+    def based_on(path) -> object:
+        return real.replace(source=Source(base_model=str(path)))
+
+    hub_id, license_, warnings = resolve_base_model(tmp_path, based_on(default_cache_dir()))
     assert (hub_id, license_, warnings) == ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0", [])
     base = tmp_path / "base"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"_name_or_path": "acme/llama-7b", "license": "llama2"}))
-    assert resolve_base_model(tmp_path, {"source": {"base_model": str(base)}})[:2] == ("acme/llama-7b", "llama2")
-    assert resolve_base_model(tmp_path, {"source": {"base_model": str(base)}}, "org/other")[0] == "org/other"
-    hub_id, license_, warnings = resolve_base_model(tmp_path, {"source": {"base_model": str(tmp_path / "nope")}})
+    assert resolve_base_model(tmp_path, based_on(base))[:2] == ("acme/llama-7b", "llama2")
+    assert resolve_base_model(tmp_path, based_on(base), "org/other")[0] == "org/other"
+    hub_id, license_, warnings = resolve_base_model(tmp_path, based_on(tmp_path / "nope"))
     assert hub_id is None and license_ is None and "--base-model-id" in warnings[0]
+    # the real manifest: the tiny base is a local folder with no Hub id; its license comes from its card
+    hub_id, license_, warnings = resolve_base_model(exports["gptq"], real)
+    assert hub_id is None and license_ == "mit" and "--base-model-id" in warnings[0]

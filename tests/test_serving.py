@@ -17,6 +17,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from native_ops import use_ops
 
 from qwha_export.cli import main as cli
 from qwha_export.serving import GenerationConfig, IncrementalDecoder, OnnxCausalLM, select_next_tokens
@@ -280,20 +281,43 @@ def test_builder_graph_is_right_padded(builder):
 # QWHA sources: the fused adapter export generates exactly what the PyTorch QWHA model generates
 
 
-def test_fused_export_greedy_matches_pytorch(tmp_path):
+@pytest.fixture(scope="module")
+def fused_export(tmp_path_factory):
+    """``(onnx folder, fused PyTorch model)`` of a tiny QWHA adapter (tests/tiny_adapter.py)."""
     from tiny_adapter import build_adapter_dir
 
     from qwha_export.fused import load_fused, write_fused
     from qwha_export.onnx_export import export_onnx
 
-    adir, _, _ = build_adapter_dir(tmp_path)
-    write_fused(adir, tmp_path / "fused")
-    export_onnx(tmp_path / "fused", tmp_path / "onnx", quiet=True)
-    lm = OnnxCausalLM.from_folder(tmp_path / "onnx", provider="cpu")
-    model, _ = load_fused(tmp_path / "fused")
+    root = tmp_path_factory.mktemp("fused_serving")
+    adir, _, _ = build_adapter_dir(root)
+    write_fused(adir, root / "fused")
+    export_onnx(root / "fused", root / "onnx", quiet=True)
+    return root / "onnx", load_fused(root / "fused")[0]
+
+
+@pytest.mark.parametrize("ops", ["native", "function"])
+def test_fused_export_greedy_matches_pytorch(ops, fused_export, monkeypatch):
+    use_ops(monkeypatch, ops)
+    folder, model = fused_export
+    lm = OnnxCausalLM.from_folder(folder, provider="cpu")
+    assert lm.qwha_ops == ops
     prompt = [3, 14, 15, 92, 65]
     ours = lm.generate_ids([prompt], GenerationConfig(32, ignore_eos=True)).token_ids[0]
     assert ours == hf_greedy(model, prompt, 32)
+
+
+def test_fused_batched_decode_native_equals_function_and_each_prompt_alone(fused_export, monkeypatch):
+    """Batched decode steps (the step branch: native kernels, or the step function bodies) give each prompt the
+    tokens it gets alone."""
+    folder, model = fused_export
+    prompts = [[3, 14, 15, 92, 65], [7, 1], [200, 201, 202, 9]]
+    outs = {}
+    for ops in ("native", "function"):
+        use_ops(monkeypatch, ops)
+        lm = OnnxCausalLM.from_folder(folder, provider="cpu")
+        outs[ops] = lm.generate_ids(prompts, GenerationConfig(16, ignore_eos=True)).token_ids
+    assert outs["native"] == outs["function"] == [hf_greedy(model, p, 16) for p in prompts]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,8 +363,8 @@ def broken(ours, tmp_path_factory):
         ("no_data", [], "model.onnx.data"),
         ("ok", ["--no-chat-template", "--prompt", "x" * (CONTEXT + 1)], "context"),
         ("ok", ["--sample", "--temperature", "0"], "temperature"),
-        ("ok", ["--top-p", "1.5"], "top_p"),
-        ("ok", ["--max-new-tokens", "0"], "max_new_tokens"),
+        ("ok", ["--top-p", "1.5"], "--top-p"),
+        ("ok", ["--max-new-tokens", "0"], "--max-new-tokens"),
         ("missing", [], "does not exist"),
     ],
 )

@@ -13,40 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from flow_folders import write_tiny_base
 from safetensors.torch import load_file
-from tiny_adapter import tiny_config
 
 from qwha_export.data import lee_corpus_text, mmlu_cot_records
 
 MAX_LEN = 112
 STEPS = 12
 SAVE = 6
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (the alphabet of a byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _save_byte_tokenizer(path: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: b for b, c in _bytes_to_unicode().items()}
-    vocab["</s>"] = 256
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["</s>"])
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(path))
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +31,12 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def adapter_dir(work: Path) -> Path:
     """A tiny Llama with a byte-level tokenizer, quantized (4-bit RTN, groups of 32) + QWHA init (rank 8)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
     from qwha_export.pipeline import InitJob, init_qwha
 
-    base = work / "base"
-    _save_byte_tokenizer(base)
-    config = LlamaConfig(**tiny_config(vocab=257, max_positions=128, bos_token_id=256, eos_token_id=256))
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # random N(0, 0.02) logits are ~uniform; give the head range so the loss can move
-        model.lm_head.weight.mul_(10.0)
-    model.save_pretrained(str(base))
+    base = write_tiny_base(work / "base")
     out = work / "adapter"
     init_qwha(
         InitJob(

@@ -35,6 +35,33 @@ def tiny_config(
     )
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (the alphabet of a byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def save_byte_tokenizer(path: Path) -> None:
+    """A real byte-level ``PreTrainedTokenizerFast`` (one token per UTF-8 byte, ids 0-255, plus ``</s>`` = 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: b for b, c in _bytes_to_unicode().items()}
+    vocab["</s>"] = 256
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["</s>"])
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(path))
+
+
 def write_adapter_dir(peft_model, quantized: dict[str, QuantizedWeight], adir: Path, base_model: Path) -> Path:
     """Save ``peft_model``'s adapter, the quantized base and ``qwha_base.json`` into ``adir`` (as ``init`` does)."""
     adir.mkdir()
