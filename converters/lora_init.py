@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration import gram_to_root
-from .qwha_init import output_error
+from .qwha_init import relative_errors
 
 __all__ = ["LoraInit", "lora_from_error"]
 
@@ -79,11 +79,5 @@ def lora_from_error(
         b = torch.cat([b, torch.zeros(d_out, rank - r, dtype=b.dtype, device=b.device)], dim=1)
     delta = scaling * (b @ a)
     report: dict[str, float] = {"d_out": d_out, "d_in": d_in, "rank": rank}
-    for tag, gm in (("calib", gram), ("heldout", eval_gram)):
-        if gm is None:
-            continue
-        gm = gm.to(device=w.device, dtype=torch.float64)
-        ref = output_error(w, gm)
-        report[f"rel_err_before_{tag}"] = output_error(e, gm) / ref
-        report[f"rel_err_after_{tag}"] = output_error(e - delta, gm) / ref
+    report.update(relative_errors(w, e, delta, {"calib": gram, "heldout": eval_gram}))
     return LoraInit(a.float().cpu(), b.float().cpu(), float(scaling), report)

@@ -36,6 +36,7 @@ __all__ = [
     "output_error",
     "refine_values",
     "refine_values_loop",
+    "relative_errors",
 ]
 
 _METHODS = ("adaalloc", "random", "zeros")
@@ -94,6 +95,22 @@ def output_error(err: torch.Tensor, gram: torch.Tensor) -> float:
     """``||err X^T||_F = sqrt(trace(err G err^T))`` in float64."""
     e = err.to(torch.float64)
     return math.sqrt(max(float(((e @ gram.to(torch.float64)) * e).sum()), 0.0))
+
+
+def relative_errors(
+    w: torch.Tensor, err: torch.Tensor, delta: torch.Tensor, grams: dict[str, torch.Tensor | None]
+) -> dict[str, float]:
+    """``rel_err_before_<tag>`` = ``||err X^T|| / ||W X^T||`` and ``rel_err_after_<tag>`` (``err - delta``) for each
+    ``{tag: gram}`` (``None`` grams skipped), float64."""
+    out: dict[str, float] = {}
+    for tag, gm in grams.items():
+        if gm is None:
+            continue
+        gm = gm.to(device=w.device, dtype=torch.float64)
+        ref = output_error(w, gm)
+        out[f"rel_err_before_{tag}"] = output_error(err, gm) / ref
+        out[f"rel_err_after_{tag}"] = output_error(err - delta, gm) / ref
+    return out
 
 
 def allocate_budget(norms: torch.Tensor, total: int, d_in: int, temperature: float = 1.0) -> torch.Tensor:
@@ -257,11 +274,5 @@ def init_layer(
 
     delta = dense_delta(values, rows, cols, d_out, d_in, coefficient)
     report = {"d_out": d_out, "d_in": d_in, "budget": int(rows.numel())}
-    for tag, gm in (("calib", gram if report_calibration else None), ("heldout", eval_gram)):
-        if gm is None:
-            continue
-        gm = gm.to(device=w.device, dtype=torch.float64)
-        ref = output_error(w, gm)
-        report[f"rel_err_before_{tag}"] = output_error(e, gm) / ref
-        report[f"rel_err_after_{tag}"] = output_error(e - delta, gm) / ref
+    report.update(relative_errors(w, e, delta, {"calib": gram if report_calibration else None, "heldout": eval_gram}))
     return LayerInit(values.float().cpu(), rows.cpu(), cols.cpu(), config.scale, budgets.cpu(), report)

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel
+from peft import LoraConfig, PeftModel
 from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -36,8 +35,6 @@ from .quant_linear import QuantLinear
 
 __all__ = ["QuantLoraLinear", "load_lora_adapter", "lora_layers", "quant_lora_config", "set_lora_weights"]
 
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 class QuantLoraLinear(LoraLinear):
@@ -112,15 +109,9 @@ def load_lora_adapter(
     One-line ``ValueError`` for a missing config/weights file (a pickled ``adapter_model.bin`` is never loaded) or a
     non-LoRA adapter.
     """
-    path = Path(adapter_dir)
-    if not (path / ADAPTER_CONFIG_NAME).is_file():
-        raise ValueError(f"{path}: no {ADAPTER_CONFIG_NAME}; not a peft adapter directory")
-    if not (path / ADAPTER_WEIGHTS_NAME).is_file():
-        extra = " (pickled adapter_model.bin files are not loaded)" if (path / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS_NAME}{extra}")
-    peft_type = PeftConfig._get_peft_type(str(path))
-    if peft_type != "LORA":
-        raise ValueError(f"{path}: adapter has peft_type {peft_type!r}, expected 'LORA'")
+    from .peft_qwha import check_adapter_files
+
+    path = check_adapter_files(adapter_dir, "LORA")
     config = register_quant_lora(LoraConfig.from_pretrained(str(path)))
     config.inference_mode = not is_trainable
     with warnings.catch_warnings():

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "INIT_METHODS",
     "PEFT_TYPE_QWHA",
+    "check_adapter_files",
     "QWHAConfig",
     "QWHALayer",
     "QWHALinear",
@@ -644,6 +645,21 @@ def spectra(model: nn.Module, adapter: str = "default") -> dict[str, Spectrum]:
     }
 
 
+def check_adapter_files(adapter_dir: str | os.PathLike, peft_type: str) -> Path:
+    """One-line ``ValueError`` unless ``adapter_dir`` holds ``adapter_config.json`` of ``peft_type`` and
+    ``adapter_model.safetensors`` (a pickled ``adapter_model.bin`` is never loaded); returns the path."""
+    path = Path(adapter_dir)
+    if not (path / ADAPTER_CONFIG_NAME).is_file():
+        raise ValueError(f"{path}: no {ADAPTER_CONFIG_NAME}; not a peft adapter directory")
+    if not (path / ADAPTER_WEIGHTS_NAME).is_file():
+        extra = " (pickled adapter_model.bin files are not loaded)" if (path / "adapter_model.bin").exists() else ""
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS_NAME}{extra}")
+    found = PeftConfig._get_peft_type(str(path))
+    if found != peft_type:
+        raise ValueError(f"{path}: adapter has peft_type {found!r}, expected {peft_type!r}")
+    return path
+
+
 def load_qwha_adapter(
     base_model: nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> PeftModel:
@@ -653,15 +669,7 @@ def load_qwha_adapter(
     pickled ``adapter_model.bin`` is never loaded), a non-QWHA adapter, and -- naming the layer -- NaN/inf values,
     out-of-range indices, an adapter made for a different base model, or a QWHA layer the file has no entry for.
     """
-    path = Path(adapter_dir)
-    if not (path / ADAPTER_CONFIG_NAME).is_file():
-        raise ValueError(f"{path}: no {ADAPTER_CONFIG_NAME}; not a peft adapter directory")
-    if not (path / ADAPTER_WEIGHTS_NAME).is_file():
-        extra = " (pickled adapter_model.bin files are not loaded)" if (path / "adapter_model.bin").exists() else ""
-        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS_NAME}{extra}")
-    peft_type = PeftConfig._get_peft_type(str(path))
-    if peft_type != PEFT_TYPE_QWHA:
-        raise ValueError(f"{path}: adapter has peft_type {peft_type!r}, expected 'QWHA'")
+    path = check_adapter_files(adapter_dir, "QWHA")
     from safetensors import safe_open
 
     with safe_open(str(path / ADAPTER_WEIGHTS_NAME), framework="pt") as f:
