@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from dense_reference import check_logits, logits, reference_weights, rtn_reference
+from kernel_parity import check_parity
 from safetensors.torch import load_file, save_file
 from tiny_adapter import ADAPTED, BITS, GS, build_adapter_dir
 from tiny_adapter import quantized_model as _quantized_model
@@ -88,6 +90,29 @@ def test_dense_merge_matches_training_model(adapter_dir, tmp_path):
     assert torch.equal(got[f"{o}.weight"], quantized[o].dequantize(torch.float32))
 
 
+@pytest.mark.parametrize("source", ["hand-built", "flow"])
+def test_dense_merge_matches_independent_float64_reference(source, adapter_dir, request, tmp_path):
+    """Merged float32 weights and logits against ``W_deq + ΔW`` rebuilt in float64 from the adapter files by
+    tests/dense_reference.py (no qwha_export reader or kernel): error <= 2x that of the same reference rounded to
+    float32 + 1e-6. Sources: ``stream_merge`` of the hand-built adapter (a per-layer scale override, one layer not
+    adapted) and the folder ``qwha-export merge --bits 16 --format dense --dtype float32`` wrote from a trained one."""
+    from transformers import AutoModelForCausalLM
+
+    if source == "flow":
+        flow = request.getfixturevalue("flow")
+        adir, out = flow["trained"], flow["dense"]
+    else:
+        adir, out = adapter_dir[0], tmp_path / "dense"
+        _merge(adir, out)
+    ref = reference_weights(adir)
+    got = {k: v for shard in sorted(out.glob("*.safetensors")) for k, v in load_file(str(shard)).items()}
+    for name, w in ref.items():
+        check_parity(name, got[f"{name}.weight"], w.float(), w, torch.float32)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(3))
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    check_logits("merged logits", logits(merged, ids), adir, ids)
+
+
 def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path):
     adir, _, quantized = adapter_dir
     grams = {}
@@ -98,7 +123,7 @@ def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path
     out = tmp_path / "grid"
     report = _merge(adir, out, bits=BITS, requant="grid", fmt="gptq_v2", grams=grams)
     got = load_file(str(out / "model.safetensors"))
-    sp = M.read_adapter_spectra(adir)
+    sp, ref = M.read_adapter_spectra(adir), reference_weights(adir)
     recs = {r["name"]: r for r in report["layers"]}
     any_change = False
     for name, qw in quantized.items():
@@ -108,7 +133,7 @@ def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path
         if name not in sp:
             assert torch.equal(new.codes, qw.codes) and recs[name]["action"] == "base-quantized"
             continue
-        w = M.merged_weight(qw, *sp[name])
+        w = ref[name]  # W_deq + ΔW from the files (tests/dense_reference.py)
         delta_steps = (w - qw.dequantize(torch.float64)) / qw.scales.double().repeat_interleave(GS, dim=1)
         expected = (qw.codes.double() + torch.round(delta_steps)).clamp(0, qw.maxq)
         mismatch = new.codes.double() != expected
@@ -119,7 +144,6 @@ def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path
         assert recs[name]["max_abs_code_change"] == int((new.codes.int() - qw.codes.int()).abs().max())
         any_change |= bool(changed.any())
         assert float(changed.double().mean()) < 0.5, name  # most codes stay: the delta is a fraction of a step
-        assert torch.equal(new.codes, M.grid_requantize(w, qw).codes)
     assert any_change
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["checkpoint_format"] == "gptq_v2" and cfg["bits"] == BITS and cfg["group_size"] == GS
@@ -127,7 +151,8 @@ def test_grid_requant_changes_codes_only_across_grid_steps(adapter_dir, tmp_path
 
 @pytest.mark.parametrize("fmt,gs", [("gptq_v2", GS), ("compressed-tensors", GS), ("gptq_v2", 128)])
 def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fmt, gs):
-    """gs=128 on 64-wide inputs: one group shorter than the group size (the ragged case; AutoGPTQ's ceil)."""
+    """gs=128 on 64-wide inputs: one group shorter than the group size (the ragged case; AutoGPTQ's ceil), whose
+    grid is the one of its 64 columns. Expected: RTN of ``W_deq + ΔW`` by tests/dense_reference.py."""
     adir, _, quantized = adapter_dir
     out = tmp_path / fmt
     _merge(adir, out, bits=4, group_size=gs, requant="rtn", fmt=fmt, max_shard_bytes=40_000)
@@ -136,16 +161,16 @@ def test_rtn_requant_roundtrips_through_format_readers(adapter_dir, tmp_path, fm
     got = {}
     for shard in sorted(set(index["weight_map"].values())):
         got.update(load_file(str(out / shard)))
-    sp = M.read_adapter_spectra(adir)
+    sp, ref = M.read_adapter_spectra(adir), reference_weights(adir)
     reader = WRITERS[ExportFormat.parse(fmt)].read_layer
     for name, qw in quantized.items():
         back = reader(got, name, 4, gs)
-        if name in sp:
-            want = M.requantize(M.merged_weight(qw, *sp[name]), "rtn", 4, gs, qw)
-        else:  # untouched at the base's settings, else its dequantized weight re-quantized at the new ones
-            want = qw if gs == GS else M.requantize(qw.dequantize(torch.float64), "rtn", 4, gs, qw)
-        for attr in ("codes", "scales", "zeros"):
-            assert torch.equal(getattr(back, attr), getattr(want, attr)), (name, attr)
+        if name in sp or gs != GS:  # merged, or a layer re-quantized at new settings from its dequantized weight
+            want = rtn_reference(ref[name], 4, min(gs, qw.shape[1]))
+        else:  # untouched at the base's settings
+            want = (qw.codes, qw.scales, qw.zeros)
+        for attr, w in zip(("codes", "scales", "zeros"), want, strict=True):
+            assert torch.equal(getattr(back, attr).double(), w.double()), (name, attr)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == ("gptq" if fmt == "gptq_v2" else "compressed-tensors")
     # a ragged group (64 columns at group size 128) asks GPTQModel for its padding torch kernel
