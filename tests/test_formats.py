@@ -350,20 +350,33 @@ def test_gptq_quantization_config_parsed_by_transformers():
         gptq_quantization_config(4, 128, backend="")
 
 
+def _tiny_llama_zero_points(positive_group: tuple[str, int, int] | None = None, group_size: int = 32):
+    """The tiny Llama with each group of ``group_size`` weights led by ``-max |w|`` of its group, so that 0 sits
+    mid-grid and every RTN zero point is >= 1; ``positive_group = (module, row, group)`` then makes that group
+    all-positive, so its RTN zero point is 0 (what GPTQ v1 cannot store)."""
+    model = _tiny_llama()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.rsplit(".", 1)[-1] in _LINEARS:
+                w = mod.weight
+                w[:, ::group_size] = -w.abs().reshape(w.shape[0], -1, group_size).amax(-1)
+                if positive_group and positive_group[0] == name:
+                    _, row, g = positive_group
+                    w[row, g * group_size : (g + 1) * group_size].abs_().add_(1e-3)
+    return model
+
+
 @pytest.mark.parametrize("fmt", [ExportFormat.GPTQ, ExportFormat.GPTQ_V2])
 def test_gptq_tiny_llama_folder(tmp_path, fmt):
+    """Zero points never 0: both checkpoint formats must write, and read back bit-identical (GPTQModel's reading)."""
     from transformers import AutoConfig, GPTQConfig
 
-    model = _tiny_llama()
+    model = _tiny_llama_zero_points()
     out = tmp_path / "gptq"
     bits, gs = 4, 32
-    try:
-        with atomic_output_dir(out) as tmp:  # the pipeline's all-or-nothing output folder
-            qws = _write_quantized_folder(tmp, model, fmt, bits, gs, max_shard_bytes=20_000)
-    except ValueError as e:
-        # RTN zero points can be 0 (all-positive group); v1 must then refuse, naming gptq_v2, and leave nothing
-        assert fmt is ExportFormat.GPTQ and "gptq_v2" in str(e) and not out.exists()
-        pytest.skip("RTN produced a zero point of 0; v1 refusal verified")
+    with atomic_output_dir(out) as tmp:  # the pipeline's all-or-nothing output folder
+        qws = _write_quantized_folder(tmp, model, fmt, bits, gs, max_shard_bytes=20_000)
+    assert min(int(qw.zeros.min()) for qw in qws.values()) >= 1
     cfg = AutoConfig.from_pretrained(out)
     qc = cfg.quantization_config
     assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == fmt.value
@@ -378,6 +391,24 @@ def test_gptq_tiny_llama_folder(tmp_path, fmt):
         w = _gptqmodel_dequant(tensors, module + ".", bits, v1=fmt is ExportFormat.GPTQ)
         assert torch.equal(w, qw.dequantize(torch.float16))
     assert torch.equal(tensors["lm_head.weight"], model.lm_head.weight.detach().to(torch.float16))
+
+
+def test_gptq_v1_folder_refuses_rtn_zero_point_zero(tmp_path):
+    """One RTN group with zero point 0: v1 refuses in one line naming the layer and gptq_v2, and leaves nothing;
+    gptq_v2 writes the same model and stores that zero point."""
+    layer = "model.layers.0.self_attn.q_proj"
+    model = _tiny_llama_zero_points(positive_group=(layer, 3, 1))
+    out = tmp_path / "gptq"
+    with pytest.raises(ValueError, match="gptq_v2") as e, atomic_output_dir(out) as tmp:
+        _write_quantized_folder(tmp, model, ExportFormat.GPTQ, 4, 32, max_shard_bytes=20_000)
+    msg = str(e.value)
+    assert "\n" not in msg and "zero point" in msg and layer in msg
+    assert list(tmp_path.iterdir()) == []
+    with atomic_output_dir(tmp_path / "v2") as tmp:
+        qws = _write_quantized_folder(tmp, model, ExportFormat.GPTQ_V2, 4, 32, max_shard_bytes=20_000)
+    assert int(qws[layer].zeros[3, 1]) == 0 and int((qws[layer].zeros == 0).sum()) == 1
+    back = read_gptq_layer(dict(iter_checkpoint_tensors(tmp_path / "v2")), layer, 4, 32, "gptq_v2")
+    _same_qw(back, qws[layer])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
