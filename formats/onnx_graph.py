@@ -23,11 +23,12 @@ rotary uses only the first position id of a prompt, which is wrong for left-padd
 
 Spectral adapters (fused exports): each adapted projection group (q|k|v, o, gate|up, down) is one
 ``qwha::SpectralAdd(x, base, HK, ELL tables)`` node computing ``base + WHT(x) @ F.T`` (:mod:`.onnx_ops`;
-``SpectralAddDense`` for adapters denser than ``dense_adapter_density``). The graph is then
-``If(batch * sequence == 1)``: a single-token branch (static ``[1, 1, *]`` shapes, the ``token`` bodies), else
-``If(sequence == 1)``: a batched decode step (the ``step`` bodies), else any number of tokens (the ``prompt``
-bodies, ``ScatterElements`` + ``MatMul``); all branches share the initializers. With the native qwha kernels
-registered every branch runs the same kernel; without them each branch runs its bodies.
+``SpectralAddDense`` for adapters denser than ``dense_adapter_density``). The graph is then ``If(sequence == 1)``:
+a decode-step branch (the ``decode`` bodies: ``GatherElements`` for one row, the same on the flattened batch for
+several) or a branch for any number of tokens (the ``prompt`` bodies: ``ScatterElements`` + ``MatMul``); both
+share the initializers. With the native qwha kernels registered both branches run the same kernel; without them
+each runs its bodies. The If is not nested: onnxruntime 1.32 does not prepack MatMulNBits weights read from two
+levels up (a nested decoder branch ran its MatMulNBits ~10x slower).
 """
 
 from __future__ import annotations
@@ -401,11 +402,9 @@ class _Decoder(_Layers):
         """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
         s, w = self.spec, self.w
         ids, pos = "input_ids", "position_ids"
-        if mode == "token":  # the If branch for batch * sequence == 1: static [1, 1, *] shapes downstream
-            ids, pos = (g.op("Reshape", [t, g.const([1, 1])]) for t in (ids, pos))
         h = g.op("Gather", ["model.embed_tokens.weight", ids], axis=0, name="embed")
         seqlens, total32, attn_bias, qlens = self.masks(g)
-        extra = [] if mode == "token" else ["", "", "", "", "", qlens]  # inputs 11..16: query_seqlens last
+        extra = ["", "", "", "", "", qlens]  # inputs 11..16: query_seqlens last
         x = g.op("RMSNormalization", [h, f"{_layer_prefix(0)}input_layernorm.weight"], epsilon=s.rms_eps, axis=-1)
         residual = h
         qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
@@ -488,27 +487,17 @@ def build_decoder_model(
     )
     if not adapted:
         dec.body(root, "prompt", out_names)
-    else:  # If(batch * sequence == 1) token / else If(sequence == 1) step / else prompt; initializers shared
-        branches = {mode: _branch(dec, root, mode, out_names) for mode in ("token", "step", "prompt")}
-        multi = _Graph(prefix="multi/", root=root)
-        multi_outs = [f"multi/{n}" for n in out_names]
-        seq = multi.op("Gather", [multi.op("Shape", ["input_ids"]), multi.const(1)], axis=0)
-        multi.op(
-            "If",
-            [multi.op("Equal", [seq, multi.const(1)], name="decode_step")],
-            name="step_or_prompt",
-            outputs=multi_outs,
-            then_branch=branches["step"],
-            else_branch=branches["prompt"],
-        )
-        tokens = root.op("ReduceProd", [root.op("Shape", ["input_ids"])], keepdims=0)
+    else:  # If(sequence == 1): decode-step branch / any-length branch, sharing the initializers (one level only:
+        # onnxruntime 1.32 does not prepack MatMulNBits weights for nodes in an If nested in another If)
+        branches = {mode: _branch(dec, root, mode, out_names) for mode in SPECTRAL_MODES}
+        seq = root.op("Gather", [root.op("Shape", ["input_ids"]), root.const(1)], axis=0)
         root.op(
             "If",
-            [root.op("Equal", [tokens, root.const(1)], name="single_token")],
+            [root.op("Equal", [seq, root.const(1)], name="decode_step")],
             name="decode_or_prompt",
             outputs=out_names,
-            then_branch=branches["token"],
-            else_branch=helper.make_graph(multi.nodes, "decoder_multi", [], _float_infos(multi_outs)),
+            then_branch=branches["decode"],
+            else_branch=branches["prompt"],
         )
     graph = helper.make_graph(root.nodes, "qwha_decoder", ins, outs, initializer=list(root.inits.values()))
     model = _with_functions(graph, spec.wht_factors, doc)
@@ -538,14 +527,12 @@ def build_projection_model(
     dense_adapter_density: float = 0.3,
 ) -> onnx.ModelProto:
     """One exported (packed) projection as a model ``x [batch, seq, d_in] -> y [batch, seq, sum d_out]``, written
-    exactly as inside the decoder (``mode`` "token" needs batch = seq = 1, "step" seq = 1); for layer-level tests
-    and benchmarks."""
+    exactly as inside the decoder (``mode`` "decode" needs seq = 1); for layer-level tests and benchmarks."""
     if mode not in SPECTRAL_MODES:
         raise ValueError(f"mode={mode!r} must be one of {SPECTRAL_MODES}")
     lw = _Layers(accuracy_level, ell_width, dense_adapter_density, wht_factors)
     g = lw.root
-    x = g.op("Reshape", ["x", g.const([1, 1, -1])]) if mode == "token" else "x"
-    y = lw.projection(g, x, "proj", projs, mode)
+    y = lw.projection(g, "x", "proj", projs, mode)
     g.op("Identity", [y], outputs=["y"])
     d_in, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
     graph = helper.make_graph(

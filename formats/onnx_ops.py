@@ -90,7 +90,7 @@ WHT_DOMAIN = DOMAIN
 WHT_OP = "WalshHadamard"
 SPECTRAL_OP = "SpectralAdd"
 SPECTRAL_DENSE_OP = "SpectralAddDense"
-SPECTRAL_MODES: tuple[str, ...] = ("token", "step", "prompt")
+SPECTRAL_MODES: tuple[str, ...] = ("decode", "prompt")
 MATMUL_NBITS_BITS: tuple[int, ...] = (2, 4, 8)
 
 
@@ -238,62 +238,84 @@ def spectral_overload(n: int, mode: str) -> str:
     return f"n{n}_{mode}"
 
 
+def _token_nodes(out: str) -> list[NodeProto]:
+    """One token (``Z [1, 1, n]``): GatherElements of ``WHT(X)``, then the two levels of sums; ``out`` is ``[d_out]``
+    (broadcasts against ``Base``)."""
+    mk = helper.make_node
+    return [
+        mk("Reshape", ["cols", "c_113"], ["t_cols3"]),
+        mk("GatherElements", ["Z", "t_cols3"], ["t_g1"], axis=2),
+        mk("Reshape", ["values", "c_113"], ["t_vals3"]),
+        mk("Mul", ["t_g1", "t_vals3"], ["t_p1"]),
+        mk("Reshape", ["t_p1", "pieces_shape"], ["t_p1r"]),
+        mk("ReduceSum", ["t_p1r", "c_axis1"], ["t_s1"], keepdims=0),
+        mk("GatherElements", ["t_s1", "pieces"], ["t_g2"], axis=0),
+        mk("Reshape", ["t_g2", "rows_shape"], ["t_s2"]),
+        mk("ReduceSum", ["t_s2", "c_axis1"], [out], keepdims=0),
+    ]
+
+
+def _step_nodes(out: str, n: int) -> list[NodeProto]:
+    """A batched decode step (``Z [B, 1, n]``, B > 1): the token path on the flattened batch, row ``b``'s indices
+    offset by ``b * n`` (level 1) and ``b * n_pieces`` (level 2); ``out`` has ``Base``'s shape."""
+    mk = helper.make_node
+    return [
+        _const("s_n", np.array(n, np.int64)),
+        _const("s_0", np.array(0, np.int64)),
+        _const("s_1", np.array(1, np.int64)),
+        _const("s_axis2", np.array([2], np.int64)),
+        mk("Squeeze", ["z_batch"], ["s_batch"]),
+        mk("Range", ["s_0", "s_batch", "s_1"], ["s_rows"]),
+        mk("Reshape", ["s_rows", "c_col"], ["s_rows_col"]),  # [B, 1]
+        mk("Reshape", ["Z", "c_flat"], ["s_z_flat"]),  # [1, B * n]
+        mk("Mul", ["s_rows_col", "s_n"], ["s_z_off"]),
+        mk("Reshape", ["cols", "c_flat"], ["s_cols_row"]),
+        mk("Add", ["s_cols_row", "s_z_off"], ["s_cols_b"]),  # [B, S]
+        mk("Reshape", ["s_cols_b", "c_flat"], ["s_cols_flat"]),
+        mk("GatherElements", ["s_z_flat", "s_cols_flat"], ["s_g1"], axis=1),
+        mk("Concat", ["z_batch", "pieces_shape"], ["s_pieces_shape_b"], axis=0),
+        mk("Reshape", ["s_g1", "s_pieces_shape_b"], ["s_g1r"]),  # [B, n_pieces, width]
+        mk("Reshape", ["values", "pieces_shape"], ["s_vals2"]),
+        mk("Mul", ["s_g1r", "s_vals2"], ["s_p1"]),
+        mk("ReduceSum", ["s_p1", "s_axis2"], ["s_s1"], keepdims=0),  # [B, n_pieces]
+        mk("Shape", ["s_s1"], ["s_s1_width"], start=1, end=2),
+        mk("Mul", ["s_rows_col", "s_s1_width"], ["s_s1_off"]),
+        mk("Reshape", ["pieces", "c_flat"], ["s_pieces_row"]),
+        mk("Add", ["s_pieces_row", "s_s1_off"], ["s_pieces_b"]),
+        mk("Reshape", ["s_pieces_b", "c_flat"], ["s_pieces_flat"]),
+        mk("Reshape", ["s_s1", "c_flat"], ["s_s1_flat"]),
+        mk("GatherElements", ["s_s1_flat", "s_pieces_flat"], ["s_g2"], axis=1),
+        mk("Concat", ["z_batch", "rows_shape"], ["s_rows_shape_b"], axis=0),
+        mk("Reshape", ["s_g2", "s_rows_shape_b"], ["s_s2"]),  # [B, d_out, depth]
+        mk("ReduceSum", ["s_s2", "s_axis2"], ["s_s3"], keepdims=0),
+        mk("Shape", ["Base"], ["s_base_shape"]),
+        mk("Reshape", ["s_s3", "s_base_shape"], [out]),
+    ]
+
+
 def _sparse_product_nodes(mode: str, n: int) -> list[NodeProto]:
     """``A = WHT(X) @ F.T`` from the ELL tables (input ``Z`` = WHT(X)), for one mode (see the module docstring)."""
     mk = helper.make_node
-    if mode == "token":  # Z [1, 1, n]: GatherElements on static shapes (tables reshaped at session load)
+    if mode == "decode":  # Z [B, 1, n]: If(B == 1) the single-token path, else the batched-step path
+        floats = [helper.make_tensor_value_info(f"A_{b}", TensorProto.FLOAT, None) for b in ("token", "step")]
         return [
             _const("c_113", np.array([1, 1, -1], np.int64)),
-            _const("c_axis1", np.array([1], np.int64)),
-            mk("Reshape", ["cols", "c_113"], ["cols3"]),
-            mk("GatherElements", ["Z", "cols3"], ["g1"], axis=2),
-            mk("Reshape", ["values", "c_113"], ["vals3"]),
-            mk("Mul", ["g1", "vals3"], ["p1"]),
-            _attr_const("pieces_shape", "pieces_shape"),
-            mk("Reshape", ["p1", "pieces_shape"], ["p1r"]),
-            mk("ReduceSum", ["p1r", "c_axis1"], ["s1"], keepdims=0),
-            mk("GatherElements", ["s1", "pieces"], ["g2"], axis=0),
-            _attr_const("rows_shape", "rows_shape"),
-            mk("Reshape", ["g2", "rows_shape"], ["s2"]),
-            mk("ReduceSum", ["s2", "c_axis1"], ["A"], keepdims=0),  # [d_out], broadcasts
-        ]
-    if mode == "step":  # Z [B, 1, n], B > 1: the token path on the flattened batch (row b's indices offset by b*n)
-        return [
             _const("c_flat", np.array([1, -1], np.int64)),
             _const("c_col", np.array([-1, 1], np.int64)),
-            _const("c_n", np.array(n, np.int64)),
-            _const("c_0", np.array(0, np.int64)),
-            _const("c_1", np.array(1, np.int64)),
-            _const("c_axis2", np.array([2], np.int64)),
-            mk("Shape", ["Z"], ["z_batch"], start=0, end=1),
-            mk("Squeeze", ["z_batch"], ["batch"]),
-            mk("Range", ["c_0", "batch", "c_1"], ["rows"]),
-            mk("Reshape", ["rows", "c_col"], ["rows_col"]),  # [B, 1]
-            mk("Reshape", ["Z", "c_flat"], ["z_flat"]),  # [1, B * n]
-            mk("Mul", ["rows_col", "c_n"], ["z_off"]),
-            mk("Reshape", ["cols", "c_flat"], ["cols_row"]),
-            mk("Add", ["cols_row", "z_off"], ["cols_b"]),  # [B, S]
-            mk("Reshape", ["cols_b", "c_flat"], ["cols_flat"]),
-            mk("GatherElements", ["z_flat", "cols_flat"], ["g1"], axis=1),
+            _const("c_axis1", np.array([1], np.int64)),
+            _const("c_one", np.array([1], np.int64)),
             _attr_const("pieces_shape", "pieces_shape"),
-            mk("Concat", ["z_batch", "pieces_shape"], ["pieces_shape_b"], axis=0),
-            mk("Reshape", ["g1", "pieces_shape_b"], ["g1r"]),  # [B, n_pieces, width]
-            mk("Reshape", ["values", "pieces_shape"], ["vals2"]),
-            mk("Mul", ["g1r", "vals2"], ["p1"]),
-            mk("ReduceSum", ["p1", "c_axis2"], ["s1"], keepdims=0),  # [B, n_pieces]
-            mk("Shape", ["s1"], ["s1_shape"], start=1, end=2),
-            mk("Mul", ["rows_col", "s1_shape"], ["s1_off"]),
-            mk("Reshape", ["pieces", "c_flat"], ["pieces_row"]),
-            mk("Add", ["pieces_row", "s1_off"], ["pieces_b"]),
-            mk("Reshape", ["pieces_b", "c_flat"], ["pieces_flat"]),
-            mk("Reshape", ["s1", "c_flat"], ["s1_flat"]),
-            mk("GatherElements", ["s1_flat", "pieces_flat"], ["g2"], axis=1),
             _attr_const("rows_shape", "rows_shape"),
-            mk("Concat", ["z_batch", "rows_shape"], ["rows_shape_b"], axis=0),
-            mk("Reshape", ["g2", "rows_shape_b"], ["s2"]),  # [B, d_out, depth]
-            mk("ReduceSum", ["s2", "c_axis2"], ["s3"], keepdims=0),
-            mk("Shape", ["Base"], ["base_shape"]),
-            mk("Reshape", ["s3", "base_shape"], ["A"]),
+            mk("Shape", ["Z"], ["z_batch"], start=0, end=1),
+            mk("Equal", ["z_batch", "c_one"], ["one_row_1"]),
+            mk("Squeeze", ["one_row_1"], ["one_row"]),
+            mk(
+                "If",
+                ["one_row"],
+                ["A"],
+                then_branch=helper.make_graph(_token_nodes("A_token"), "token", [], floats[:1]),
+                else_branch=helper.make_graph(_step_nodes("A_step", n), "step", [], floats[1:]),
+            ),
         ]
     # any number of tokens: F.T rebuilt densely at run time by one ScatterElements, then one MatMul. The zeros' size
     # is made to depend on Z so that onnxruntime does not constant-fold F.T into a resident dense copy.

@@ -22,8 +22,8 @@ from qwha_export.layer import adapter_coefficient
 from qwha_export.quant_linear import QuantLinear
 
 BOUND = 1e-5
-SHAPES = {"token": [(1, 1)], "step": [(3, 1)], "prompt": [(1, 5), (2, 5), (1, 64)]}
-SHAPES_SHORT = {"token": [(1, 1)], "step": [(3, 1)], "prompt": [(2, 5)]}
+SHAPES = {"decode": [(1, 1), (3, 1)], "prompt": [(1, 5), (2, 5), (1, 64), (1, 200)]}  # decode: one row, a batch
+SHAPES_SHORT = {"decode": [(1, 1), (3, 1)], "prompt": [(2, 5)]}
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_every_hadamard_order(k, native, triton_spectral):
     _check(projs, reference, n, native, modes=SHAPES_SHORT, label=f"K={k} n={n}")
 
 
-@pytest.mark.parametrize("isa", ["x86-64-v3", "baseline"])
+@pytest.mark.parametrize("isa", ["x86-64-v4", "x86-64-v3", "baseline"])
 @pytest.mark.parametrize(
     "n,d_outs,density",
     [
@@ -139,9 +139,12 @@ def test_every_hadamard_order(k, native, triton_spectral):
     ],
 )
 def test_odd_shapes_and_variants(isa, n, d_outs, density, native, triton_spectral, monkeypatch):
-    if isa == "x86-64-v3" and ortops.library_info(native)["isa"] != "x86-64-v3":
-        pytest.skip("this CPU has no AVX2/FMA: only the baseline kernels run here")
-    monkeypatch.setenv("QWHA_ORT_OPS_ISA", isa)
+    if isa == "x86-64-v4":
+        monkeypatch.delenv("QWHA_ORT_OPS_ISA", raising=False)  # the best variant
+    else:
+        monkeypatch.setenv("QWHA_ORT_OPS_ISA", isa)
+    if ortops.library_info(native)["isa"] != isa:
+        pytest.skip(f"this CPU (or compiler) has no {isa} kernels")
     baseline_before = ortops.library_info(native)["baseline_kernels"]
     projs, reference = _layer(n, d_outs, density, seed=n, triton_spectral=triton_spectral)
     _check(projs, reference, n, native, label=f"{isa} n={n}")

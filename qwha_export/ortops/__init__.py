@@ -45,6 +45,7 @@ __all__ = [
 ENV_VAR = "QWHA_ORT_OPS"
 NATIVE, FUNCTION, NONE = "native", "function", "none"
 _DOMAIN = "qwha"
+_REGISTERED = "qwha_export.ortops.library"  # session config entry marking options that carry the library
 _warned: set[str] = set()
 _resolved: dict[tuple[str, str], Path | None] = {}
 
@@ -143,11 +144,16 @@ def register(options: Any, providers: list[str] | None = None) -> Path | None:
     for; returns its path, or None (registration failures warn once)."""
     if providers and any(p not in ("CPUExecutionProvider", "cpu") for p in providers):
         return None  # the kernels are CPU kernels: CUDA sessions keep the function bodies
+    try:  # these options already carry the library (registering it twice fails the session)
+        return Path(options.get_session_config_entry(_REGISTERED))
+    except Exception:  # onnxruntime raises when the entry is absent
+        pass
     lib = library_path()
     if lib is None:
         return None
     try:
         options.register_custom_ops_library(str(lib))
+        options.add_session_config_entry(_REGISTERED, str(lib))
     except Exception as exc:  # onnxruntime raises its own Fail type
         _warn(f"onnxruntime refused {lib.name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc}")
         return None

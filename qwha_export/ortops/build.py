@@ -1,7 +1,8 @@
 """Building the native qwha op library: onnxruntime headers, compiler, per-user cache.
 
-The C++ sources (``csrc/``, package data) compile into one shared library with a baseline and an x86-64-v3 variant
-of the kernels (picked at run time). It needs onnxruntime's C/C++ API headers but no link against libonnxruntime.
+The C++ sources (``csrc/``, package data) compile into one shared library holding a portable baseline and, on
+x86-64, x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) variants of the kernels; the library picks the best the CPU runs.
+It needs onnxruntime's C/C++ API headers but no link against libonnxruntime.
 
 Headers, in order: ``headers`` (``qwha-export build-ops --headers DIR``), ``$ORT_INCLUDE_DIR``,
 ``/usr/include/onnxruntime``, this cache's ``headers/`` folder; with ``fetch=True`` (``build-ops`` only, never at
@@ -297,22 +298,33 @@ def _run_all(cmds: list[list[str]]) -> None:
                 raise OrtOpsError(f"compiling {Path(c[-3]).name} failed: {lines[0].strip()}")
 
 
+_VARIANTS = (  # (namespace, name, flags): the x86-64 kernel variants beside the portable baseline
+    ("qwha_v3", "x86-64-v3", ["-march=x86-64-v3"]),
+    ("qwha_v4", "x86-64-v4", ["-march=x86-64-v4"]),
+)
+
+
 def _compile(cxx: str, headers: Headers, out: Path, tmp: Path) -> list[str]:
-    """Compile and link the library into ``out``; returns the kernel variants it holds."""
-    srchash = source_hash()
+    """Compile and link the library into ``out``; returns the kernel variants it holds (a variant the compiler
+    cannot target is left out; the library picks the best one the CPU runs)."""
     common = [cxx, *_FLAGS, f"-I{_CSRC}"]
-    variants = [("qwha_baseline", ["-march=x86-64", "-mtune=generic"] if _is_x86_64() else [])]
+    base_march = ["-march=x86-64", "-mtune=generic"] if _is_x86_64() else []
+    kernel = str(_CSRC / _KERNEL_SRC)
+    objs = [tmp / "qwha_baseline.o"]
+    cmds = [[*common, *base_march, "-DQWHA_NS=qwha_baseline", "-c", kernel, "-o", str(objs[0])]]
+    variants, defines = ["baseline"], []
     if _is_x86_64():
-        variants.append(("qwha_v3", ["-march=x86-64-v3"]))
-    cmds, objs = [], []
-    for ns, march in variants:
-        obj = tmp / f"{ns}.o"
-        cmds.append([*common, *march, f"-DQWHA_NS={ns}", "-c", str(_CSRC / _KERNEL_SRC), "-o", str(obj)])
-        objs.append(obj)
-    base_march = variants[0][1]
+        for ns, name, flags in _VARIANTS:
+            probe = subprocess.run([cxx, *flags, "-E", "-x", "c++", os.devnull], capture_output=True)
+            if probe.returncode != 0:  # e.g. a compiler older than x86-64-v4
+                continue
+            objs.append(tmp / f"{ns}.o")
+            cmds.append([*common, *flags, f"-DQWHA_NS={ns}", "-c", kernel, "-o", str(objs[-1])])
+            variants.append(name)
+            defines.append(f"-DQWHA_HAVE_{ns.split('_')[1].upper()}")
     for src in _COMMON_SRC:
         obj = tmp / (Path(src).stem + ".o")
-        defs = [f'-DQWHA_SOURCE_HASH="{srchash}"', f"-I{headers.path}"]
+        defs = [f'-DQWHA_SOURCE_HASH="{source_hash()}"', f"-I{headers.path}", *defines]
         cmds.append([*common, *base_march, *defs, "-c", str(_CSRC / src), "-o", str(obj)])
         objs.append(obj)
     _run_all(cmds)
@@ -325,7 +337,7 @@ def _compile(cxx: str, headers: Headers, out: Path, tmp: Path) -> list[str]:
         r = subprocess.run(link, capture_output=True, text=True)
     if r.returncode != 0:
         raise OrtOpsError(f"linking {LIB_NAME} failed: {(r.stderr.strip().splitlines() or ['?'])[0]}")
-    return ["baseline"] + (["x86-64-v3"] if len(variants) > 1 else [])
+    return variants
 
 
 def build_library(
@@ -378,5 +390,8 @@ def build_library(
             if final.exists():  # a stale or corrupt entry (readers re-check under the lock)
                 shutil.rmtree(final)
             os.replace(stage, final)
+        for old in root.glob(f"lib-*-ort{version}"):  # entries of older sources for this onnxruntime
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
         say(f"built {final / LIB_NAME} (kernels: {', '.join(variants)})")
         return final / LIB_NAME

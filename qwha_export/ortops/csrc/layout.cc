@@ -21,6 +21,12 @@ std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t
   L->p = n / k;
   L->d_out = d_out;
   L->hk.assign(hk, hk + k * k);
+  L->hk_plus_start.push_back(0);
+  for (int64_t a = 0; a < k; ++a) {
+    for (int64_t b = 0; b < k; ++b)
+      if (hk[a * k + b] > 0) L->hk_plus.push_back(static_cast<int32_t>(b));
+    L->hk_plus_start.push_back(static_cast<int32_t>(L->hk_plus.size()));
+  }
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return a.row != b.row ? a.row < b.row : a.col < b.col; });
   std::vector<int64_t> start(d_out + 1, 0);

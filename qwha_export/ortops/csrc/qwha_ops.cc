@@ -58,28 +58,38 @@ std::atomic<int64_t> g_kernels{0}, g_baseline_kernels{0};
 using SpectralFn = void (*)(const SpectralLayout&, const float*, const float*, float*, int64_t,
                             const qwha::ParallelFor&);
 
-bool cpu_has_v3() {
+bool cpu_has(int level) {  // 3: x86-64-v3 (AVX2, FMA, ...), 4: x86-64-v4 (AVX-512 F/BW/DQ/VL)
 #if defined(QWHA_HAVE_V3)
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
-         __builtin_cpu_supports("bmi2");
-#else
-  return false;
+  const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
+  if (level == 3) return v3;
+#if defined(QWHA_HAVE_V4)
+  return v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 #endif
+#endif
+  (void)level;
+  return false;
 }
 
-// QWHA_ORT_OPS_ISA=baseline forces the portable kernels (read at each kernel creation); otherwise x86-64-v3 where
-// the CPU has it.
+// QWHA_ORT_OPS_ISA=baseline|x86-64-v3 caps the variant (read at each kernel creation); otherwise the best the CPU
+// runs: x86-64-v4, x86-64-v3 or baseline.
 const char* chosen_isa() {
-  static const bool v3 = cpu_has_v3();
+  static const bool v3 = cpu_has(3), v4 = cpu_has(4);
   const char* env = std::getenv("QWHA_ORT_OPS_ISA");
   if (env && std::strcmp(env, "baseline") == 0) return "baseline";
+  if (v4 && !(env && std::strcmp(env, "x86-64-v3") == 0)) return "x86-64-v4";
   return v3 ? "x86-64-v3" : "baseline";
 }
 
 SpectralFn spectral_fn() {
 #if defined(QWHA_HAVE_V3)
-  if (std::strcmp(chosen_isa(), "x86-64-v3") == 0) return &qwha_v3::spectral_add;
+  const char* isa = chosen_isa();
+#if defined(QWHA_HAVE_V4)
+  if (std::strcmp(isa, "x86-64-v4") == 0) return &qwha_v4::spectral_add;
+#endif
+  if (std::strcmp(isa, "x86-64-v3") == 0) return &qwha_v3::spectral_add;
 #endif
   return &qwha_baseline::spectral_add;
 }
@@ -216,6 +226,8 @@ class SpectralKernel {
     const std::vector<int64_t> hs = t.hk.GetTensorTypeAndShapeInfo().GetShape();
     if (hs.size() != 2 || hs[0] != k_ || hs[1] != k_) fail("HK must have shape [K, K] with K=" + std::to_string(k_));
     const float* hk = t.hk.GetTensorData<float>();
+    for (int64_t i = 0; i < k_ * k_; ++i)
+      if (hk[i] != 1.0f && hk[i] != -1.0f) fail("HK must hold +1/-1 entries (a Hadamard matrix)");
     const std::vector<int64_t> as = t.a.GetTensorTypeAndShapeInfo().GetShape();
     if (dense_) {
       if (as.size() != 2 || as[0] != n_) fail("FT must have shape [n, d_out] with n=" + std::to_string(n_));
@@ -259,6 +271,17 @@ class SpectralKernel {
 
 template <bool Dense>
 struct SpectralOp : Ort::CustomOpBase<SpectralOp<Dense>, SpectralKernel, true> {
+  SpectralOp() {  // Y may reuse Base's buffer (one read and one write of it instead of a read and a new output)
+    OrtCustomOp::GetMayInplace = [](int** input_index, int** output_index) -> size_t {
+      *input_index = new int[1]{1};
+      *output_index = new int[1]{0};
+      return 1;
+    };
+    OrtCustomOp::ReleaseMayInplace = [](int* input_index, int* output_index) {
+      delete[] input_index;
+      delete[] output_index;
+    };
+  }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {
       *kernel = new SpectralKernel(info, Dense);

@@ -8,8 +8,9 @@
 // entry (column, value) of each of its 8 rows, lanes interleaved (idx[s*8 + lane], val[s*8 + lane]); a row with
 // fewer entries than the block's longest is padded with (column 0, value 0).
 //
-// The same source is compiled twice: a baseline (portable C++) and an x86-64-v3 variant (AVX2 + FMA intrinsics),
-// in namespaces qwha_baseline and qwha_v3; qwha_ops.cc picks one at run time.
+// The same source is compiled three times: a baseline (portable C++), an x86-64-v3 variant (AVX2 + FMA intrinsics)
+// and an x86-64-v4 variant (AVX-512 for the multi-token products), in namespaces qwha_baseline, qwha_v3 and qwha_v4;
+// qwha_ops.cc picks one at run time.
 #pragma once
 
 #include <cstddef>
@@ -25,6 +26,8 @@ constexpr int kLanes = 8;
 struct SpectralLayout {
   int64_t n = 0, k = 1, p = 1, d_out = 0;
   std::vector<float> hk;             // k * k, row-major, +1/-1
+  std::vector<int32_t> hk_plus;      // for each row a of H_K, the columns b with H_K[a, b] = +1 ...
+  std::vector<int32_t> hk_plus_start;  // ... at hk_plus[hk_plus_start[a] .. hk_plus_start[a + 1])
   int64_t n_blocks = 0;
   std::vector<int32_t> row_of;       // n_blocks * 8: output row of each lane (-1: padding lane)
   std::vector<int32_t> count;        // n_blocks * 8: entries of each lane's row
@@ -66,8 +69,11 @@ using ParallelFor = std::function<void(size_t total, const std::function<void(si
                     const qwha::ParallelFor& par);                                                           \
   }
 
+// The build defines QWHA_HAVE_V3 / QWHA_HAVE_V4 for the variants it compiled (x86-64 only).
 QWHA_DECLARE_KERNELS(qwha_baseline)
-#if defined(__x86_64__) || defined(_M_X64)
-#define QWHA_HAVE_V3 1
+#ifdef QWHA_HAVE_V3
 QWHA_DECLARE_KERNELS(qwha_v3)
+#endif
+#ifdef QWHA_HAVE_V4
+QWHA_DECLARE_KERNELS(qwha_v4)
 #endif

@@ -1,4 +1,4 @@
-// Compute kernels of Y = Base + WHT_n(X) . F~^T (see spectral.h for the layout). Compiled twice: with the baseline
+// Compute kernels of Y = Base + WHT_n(X) . F~^T (see spectral.h for the layout); y may alias base. Compiled twice: with the baseline
 // flags (portable loops) and with -march=x86-64-v3 (AVX2 + FMA intrinsics); QWHA_NS names the namespace.
 #include <algorithm>
 #include <cstring>
@@ -8,6 +8,9 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define QWHA_AVX2 1
+#endif
+#if defined(__AVX512F__) && defined(QWHA_AVX2)
+#define QWHA_AVX512 1  // the x86-64-v4 variant: 16-wide products for several tokens (gathers stay 8-wide)
 #endif
 
 #ifndef QWHA_NS
@@ -20,11 +23,15 @@ namespace {
 using qwha::kLanes;
 using qwha::SpectralLayout;
 
-constexpr int64_t kTile = 64;        // tokens per tile of the multi-token path (8 AVX2 accumulators)
+#ifdef QWHA_AVX512
+constexpr int64_t kTile = 128;  // tokens per tile of the multi-token path (8 AVX-512 accumulators)
+#else
+constexpr int64_t kTile = 64;  // tokens per tile of the multi-token path (8 AVX2 accumulators)
+#endif
 constexpr int64_t kBlockChunk = 32;  // row blocks per parallel task
 
 // d[j * ds + i] = s[i * ss + j] for i < ri, j < rj (an 8 x 8 block in registers when full).
-inline void transpose8(const float* s, int64_t ss, float* d, int64_t ds, int64_t ri = 8, int64_t rj = 8) {
+__attribute__((always_inline)) inline void transpose8(const float* s, int64_t ss, float* d, int64_t ds, int64_t ri = 8, int64_t rj = 8) {
 #ifdef QWHA_AVX2
   if (ri == 8 && rj == 8) {
     __m256 r[8], t[8];
@@ -69,55 +76,83 @@ void fwht(float* v, int64_t p, int64_t w) {
   }
 }
 
-// out[a] = sum_b hk[a, b] * in[b] over k blocks of `len` floats (the H_K factor on the outer axis): chunks of 32
-// floats of two outputs held in registers while the k inputs stream through.
-void mix_hk(const float* hk, int64_t k, const float* in, float* out, int64_t len) {
+// out[a] = sum_b hk[a, b] * in[b] over k blocks of `len` floats (the H_K factor on the outer axis). H_K is +1/-1,
+// so out[a] = 2 * sum_{b in plus[a]} in[b] - sum_b in[b]: half the additions of the matrix product. Chunks of 32
+// floats are held in registers while the inputs stream through (from L1).
+void mix_hk(const SpectralLayout& L, const float* in, int64_t in_stride, float* out, int64_t len) {
   constexpr int64_t kChunk = 32;
+  const int64_t k = L.k;
+  const int32_t* plus = L.hk_plus.data();
+  const int32_t* start = L.hk_plus_start.data();
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
     const int64_t w = std::min(kChunk, len - c0);
-    int64_t a = 0;
-#ifdef QWHA_AVX2
-    if (w == kChunk) {
-      for (; a + 2 <= k; a += 2) {
-        const float* h0 = hk + a * k;
-        const float* h1 = h0 + k;
-        __m256 x0 = _mm256_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0;
-        for (int64_t b = 0; b < k; ++b) {
-          const float* src = in + b * len + c0;
-          const __m256 s0 = _mm256_set1_ps(h0[b]), s1 = _mm256_set1_ps(h1[b]);
-          const __m256 v0 = _mm256_loadu_ps(src), v1 = _mm256_loadu_ps(src + 8);
-          const __m256 v2 = _mm256_loadu_ps(src + 16), v3 = _mm256_loadu_ps(src + 24);
-          x0 = _mm256_fmadd_ps(s0, v0, x0);
-          x1 = _mm256_fmadd_ps(s0, v1, x1);
-          x2 = _mm256_fmadd_ps(s0, v2, x2);
-          x3 = _mm256_fmadd_ps(s0, v3, x3);
-          y0 = _mm256_fmadd_ps(s1, v0, y0);
-          y1 = _mm256_fmadd_ps(s1, v1, y1);
-          y2 = _mm256_fmadd_ps(s1, v2, y2);
-          y3 = _mm256_fmadd_ps(s1, v3, y3);
-        }
-        float* o0 = out + a * len + c0;
-        float* o1 = o0 + len;
-        _mm256_storeu_ps(o0, x0);
-        _mm256_storeu_ps(o0 + 8, x1);
-        _mm256_storeu_ps(o0 + 16, x2);
-        _mm256_storeu_ps(o0 + 24, x3);
-        _mm256_storeu_ps(o1, y0);
-        _mm256_storeu_ps(o1 + 8, y1);
-        _mm256_storeu_ps(o1 + 16, y2);
-        _mm256_storeu_ps(o1 + 24, y3);
+#ifdef QWHA_AVX512
+    if (w == kChunk && c0 + 2 * kChunk <= len) {  // two chunks at once in 16-wide registers
+      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+      for (int64_t b = 0; b < k; ++b) {
+        const float* src = in + b * in_stride + c0;
+        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(src));
+        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(src + 16));
+        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(src + 32));
+        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(src + 48));
       }
+      const __m512 two = _mm512_set1_ps(2.0f);
+      for (int64_t a = 0; a < k; ++a) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int32_t j = start[a]; j < start[a + 1]; ++j) {
+          const float* src = in + plus[j] * in_stride + c0;
+          a0 = _mm512_add_ps(a0, _mm512_loadu_ps(src));
+          a1 = _mm512_add_ps(a1, _mm512_loadu_ps(src + 16));
+          a2 = _mm512_add_ps(a2, _mm512_loadu_ps(src + 32));
+          a3 = _mm512_add_ps(a3, _mm512_loadu_ps(src + 48));
+        }
+        float* o = out + a * len + c0;
+        _mm512_storeu_ps(o, _mm512_fmsub_ps(two, a0, s0));
+        _mm512_storeu_ps(o + 16, _mm512_fmsub_ps(two, a1, s1));
+        _mm512_storeu_ps(o + 32, _mm512_fmsub_ps(two, a2, s2));
+        _mm512_storeu_ps(o + 48, _mm512_fmsub_ps(two, a3, s3));
+      }
+      c0 += kChunk;  // the loop's step adds the other one
+      continue;
     }
 #endif
-    for (; a < k; ++a) {
-      const float* h = hk + a * k;
-      float acc[kChunk] = {};
+#ifdef QWHA_AVX2
+    if (w == kChunk) {
+      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
       for (int64_t b = 0; b < k; ++b) {
-        const float sgn = h[b];
-        const float* src = in + b * len + c0;
-        for (int64_t e = 0; e < w; ++e) acc[e] += sgn * src[e];
+        const float* src = in + b * in_stride + c0;
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(src));
+        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(src + 8));
+        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(src + 16));
+        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(src + 24));
       }
-      std::memcpy(out + a * len + c0, acc, sizeof(float) * w);
+      const __m256 two = _mm256_set1_ps(2.0f);
+      for (int64_t a = 0; a < k; ++a) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int32_t j = start[a]; j < start[a + 1]; ++j) {
+          const float* src = in + plus[j] * in_stride + c0;
+          a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src));
+          a1 = _mm256_add_ps(a1, _mm256_loadu_ps(src + 8));
+          a2 = _mm256_add_ps(a2, _mm256_loadu_ps(src + 16));
+          a3 = _mm256_add_ps(a3, _mm256_loadu_ps(src + 24));
+        }
+        float* o = out + a * len + c0;
+        _mm256_storeu_ps(o, _mm256_fmsub_ps(two, a0, s0));
+        _mm256_storeu_ps(o + 8, _mm256_fmsub_ps(two, a1, s1));
+        _mm256_storeu_ps(o + 16, _mm256_fmsub_ps(two, a2, s2));
+        _mm256_storeu_ps(o + 24, _mm256_fmsub_ps(two, a3, s3));
+      }
+      continue;
+    }
+#endif
+    float sum[kChunk] = {};
+    for (int64_t b = 0; b < k; ++b)
+      for (int64_t e = 0; e < w; ++e) sum[e] += in[b * in_stride + c0 + e];
+    for (int64_t a = 0; a < k; ++a) {
+      float acc[kChunk] = {};
+      for (int32_t j = start[a]; j < start[a + 1]; ++j)
+        for (int64_t e = 0; e < w; ++e) acc[e] += in[plus[j] * in_stride + c0 + e];
+      for (int64_t e = 0; e < w; ++e) out[a * len + c0 + e] = 2.0f * acc[e] - sum[e];
     }
   }
 }
@@ -127,20 +162,27 @@ void wht_vector(const SpectralLayout& L, const float* x, float* w, float* z) {
   float* t = L.k > 1 ? w : z;
   std::memcpy(t, x, sizeof(float) * L.n);
   for (int64_t b = 0; b < L.k; ++b) fwht(t + b * L.p, L.p, 1);
-  if (L.k > 1) mix_hk(L.hk.data(), L.k, t, z, L.p);
+  if (L.k > 1) mix_hk(L, t, L.p, z, L.p);
 }
 
-// zt[i * tile + t] = WHT(x[t, :])[i] for t < tt (zero for tt <= t < tile); w is scratch of n * tile floats.
+// Floats of w that wht_tile needs: K blocks of P * tile, each padded by 16 floats when P is a multiple of 8 (so the
+// K inputs of the H_K mixing do not sit a power of two apart and evict each other from L1).
+int64_t wht_block_stride(const SpectralLayout& L, int64_t tile) {
+  return L.p * tile + ((L.k > 1 && L.p % 8 == 0) ? 16 : 0);
+}
+
+// zt[i * tile + t] = WHT(x[t, :])[i] for t < tt (zero for tt <= t < tile); w is scratch of k * wht_block_stride.
 void wht_tile(const SpectralLayout& L, const float* x, int64_t tt, int64_t tile, float* w, float* zt) {
-  const int64_t n = L.n;
+  const int64_t n = L.n, p = L.p, bs = L.k > 1 ? wht_block_stride(L, tile) : p * tile;
   float* t = L.k > 1 ? w : zt;
-  if (tt < tile) std::memset(t, 0, sizeof(float) * n * tile);
+  if (tt < tile) std::memset(t, 0, sizeof(float) * L.k * bs);
   for (int64_t t0 = 0; t0 < tt; t0 += 8)
-    for (int64_t i0 = 0; i0 < n; i0 += 8)
-      transpose8(x + t0 * n + i0, n, t + i0 * tile + t0, tile, std::min<int64_t>(8, tt - t0),
-                 std::min<int64_t>(8, n - i0));
-  for (int64_t b = 0; b < L.k; ++b) fwht(t + b * L.p * tile, L.p, tile);
-  if (L.k > 1) mix_hk(L.hk.data(), L.k, t, zt, L.p * tile);
+    for (int64_t i0 = 0; i0 < n; i0 += 8) {  // rows i0..i0+7 lie in one block when bs is padded (p % 8 == 0)
+      float* dst = bs == p * tile ? t + i0 * tile : t + (i0 / p) * bs + (i0 % p) * tile;
+      transpose8(x + t0 * n + i0, n, dst + t0, tile, std::min<int64_t>(8, tt - t0), std::min<int64_t>(8, n - i0));
+    }
+  for (int64_t b = 0; b < L.k; ++b) fwht(t + b * bs, p, tile);
+  if (L.k > 1) mix_hk(L, t, bs, zt, p * tile);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +253,19 @@ void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float
       const Idx* ip = idx + s0 * kLanes + l;
       const float* vp = val + s0 * kLanes + l;
       float* out = acc + static_cast<int64_t>(r) * tile;
+#ifdef QWHA_AVX512
+      if constexpr (NV % 2 == 0) {
+        __m512 a[NV / 2];
+        for (int q = 0; q < NV / 2; ++q) a[q] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < cnt; ++j) {
+          const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+          const __m512 v = _mm512_set1_ps(vp[j * kLanes]);
+          for (int q = 0; q < NV / 2; ++q) a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(zc + 16 * q), a[q]);
+        }
+        for (int q = 0; q < NV / 2; ++q) _mm512_storeu_ps(out + 16 * q, a[q]);
+        continue;
+      }
+#endif
 #ifdef QWHA_AVX2
       __m256 a[NV];
       for (int q = 0; q < NV; ++q) a[q] = _mm256_setzero_ps();
@@ -233,28 +288,29 @@ void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float
   }
 }
 
-// y[t, r] = base[t, r] + acc[r * tile + t] for t < tt and r0 <= r < r1, in 8 x 8 blocks.
+// y[t, r] = base[t, r] + acc[r * tile + t] for t < tt and r0 <= r < r1: 8 tokens x 16 rows at a time (two 8 x 8
+// transposes), so each visit of a row of y and base covers a whole cache line.
 void add_transposed(const float* acc, int64_t tile, const float* base, float* y, int64_t tt, int64_t d_out, int64_t r0,
                     int64_t r1) {
-  alignas(32) float blk[64];
+  alignas(64) float blk[8 * 16];
   for (int64_t t0 = 0; t0 < tt; t0 += 8) {
     const int64_t te = std::min<int64_t>(8, tt - t0);
-    for (int64_t rb = r0; rb < r1; rb += 8) {
-      const int64_t re = std::min<int64_t>(8, r1 - rb);
-      transpose8(acc + rb * tile + t0, tile, blk, 8, re, te);  // blk[t * 8 + r]
-#ifdef QWHA_AVX2
-      if (re == 8) {
-        for (int64_t t = 0; t < te; ++t) {
-          const int64_t o = (t0 + t) * d_out + rb;
-          _mm256_storeu_ps(y + o, _mm256_add_ps(_mm256_loadu_ps(base + o), _mm256_load_ps(blk + t * 8)));
-        }
-        continue;
-      }
-#endif
+    for (int64_t rb = r0; rb < r1; rb += 16) {
+      const int64_t re = std::min<int64_t>(16, r1 - rb);
+      transpose8(acc + rb * tile + t0, tile, blk, 16, std::min<int64_t>(8, re), te);  // blk[t * 16 + r]
+      if (re > 8) transpose8(acc + (rb + 8) * tile + t0, tile, blk + 8, 16, re - 8, te);
       for (int64_t t = 0; t < te; ++t) {
         const float* bp = base + (t0 + t) * d_out + rb;
         float* yp = y + (t0 + t) * d_out + rb;
-        for (int64_t r = 0; r < re; ++r) yp[r] = bp[r] + blk[t * 8 + r];
+        const float* ap = blk + t * 16;
+#ifdef QWHA_AVX2
+        if (re == 16) {
+          _mm256_storeu_ps(yp, _mm256_add_ps(_mm256_loadu_ps(bp), _mm256_load_ps(ap)));
+          _mm256_storeu_ps(yp + 8, _mm256_add_ps(_mm256_loadu_ps(bp + 8), _mm256_load_ps(ap + 8)));
+          continue;
+        }
+#endif
+        for (int64_t r = 0; r < re; ++r) yp[r] = bp[r] + ap[r];
       }
     }
   }
@@ -271,6 +327,9 @@ void sparse_tile_any(int64_t tile, const SpectralLayout& L, const Idx* idx, cons
     case 5: return sparse_tile<5>(L, idx, zt, acc, b0, b1);
     case 6: return sparse_tile<6>(L, idx, zt, acc, b0, b1);
     case 7: return sparse_tile<7>(L, idx, zt, acc, b0, b1);
+#ifdef QWHA_AVX512
+    case 16: return sparse_tile<16>(L, idx, zt, acc, b0, b1);
+#endif
     default: return sparse_tile<8>(L, idx, zt, acc, b0, b1);
   }
 }
@@ -292,29 +351,37 @@ void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* b
     });
     return;
   }
-  const int64_t tile = rows >= kTile ? kTile : (rows + 7) / 8 * 8;
+  const int64_t tile = rows >= kTile ? kTile : rows >= 64 ? 64 : (rows + 7) / 8 * 8;
   const int64_t tiles = (rows + tile - 1) / tile;
-  thread_local std::vector<float> zt_buf, acc_buf;  // per call: WHT(x) and F~ WHT(x), both transposed per tile
-  zt_buf.resize(static_cast<size_t>(tiles * n * tile));
-  acc_buf.resize(static_cast<size_t>(tiles * d_out * tile));
+  if (tiles >= 2) {  // prompts: one task per tile, whose transform, product and write-back stay in one core's L2
+    par(static_cast<size_t>(tiles), [&](size_t i) {
+      thread_local std::vector<float> w, zt, acc;
+      w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
+      zt.resize(static_cast<size_t>(n * tile));
+      acc.resize(static_cast<size_t>(d_out * tile));
+      const int64_t t0 = static_cast<int64_t>(i) * tile, tt = std::min(tile, rows - t0);
+      wht_tile(L, x + t0 * n, tt, tile, w.data(), zt.data());
+      sparse_tile_any(tile, L, idx, zt.data(), acc.data(), 0, nb);
+      add_transposed(acc.data(), tile, base + t0 * d_out, y + t0 * d_out, tt, d_out, 0, d_out);
+    });
+    return;
+  }
+  // one tile (2..64 tokens, e.g. a batched decode step): the transform once, then row blocks in parallel
+  thread_local std::vector<float> w, zt_buf, acc_buf;
+  w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
+  zt_buf.resize(static_cast<size_t>(n * tile));
+  acc_buf.resize(static_cast<size_t>(d_out * tile));
   float* zt = zt_buf.data();
   float* acc = acc_buf.data();
-  par(static_cast<size_t>(tiles), [&](size_t i) {
-    thread_local std::vector<float> w;
-    w.resize(static_cast<size_t>(n * tile));
-    const int64_t t0 = static_cast<int64_t>(i) * tile;
-    wht_tile(L, x + t0 * n, std::min(tile, rows - t0), tile, w.data(), zt + i * n * tile);
-  });
-  par(static_cast<size_t>(tiles * chunks), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task) / chunks, b0 = static_cast<int64_t>(task) % chunks * kBlockChunk;
-    sparse_tile_any(tile, L, idx, zt + i * n * tile, acc + i * d_out * tile, b0, std::min(nb, b0 + kBlockChunk));
+  wht_tile(L, x, rows, tile, w.data(), zt);
+  par(static_cast<size_t>(chunks), [&](size_t c) {
+    const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
+    sparse_tile_any(tile, L, idx, zt, acc, b0, std::min(nb, b0 + kBlockChunk));
   });
   const int64_t row_chunk = kBlockChunk * kLanes, row_chunks = (d_out + row_chunk - 1) / row_chunk;
-  par(static_cast<size_t>(tiles * row_chunks), [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task) / row_chunks, r0 = static_cast<int64_t>(task) % row_chunks * row_chunk;
-    const int64_t t0 = i * tile;
-    add_transposed(acc + i * d_out * tile, tile, base + t0 * d_out, y + t0 * d_out, std::min(tile, rows - t0), d_out,
-                   r0, std::min(d_out, r0 + row_chunk));
+  par(static_cast<size_t>(row_chunks), [&](size_t c) {
+    const int64_t r0 = static_cast<int64_t>(c) * row_chunk;
+    add_transposed(acc, tile, base, y, rows, d_out, r0, std::min(d_out, r0 + row_chunk));
   });
 }
 
@@ -323,8 +390,8 @@ void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* b
 void spectral_add(const SpectralLayout& L, const float* x, const float* base, float* y, int64_t rows,
                   const qwha::ParallelFor& par) {
   if (rows <= 0) return;
-  if (L.n_blocks == 0) {  // no entries: Y = Base
-    std::memcpy(y, base, sizeof(float) * rows * L.d_out);
+  if (L.n_blocks == 0) {  // no entries: Y = Base (y may be base itself: onnxruntime may run the op in place)
+    if (y != base) std::memmove(y, base, sizeof(float) * rows * L.d_out);
     return;
   }
   if (L.wide())
