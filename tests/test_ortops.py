@@ -42,9 +42,9 @@ def layer_model(tmp_path_factory) -> Path:
 def fresh(monkeypatch):
     """No remembered library or warning; QWHA_ORT_OPS unset."""
     monkeypatch.delenv(ortops.ENV_VAR, raising=False)
-    ortops._forget()
+    ortops.reset()
     yield
-    ortops._forget()
+    ortops.reset()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_native_by_default_and_same_numbers_as_the_bodies(layer_model, fresh, mo
     which, y_native = _run(layer_model)
     assert which == "native"
     monkeypatch.setenv(ortops.ENV_VAR, "0")
-    ortops._forget()
+    ortops.reset()
     which, y_function = _run(layer_model)
     assert which == "function"
     err = float(np.abs(y_native - y_function).max() / np.abs(y_function).max())
@@ -104,7 +104,7 @@ def test_env_names_a_library(layer_model, fresh, monkeypatch, tmp_path, capfd):
     monkeypatch.setenv(ortops.ENV_VAR, str(lib))
     assert ortops.library_path() == lib.resolve() and _run(layer_model)[0] == "native"
     monkeypatch.setenv(ortops.ENV_VAR, str(tmp_path / "missing.so"))
-    ortops._forget()
+    ortops.reset()
     assert _run(layer_model)[0] == "function"
     (line,) = _warnings(capfd)
     assert "missing.so: no such file" in line
@@ -147,7 +147,7 @@ def test_corrupt_and_stale_cached_library_is_rebuilt(layer_model, fresh, monkeyp
     meta["sha256"] = hashlib.sha256(stale).hexdigest()
     (entry / "build.json").write_text(json.dumps(meta))
     assert "stale" in build.cached_library()[1]
-    ortops._forget()
+    ortops.reset()
     assert _run(layer_model)[0] == "native"
     assert build.library_tag(so_file)["source"] == build.source_hash()
 
@@ -172,7 +172,7 @@ def test_onnxruntime_older_than_the_headers_api(layer_model, fresh, monkeypatch,
     build._compile(build._compiler(), build.Headers(fake, 99, "test"), lib99, lib99.parent)
     assert build.library_tag(lib99)["api"] == "99"
     monkeypatch.setenv(ortops.ENV_VAR, str(lib99))
-    ortops._forget()
+    ortops.reset()
     assert _run(layer_model)[0] == "function"
     (line,) = _warnings(capfd)
     assert "built for onnxruntime C API 99" in line

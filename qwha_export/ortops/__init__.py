@@ -35,6 +35,7 @@ __all__ = [
     "library_path",
     "find_library",
     "library_info",
+    "reset",
     "model_uses_qwha_ops",
     "register",
     "inference_session",
@@ -97,8 +98,8 @@ def library_path() -> Path | None:
     return _resolved[key]
 
 
-def _forget() -> None:
-    """Drop the remembered library and warnings (tests that change the environment or the cache)."""
+def reset() -> None:
+    """Forget the resolved library and the warnings given, after changing ``QWHA_ORT_OPS`` or the cache."""
     _resolved.clear()
     _warned.clear()
 
