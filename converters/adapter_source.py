@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..formats.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META, check_base_hash
 from ..formats.jsonfile import read_json_object
 from ..formats.manifest import Source
 from ..formats.shards import iter_checkpoint_tensors, sha256_file, validate_checkpoint, validate_safetensors_file
@@ -36,10 +37,6 @@ __all__ = [
     "source_record",
 ]
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-BASE_FILE = "quantized_base.safetensors"
-BASE_META = "qwha_base.json"
 _KEY_PREFIX = "base_model.model."
 _SUFFIXES = ("qwha_spectrum", "qwha_indices", "qwha_shape")
 
@@ -255,8 +252,6 @@ def _check_layer_shapes(
 def open_adapter_source(adapter_dir: Path, check_hash: bool = True, lazy: bool = False):
     """Check an adapter directory against its base checkpoint (exists, same hash, every layer present) before any
     work. Returns ``(meta, base_dir, quantized_layer_names, spectra)``; ``lazy`` gives a :class:`LazySpectra`."""
-    from ..pipeline import check_base_hash
-
     meta = _read_base_meta(adapter_dir)
     base_dir = Path(meta["base_model"])
     if not base_dir.is_dir():

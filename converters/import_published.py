@@ -26,14 +26,17 @@ import json
 import math
 import os
 import re
-from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["read_published_adapter", "convert_published_adapter"]
+from ..kernels import is_supported_size
+from ..kernels.spectral import validate_spectrum
+
+__all__ = ["check_published_layers", "published_config", "read_published_adapter"]
 
 _WEIGHTS = "adapter_model.safetensors"
 _CONFIG = "adapter_config.json"
@@ -172,26 +175,9 @@ def read_published_adapter(
     return out
 
 
-def convert_published_adapter(
-    src_dir: str | os.PathLike, base_model: nn.Module, out_dir: str | os.PathLike, adapter: str | None = None
-) -> Path:
-    """Convert a published QWHA adapter into our adapter files (``adapter_config.json`` + safetensors).
-
-    ``base_model`` (a transformers model whose target layers are ``nn.Linear`` or ``QuantLinear``) is used to check
-    shapes and to build the peft model; it is restored (adapter unloaded, trainability flags back) before returning.
-    Loading the result with :func:`qwha_export.peft_qwha.load_qwha_adapter` gives the published layer's function.
-    Raises one-line ``ValueError`` naming the layer for a module missing from ``base_model``, an unsupported
-    ``d_in`` or out-of-range indices.
-    """
-    from peft import get_peft_model
-
-    from qwha_export.kernels import is_supported_size
-    from qwha_export.layer import validate_spectrum
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
-
-    src = Path(src_dir)
-    layers = read_published_adapter(src, adapter=adapter)
-    cfg = _read_config(src)
+def check_published_layers(layers: Mapping[str, Mapping[str, Any]], base_model: nn.Module) -> None:
+    """One-line ``ValueError`` naming the layer when a published spectrum does not fit ``base_model``: a module
+    missing from it, not a linear layer, an unsupported ``d_in`` or out-of-range indices."""
     for name, spec in layers.items():
         try:
             module = base_model.get_submodule(name)
@@ -204,30 +190,7 @@ def convert_published_adapter(
             raise ValueError(f"{name}: d_in={d_in} has no supported Walsh-Hadamard size")
         validate_spectrum(spec["values"], spec["rows"], spec["cols"], d_out, d_in, name)
 
-    scales = Counter(float(spec["scale"]) for spec in layers.values())
-    scale = scales.most_common(1)[0][0]
-    pattern = {n: float(s["scale"]) for n, s in layers.items() if float(s["scale"]) != scale}
-    base_name = cfg.get("base_model_name_or_path")
-    config = QWHAConfig(
-        target_modules=sorted(layers),
-        scale=scale,
-        scale_pattern=pattern,
-        init="published",
-        base_model_name_or_path=base_name if isinstance(base_name, str) else None,
-    )
 
-    grad_flags = [(p, p.requires_grad) for p in base_model.parameters()]
-    peft_model = get_peft_model(base_model, config)
-    try:
-        for name, spec in layers.items():
-            set_spectrum(peft_model, name, spec["values"], spec["rows"], spec["cols"], scale=float(spec["scale"]))
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        peft_model.save_pretrained(str(out), safe_serialization=True)
-    finally:
-        peft_model.base_model.unload()
-        if hasattr(base_model, "peft_config"):
-            del base_model.peft_config
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
-    return out
+def published_config(src_dir: str | os.PathLike) -> dict[str, Any]:
+    """The published adapter's ``adapter_config.json`` (empty when it has none)."""
+    return _read_config(Path(src_dir))

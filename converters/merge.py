@@ -30,14 +30,14 @@ import torch
 from safetensors import safe_open
 
 from ..formats import ExportFormat, get_writer, needs_desc_act
+from ..formats.adapter_dir import atomic_output_dir, check_output_dir
 from ..formats.dense import DenseFormat
 from ..formats.manifest import Manifest, finish_manifest
 from ..formats.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardWriter,
 )
-from ..kernels.spectral import dense_delta
-from ..layer import adapter_coefficient
+from ..kernels.spectral import adapter_coefficient, dense_delta
 from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_source etc. predate the split
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -230,9 +230,6 @@ def stream_merge(
     renamed into place; the entries it returns are added to the report and the manifest (the parity check).
     Returns the report (also in ``qwha_export.json``).
     """
-    from .. import __version__
-    from ..pipeline import atomic_output_dir, check_output_dir
-
     t0 = time.time()
     adapter_dir = Path(adapter_dir)
     fmt = ExportFormat.parse(fmt)
@@ -332,7 +329,6 @@ def stream_merge(
                 "grams": grams is not None,
             },
             source=source_record(adapter_dir, base_dir, meta),
-            tool_version=__version__,
             quantization_config=qconfig,
             files={
                 "shards": sorted(set(index["weight_map"].values())),

@@ -140,9 +140,7 @@ def _bias(module: nn.Module) -> np.ndarray | None:
 
 
 def _projection(module: nn.Module) -> Projection:
-    from ..layer import QWHALinear
-
-    if isinstance(module, QWHALinear):
+    if all(hasattr(module, a) for a in ("base", "spectrum", "indices", "coefficient")):  # a QWHA layer
         d_in = module.in_features
         coef = module.coefficient
         values = (module.spectrum.detach().cpu().double() * coef).float().numpy()

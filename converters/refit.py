@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..formats.adapter_dir import BASE_FILE, BASE_META
 from .adapter_source import read_quantized_layer
 from .merge import merged_weight, open_adapter_source, requantize
 from .quantize import QuantizedWeight
@@ -28,8 +29,6 @@ from .qwha_init import InitConfig, init_layer
 
 __all__ = ["refit_adapter"]
 
-_BASE_FILE = "quantized_base.safetensors"
-_BASE_META = "qwha_base.json"
 
 
 def layer_quantizer(quantizer: str, base_qw: QuantizedWeight, bits: int, group_size: int | None) -> str:
@@ -72,7 +71,7 @@ def refit_adapter(
     new_base: dict[str, torch.Tensor] = {}
     new_adapter: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
-    qpath = adapter_dir / _BASE_FILE
+    qpath = adapter_dir / BASE_FILE
     with safe_open(str(qpath), framework="pt") as qf:
         qkeys = set(qf.keys())
     for layer in sorted(quantized | set(spectra)):
@@ -95,7 +94,7 @@ def refit_adapter(
         new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
         new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
         layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
-    save_file(new_base, str(out_dir / _BASE_FILE))
+    save_file(new_base, str(out_dir / BASE_FILE))
     save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
     cfg.update({"rank": rank, "scale": 1.0, "scale_pattern": {}, "init": "adaalloc"})
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
@@ -103,7 +102,7 @@ def refit_adapter(
     meta["quantization"] = {**meta.get("quantization", {}), "bits": bits, "method": quantizer, "refit": True}
     if group_size is not None:
         meta["quantization"]["group_size"] = group_size
-    (out_dir / _BASE_META).write_text(json.dumps(meta, indent=2))
+    (out_dir / BASE_META).write_text(json.dumps(meta, indent=2))
     errs = [layer["rel_err_after_calib"] for layer in layers]
     report = {
         "layers": layers,

@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
-from ..converters.quantize import QuantizedWeight
 from .compressed_tensors import ct_quantization_config, read_ct_layer, write_ct_layer
 from .dense import DenseFormat, write_dense_layer
 from .gptq import gptq_quantization_config, needs_desc_act, read_gptq_layer, write_gptq_layer
+from .quantized import QuantizedWeight
 from .shards import ShardWriter, iter_checkpoint_tensors, join_key
 
 __all__ = [

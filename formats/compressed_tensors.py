@@ -46,7 +46,6 @@ from typing import Any
 
 import torch
 
-from ..converters.quantize import QuantizedWeight
 from .packing import (
     from_ct_signed,
     pack_ct_weight,
@@ -55,6 +54,7 @@ from .packing import (
     unpack_ct_weight,
     unpack_ct_zero_point,
 )
+from .quantized import QuantizedWeight
 from .shards import join_key
 
 __all__ = [

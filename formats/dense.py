@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..converters.quantize import QuantizedWeight
 from .jsonfile import read_json_object
+from .quantized import QuantizedWeight
 from .shards import join_key
 
 __all__ = ["DenseFormat", "copy_aux_files", "load_config", "write_config", "write_dense_layer"]

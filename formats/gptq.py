@@ -45,7 +45,6 @@ from typing import Any
 
 import torch
 
-from ..converters.quantize import QuantizedWeight, n_groups_of
 from .packing import (
     GPTQ_PACK_BITS,
     pack_gptq_qweight,
@@ -53,6 +52,7 @@ from .packing import (
     unpack_gptq_qweight,
     unpack_gptq_qzeros,
 )
+from .quantized import QuantizedWeight, n_groups_of
 from .shards import join_key
 
 __all__ = [

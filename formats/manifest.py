@@ -160,6 +160,16 @@ class Source:
         return self
 
 
+def _package_version() -> str | None:
+    """The installed qwha-export version (what writes a new manifest)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("qwha-export")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+        return None
+
+
 def _str_or_none(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
@@ -170,7 +180,7 @@ class Manifest:
 
     settings: dict[str, Any]
     source: Source = field(default_factory=Source)
-    tool_version: str | None = None
+    tool_version: str | None = field(default_factory=_package_version)
     quantization_config: dict[str, Any] | None = None
     files: dict[str, Any] = field(default_factory=dict)
     parity: Parity | None = None

@@ -64,7 +64,8 @@ def _dense_form(
 ) -> torch.Tensor:
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     rows, cols = layout.rows.to(x.device), layout.cols.to(x.device)
-    f = torch.zeros(layout.d_out, layout.d_in, dtype=dtype, device=x.device).index_put((rows, cols), values.to(dtype))
+    f = torch.zeros(layout.d_out, layout.d_in, dtype=dtype, device=x.device)
+    f = f.index_put((rows, cols), values.to(dtype), accumulate=True)  # repeated (row, col) entries add up
     w = weight.to(dtype) + scale * wht_torch(f, transpose=True)  # W + scale * F @ M
     b = None if bias is None else bias.to(dtype)
     return F.linear(x.to(dtype), w, b).to(x.dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .spectral import SpectralLayout
+from .layout import SpectralLayout
 from .triton_wht import _wht_launch, available, triton
 
 if triton is not None:

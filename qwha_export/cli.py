@@ -224,11 +224,11 @@ def import_cmd(src, base_dir, out):
 @click.option(
     "--format",
     "fmt",
-    default="dense",
-    show_default=True,
+    default=None,
     type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors", "fused", "onnx"]),
-    help="fused = keep the adapter beside the untouched quantized base (same as `fuse`); "
-    "onnx = merge to gptq_v2 (dense with --bits 16) and export that with `export-onnx`.",
+    help="[default: gptq_v2 for --bits 2/3/4/8, dense for --bits 16] fused = keep the adapter beside the "
+    "untouched quantized base (same as `fuse`); onnx = merge to gptq_v2 (dense with --bits 16) and export that with "
+    "`export-onnx`.",
 )
 @click.option("--dtype", default="float16", show_default=True, type=click.Choice(["float16", "bfloat16", "float32"]))
 @click.option(
@@ -261,6 +261,7 @@ def merge_cmd(
     """Merge the adapter of ADAPTER_DIR into its base (inverse WHT), re-quantize, and write a checkpoint."""
     from .pipeline import MergeJob, merge_qwha
 
+    fmt = fmt or ("dense" if bits == 16 else "gptq_v2")  # a re-quantized model is stored packed, not in 16 bits
     to_onnx = fmt == "onnx"  # merge to gptq_v2 (dense for --bits 16) in a temporary folder, then export-onnx
     job = MergeJob(
         adapter_dir=adapter_dir,

@@ -86,7 +86,7 @@ def write_fused(
     temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``).
     """
     from . import __version__
-    from .pipeline import atomic_output_dir, check_output_dir
+    from .formats.adapter_dir import atomic_output_dir, check_output_dir
 
     t0 = time.time()
     fmt = ExportFormat.parse(base_format)

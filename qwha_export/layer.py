@@ -10,35 +10,14 @@ adapter runs on activations through :func:`qwha_export.kernels.spectral_adapter`
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .kernels import SpectralLayout, dense_delta, is_supported_size, spectral_adapter, spectral_linear
+from .kernels.spectral import adapter_coefficient, validate_spectrum
 from .quant_linear import QuantLinear
 
 __all__ = ["QWHALinear", "adapter_coefficient", "delta_weight", "validate_spectrum"]
-
-
-def adapter_coefficient(scale: float, d_in: int, d_out: int) -> float:
-    """The factor in front of ``wht(x) @ F.T``: ``s / (d_in * sqrt(d_out))``."""
-    return float(scale) / (d_in * math.sqrt(d_out))
-
-
-def validate_spectrum(
-    values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, d_out: int, d_in: int, name: str = "layer"
-) -> None:
-    """Raise ``ValueError`` (one line, naming the layer) for NaN/inf values or out-of-range indices."""
-    if values.numel() != rows.numel() or rows.numel() != cols.numel():
-        raise ValueError(f"{name}: spectrum has {values.numel()} values but {rows.numel()}/{cols.numel()} indices")
-    if not torch.isfinite(values).all():
-        bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"{name}: spectrum has {bad} NaN/inf value(s); the adapter file is corrupt")
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= d_out):
-        raise ValueError(f"{name}: output-channel index {int(rows.max())} out of range for d_out={d_out}")
-    if cols.numel() and (int(cols.min()) < 0 or int(cols.max()) >= d_in):
-        raise ValueError(f"{name}: Walsh index {int(cols.max())} out of range for d_in={d_in}")
 
 
 def delta_weight(

@@ -171,7 +171,7 @@ def load_for_eval(src: str | Path, dtype: torch.dtype = torch.float32) -> tuple[
     ``verify`` (fused, dense, GPTQ, compressed-tensors; ONNX through onnxruntime). The tokenizer is the folder's
     own, else the base model's (adapter directories); a folder with none is refused.
     """
-    from .pipeline import BASE_FILE, BASE_META
+    from .formats.adapter_dir import BASE_FILE, BASE_META
 
     d = Path(src)
     if not d.is_dir():

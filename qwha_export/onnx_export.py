@@ -30,11 +30,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .formats import ExportFormat
 from .formats.jsonfile import read_json_object
+from .formats.onnx_folder import DATA_FILE, MODEL_FILE
+from .onnx_runtime import OnnxLogits, check_external_data, onnx_session, open_onnx_session  # noqa: F401 - re-exported
 
 __all__ = [
     "MODEL_FILE",
@@ -48,8 +49,6 @@ __all__ = [
     "genai_config",
 ]
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 ACCURACY_LEVEL_4_WARNING = (
     "accuracy_level=4 makes MatMulNBits quantize activations to int8 per block; with outlier activations this is "
     "known to flip the argmax of the logits"
@@ -90,10 +89,10 @@ def export_onnx(
     import onnx
 
     from .converters.onnx_export import check_config, decoder_from_model
+    from .formats.adapter_dir import atomic_output_dir, check_output_dir
     from .formats.dense import DenseFormat
     from .formats.manifest import MANIFEST_FILE, Manifest, Parity, Source, read_manifest, write_manifest
     from .formats.onnx_graph import build_decoder_model
-    from .pipeline import atomic_output_dir, check_output_dir
     from .verify import detect_format, load_export
 
     t0 = time.time()
@@ -179,8 +178,9 @@ def merge_to_onnx(job, *, accuracy_level: int = 0) -> dict[str, Any]:
     import dataclasses
     import tempfile
 
+    from .formats.adapter_dir import check_output_dir
     from .formats.manifest import read_manifest, write_manifest
-    from .pipeline import check_output_dir, merge_qwha
+    from .pipeline import merge_qwha
 
     check_output_dir(job.out, job.overwrite)
     if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
@@ -255,60 +255,8 @@ def _parity(model: torch.nn.Module, folder: Path, n_tokens: int, vocab: int) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# running an exported folder
+# genai_config.json
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def check_external_data(model_path: str | os.PathLike[str]) -> list[str]:
-    """The external data files ``model_path`` refers to; one-line ``ValueError`` if the graph or one of them is
-    missing, outside the folder or truncated (:func:`qwha_export.formats.onnx_folder.read_onnx_model`)."""
-    from .formats.onnx_folder import external_data_files, read_onnx_model
-
-    return sorted(external_data_files(read_onnx_model(model_path)))
-
-
-def open_onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
-    """An ``onnxruntime.InferenceSession`` of ``folder/model.onnx`` (checked for missing external data first)."""
-    return onnx_session(folder, threads, providers)[0]
-
-
-def onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
-    """``(session, qwha ops path)`` of ``folder/model.onnx``: the native qwha kernels registered when available
-    (:func:`qwha_export.ortops.inference_session`; the path is ``native``, ``function`` or ``none``)."""
-    import onnxruntime as ort
-
-    from .ortops import inference_session
-
-    path = Path(folder) / MODEL_FILE
-    check_external_data(path)
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
-    return inference_session(path, so, providers or ["CPUExecutionProvider"])
-
-
-class OnnxLogits:
-    """``logits = OnnxLogits(folder)(input_ids)``: one full-sequence call with an all-ones mask and an empty cache.
-
-    ``input_ids`` a ``(batch, seq)`` integer tensor; returns float32 torch logits ``(batch, seq, vocab)``.
-    """
-
-    def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
-        self.session, self.qwha_ops = onnx_session(folder, threads)  # qwha_ops: "native", "function" or "none"
-        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        ids = np.asarray(input_ids.cpu().numpy(), dtype=np.int64)
-        b, s = ids.shape
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((b, s), np.int64),
-            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        }
-        for i in self.past:
-            feed[i.name] = np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
-        return torch.from_numpy(self.session.run(["logits"], feed)[0])
 
 
 def genai_config(folder: str | os.PathLike[str], custom_ops_library: str | None = None) -> dict[str, Any]:

@@ -31,7 +31,15 @@ from . import __version__
 from .converters.calibration import default_targets, iter_block_grams
 from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
-from .formats.shards import DEFAULT_MAX_SHARD_BYTES, sha256_file, validate_checkpoint, validate_safetensors_file
+from .formats.adapter_dir import (  # noqa: F401 - re-exported: pipeline.BASE_FILE etc. predate formats.adapter_dir
+    BASE_FILE,
+    BASE_META,
+    atomic_output_dir,
+    base_fingerprint,
+    check_base_hash,
+    check_output_dir,
+)
+from .formats.shards import DEFAULT_MAX_SHARD_BYTES, validate_checkpoint, validate_safetensors_file
 from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
@@ -50,8 +58,6 @@ __all__ = [
     "resolve_model",
 ]
 
-BASE_FILE = "quantized_base.safetensors"
-BASE_META = "qwha_base.json"
 REPORT_FILE = "init_report.json"
 
 
@@ -84,76 +90,6 @@ class InitJob:
             raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available")
-
-
-def base_fingerprint(model_dir: str | Path) -> dict[str, str]:
-    """SHA-256 of the base model's ``config.json`` and each ``*.safetensors`` file (sorted by name)."""
-    p = Path(model_dir)
-    files = [p / "config.json", *sorted(p.glob("*.safetensors"))]
-    return {f.name: sha256_file(f) for f in files if f.is_file()}
-
-
-def check_base_hash(base_dir: str | Path, recorded: Any) -> None:
-    """One-line ``ValueError`` naming the changed files when ``base_dir`` no longer matches the fingerprint
-    recorded by ``init`` (``qwha_base.json`` ``base_hash``); nothing to check when none was recorded."""
-    if not recorded:
-        return
-    if not isinstance(recorded, dict):
-        raise ValueError(
-            f"{BASE_META}: base_hash must map file names to SHA-256 digests, not {type(recorded).__name__}"
-        )
-    now = base_fingerprint(base_dir)
-    if now == recorded:
-        return
-    changed = sorted(n for n in set(now) | set(recorded) if now.get(n) != recorded.get(n))
-    more = f" (+{len(changed) - 3} more)" if len(changed) > 3 else ""
-    raise ValueError(
-        f"base model {base_dir} differs from the one this adapter was made for (hash mismatch: "
-        f"{', '.join(changed[:3])}{more} changed); point base_model in {BASE_META} at the original files or run "
-        "init again"
-    )
-
-
-def check_output_dir(path: str | Path, overwrite: bool) -> None:
-    """Refuse an existing output folder unless ``overwrite`` (call before any long work)."""
-    if Path(path).exists() and not overwrite:
-        raise ValueError(f"output folder {path} already exists; pass --overwrite or choose another --out")
-
-
-class atomic_output_dir:  # noqa: N801 - used as a context manager
-    """Write into a temporary sibling folder; rename onto ``path`` only when the block completes without error.
-
-    Refuses an existing ``path`` unless ``overwrite``. On error the temporary folder is removed, so no partial
-    output is ever left looking complete.
-    """
-
-    def __init__(self, path: str | Path, overwrite: bool = False):
-        self.path = Path(path)
-        self.overwrite = overwrite
-        self.tmp: Path | None = None
-
-    def __enter__(self) -> Path:
-        check_output_dir(self.path, self.overwrite)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        self.tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are meant to be shared
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self.tmp is not None
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for f in self.tmp.rglob("*"):  # temp files (mkstemp) are 0600: give them ordinary permissions
-            if f.is_file() and not f.stat().st_mode & 0o044:
-                f.chmod(0o644)
-        if self.path.exists():
-            old = self.path.with_name(f".{self.path.name}.old-{int(time.time())}")
-            self.path.rename(old)
-            self.tmp.rename(self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.tmp.rename(self.path)
 
 
 def resolve_model(model: str) -> str:
@@ -371,7 +307,7 @@ def import_published(src: str | Path, base_dir: str | Path, out: str | Path, ove
     ``base_dir`` is an adapter directory from ``init`` whose quantized base the published adapter was trained on; its
     ``qwha_base.json`` and ``quantized_base.safetensors`` are copied so ``out`` loads with :func:`load_qwha_model`.
     """
-    from .converters.import_published import convert_published_adapter
+    from .published import convert_published_adapter
 
     if not Path(src).exists():
         raise ValueError(f"published adapter {src} does not exist; pass the folder or file the QWHA code saved")

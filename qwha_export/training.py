@@ -57,7 +57,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import encode_records, read_jsonl
-from .pipeline import BASE_FILE, BASE_META, REPORT_FILE, load_qwha_model
+from .formats.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META
+from .pipeline import REPORT_FILE, load_qwha_model
 
 __all__ = [
     "PadCollator",
@@ -71,8 +72,6 @@ __all__ = [
 
 TRAIN_REPORT = "train_report.json"
 CHECKPOINTS = "checkpoints"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SPECTRUM_KEY = "qwha_spectrum"
 _SCHEDULERS = (
     "linear",

@@ -9,7 +9,7 @@ Export, by detected format:
 * ``fused`` (``qwha_fused.json`` present): :func:`qwha_export.fused.load_fused`;
 * ``dense``: ``AutoModelForCausalLM.from_pretrained``;
 * ``onnx`` (``model.onnx``, from ``export-onnx``): an onnxruntime session called on the full sequence with an
-  empty KV cache (:class:`qwha_export.onnx_export.OnnxLogits`; missing external data is a one-line error);
+  empty KV cache (:class:`qwha_export.onnx_runtime.OnnxLogits`; missing external data is a one-line error);
 * ``gptq``/``gptq_v2``/``compressed-tensors``: a pure-torch loader
   (:func:`qwha_export.fused.load_quantized_checkpoint`: model built from ``config.json``, quantized layers
   replaced by ``QuantLinear`` read with the formats' ``read_layer``) -- GPTQModel / compressed-tensors kernels are
@@ -54,7 +54,8 @@ def _check_files(model_dir: Path, *extra: Path) -> None:
 
 def _check_export_files(export_dir: Path, fmt: ExportFormat) -> None:
     if fmt == ExportFormat.ONNX:  # the graph and every external data file it names
-        from .onnx_export import MODEL_FILE, check_external_data
+        from .formats.onnx_folder import MODEL_FILE
+        from .onnx_runtime import check_external_data
 
         check_external_data(export_dir / MODEL_FILE)
         return
@@ -96,7 +97,7 @@ def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
     """``(model, format)`` of an export folder (see the module docstring for the loader per format)."""
     fmt = detect_format(export_dir)
     if fmt == ExportFormat.ONNX:  # a callable ``logits = m(input_ids)`` running onnxruntime (full sequence, no cache)
-        from .onnx_export import OnnxLogits
+        from .onnx_runtime import OnnxLogits
 
         return OnnxLogits(export_dir), fmt
     _check_export_files(Path(export_dir), fmt)
@@ -121,7 +122,7 @@ def load_export(export_dir: str | Path, dtype: torch.dtype = torch.float32):
 def reference_kind(against: str | Path) -> str:
     """``"training-time"`` when ``against`` is an adapter directory (``qwha_base.json`` present), else the export
     format of the folder (``gptq_v2``, ``fused``, ...); one-line ``ValueError`` when it is neither."""
-    from .pipeline import BASE_META
+    from .formats.adapter_dir import BASE_META
 
     d = Path(against)
     if (d / BASE_META).is_file():
@@ -147,9 +148,9 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     from .converters.quantize import QuantizedWeight
+    from .formats.adapter_dir import BASE_FILE, BASE_META, check_base_hash
     from .fused import _try_tokenizer
     from .peft_qwha import load_qwha_adapter
-    from .pipeline import BASE_FILE, BASE_META, check_base_hash
     from .quant_linear import QuantLinear, replace_linear
 
     d = Path(adapter_dir)

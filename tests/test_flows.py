@@ -243,3 +243,14 @@ def test_cli_errors_name_flags_not_python_arguments(flow, tmp_path, online, monk
                 bad.append(f"{command} {' '.join(map(str, args[1:]))} (exit {r.exit_code}, wants {needle!r}): {line}")
     assert not bad, "\n".join(bad)
     assert not (tmp_path / "fresh").exists()
+
+
+@pytest.mark.parametrize("bits, fmt", [(4, "gptq_v2"), (16, "dense")])
+def test_merge_default_format_stores_low_bit_models_packed(flow, tmp_path, bits, fmt):
+    """`merge --bits 4` without --format writes packed gptq_v2 (not 16-bit weights on a 4-bit grid); --bits 16 dense."""
+    out = tmp_path / f"m{bits}"
+    r = _invoke("merge", flow["trained"], "--bits", bits, "--out", out, "--calib-tokens", 0, "--verify-tokens", 0)
+    assert r.exit_code == 0, r.output
+    assert read_manifest(out).format == fmt
+    config = json.loads((out / "config.json").read_text())
+    assert ("quantization_config" in config) == (bits < 16)

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qwha_export.converters.import_published import convert_published_adapter, read_published_adapter
+from qwha_export.converters.import_published import read_published_adapter
 from qwha_export.kernels import hadamard_matrix
 from qwha_export.peft_qwha import load_qwha_adapter, spectra
+from qwha_export.published import convert_published_adapter
 
 Q = "model.layers.0.self_attn.q_proj"  # 48 x 48, own scaling tensor
 DOWN = "model.layers.1.mlp.down_proj"  # 48 x 96, config scaling

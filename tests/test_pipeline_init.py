@@ -74,8 +74,8 @@ def _cli(*args):
     "args,needle",
     [
         (["/no/such/model", "--out", "{tmp}/o"], "does not exist"),
-        (["{model}", "--out", "{tmp}/o", "--bits", "5"], "bits"),
-        (["{model}", "--out", "{tmp}/o", "--group-size", "48"], "group_size"),
+        (["{model}", "--out", "{tmp}/o", "--bits", "5"], "--bits 5"),
+        (["{model}", "--out", "{tmp}/o", "--group-size", "48"], "--group-size 48"),
         (["{model}", "--out", "{tmp}/o", "--calib", "{tmp}/empty.txt"], "empty"),
     ],
 )
