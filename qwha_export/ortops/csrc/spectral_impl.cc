@@ -76,79 +76,78 @@ void fwht(float* v, int64_t p, int64_t w) {
   }
 }
 
-// out[a] = sum_b hk[a, b] * in[b] over k blocks of `len` floats (the H_K factor on the outer axis). H_K is +1/-1,
-// so out[a] = 2 * sum_{b in plus[a]} in[b] - sum_b in[b]: half the additions of the matrix product. Chunks of 32
-// floats are held in registers while the inputs stream through (from L1).
-void mix_hk(const SpectralLayout& L, const float* in, int64_t in_stride, float* out, int64_t len) {
-  constexpr int64_t kChunk = 32;
+#ifdef QWHA_AVX2
+struct V8 {  // 8 floats (AVX2)
+  using T = __m256;
+  static constexpr int kWidth = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T set1(float v) { return _mm256_set1_ps(v); }
+  static T load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static T fmsub(T a, T b, T c) { return _mm256_fmsub_ps(a, b, c); }
+};
+#endif
+#ifdef QWHA_AVX512
+struct V16 {  // 16 floats (AVX-512)
+  using T = __m512;
+  static constexpr int kWidth = 16;
+  static T zero() { return _mm512_setzero_ps(); }
+  static T set1(float v) { return _mm512_set1_ps(v); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static T fmsub(T a, T b, T c) { return _mm512_fmsub_ps(a, b, c); }
+};
+#endif
+
+#ifdef QWHA_AVX2
+// mix_hk on 4 vectors of floats at offset c0 of every block, held in registers while the inputs stream through.
+template <class V>
+void mix_chunk(const SpectralLayout& L, const float* in, int64_t in_stride, float* out, int64_t len, int64_t c0) {
   const int64_t k = L.k;
   const int32_t* plus = L.hk_plus.data();
   const int32_t* start = L.hk_plus_start.data();
+  constexpr int w = V::kWidth;
+  typename V::T s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  for (int64_t b = 0; b < k; ++b)
+    for (int q = 0; q < 4; ++q) s[q] = V::add(s[q], V::load(in + b * in_stride + c0 + q * w));
+  const typename V::T two = V::set1(2.0f);
+  for (int64_t a = 0; a < k; ++a) {
+    typename V::T acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    for (int32_t j = start[a]; j < start[a + 1]; ++j)
+      for (int q = 0; q < 4; ++q) acc[q] = V::add(acc[q], V::load(in + plus[j] * in_stride + c0 + q * w));
+    for (int q = 0; q < 4; ++q) V::store(out + a * len + c0 + q * w, V::fmsub(two, acc[q], s[q]));
+  }
+}
+#endif
+
+// out[a] = sum_b hk[a, b] * in[b] over k blocks of `len` floats (the H_K factor on the outer axis; block b of `in`
+// at b * in_stride). H_K is +1/-1, so out[a] = 2 * sum_{b in plus[a]} in[b] - sum_b in[b]: half the additions of
+// the matrix product.
+void mix_hk(const SpectralLayout& L, const float* in, int64_t in_stride, float* out, int64_t len) {
+  constexpr int64_t kChunk = 32;
   for (int64_t c0 = 0; c0 < len; c0 += kChunk) {
     const int64_t w = std::min(kChunk, len - c0);
 #ifdef QWHA_AVX512
-    if (w == kChunk && c0 + 2 * kChunk <= len) {  // two chunks at once in 16-wide registers
-      __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t b = 0; b < k; ++b) {
-        const float* src = in + b * in_stride + c0;
-        s0 = _mm512_add_ps(s0, _mm512_loadu_ps(src));
-        s1 = _mm512_add_ps(s1, _mm512_loadu_ps(src + 16));
-        s2 = _mm512_add_ps(s2, _mm512_loadu_ps(src + 32));
-        s3 = _mm512_add_ps(s3, _mm512_loadu_ps(src + 48));
-      }
-      const __m512 two = _mm512_set1_ps(2.0f);
-      for (int64_t a = 0; a < k; ++a) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int32_t j = start[a]; j < start[a + 1]; ++j) {
-          const float* src = in + plus[j] * in_stride + c0;
-          a0 = _mm512_add_ps(a0, _mm512_loadu_ps(src));
-          a1 = _mm512_add_ps(a1, _mm512_loadu_ps(src + 16));
-          a2 = _mm512_add_ps(a2, _mm512_loadu_ps(src + 32));
-          a3 = _mm512_add_ps(a3, _mm512_loadu_ps(src + 48));
-        }
-        float* o = out + a * len + c0;
-        _mm512_storeu_ps(o, _mm512_fmsub_ps(two, a0, s0));
-        _mm512_storeu_ps(o + 16, _mm512_fmsub_ps(two, a1, s1));
-        _mm512_storeu_ps(o + 32, _mm512_fmsub_ps(two, a2, s2));
-        _mm512_storeu_ps(o + 48, _mm512_fmsub_ps(two, a3, s3));
-      }
-      c0 += kChunk;  // the loop's step adds the other one
+    if (c0 + 2 * kChunk <= len) {  // 64 floats in 16-wide registers; the loop's step adds the second chunk
+      mix_chunk<V16>(L, in, in_stride, out, len, c0);
+      c0 += kChunk;
       continue;
     }
 #endif
 #ifdef QWHA_AVX2
     if (w == kChunk) {
-      __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-      for (int64_t b = 0; b < k; ++b) {
-        const float* src = in + b * in_stride + c0;
-        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(src));
-        s1 = _mm256_add_ps(s1, _mm256_loadu_ps(src + 8));
-        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(src + 16));
-        s3 = _mm256_add_ps(s3, _mm256_loadu_ps(src + 24));
-      }
-      const __m256 two = _mm256_set1_ps(2.0f);
-      for (int64_t a = 0; a < k; ++a) {
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int32_t j = start[a]; j < start[a + 1]; ++j) {
-          const float* src = in + plus[j] * in_stride + c0;
-          a0 = _mm256_add_ps(a0, _mm256_loadu_ps(src));
-          a1 = _mm256_add_ps(a1, _mm256_loadu_ps(src + 8));
-          a2 = _mm256_add_ps(a2, _mm256_loadu_ps(src + 16));
-          a3 = _mm256_add_ps(a3, _mm256_loadu_ps(src + 24));
-        }
-        float* o = out + a * len + c0;
-        _mm256_storeu_ps(o, _mm256_fmsub_ps(two, a0, s0));
-        _mm256_storeu_ps(o + 8, _mm256_fmsub_ps(two, a1, s1));
-        _mm256_storeu_ps(o + 16, _mm256_fmsub_ps(two, a2, s2));
-        _mm256_storeu_ps(o + 24, _mm256_fmsub_ps(two, a3, s3));
-      }
+      mix_chunk<V8>(L, in, in_stride, out, len, c0);
       continue;
     }
 #endif
+    const int32_t* plus = L.hk_plus.data();
+    const int32_t* start = L.hk_plus_start.data();
     float sum[kChunk] = {};
-    for (int64_t b = 0; b < k; ++b)
+    for (int64_t b = 0; b < L.k; ++b)
       for (int64_t e = 0; e < w; ++e) sum[e] += in[b * in_stride + c0 + e];
-    for (int64_t a = 0; a < k; ++a) {
+    for (int64_t a = 0; a < L.k; ++a) {
       float acc[kChunk] = {};
       for (int32_t j = start[a]; j < start[a + 1]; ++j)
         for (int64_t e = 0; e < w; ++e) acc[e] += in[plus[j] * in_stride + c0 + e];
