@@ -51,7 +51,8 @@ def _size(k: int) -> int:
 
 
 def _layer(n: int, d_outs: tuple[int, ...], density: float, seed: int, triton_spectral):
-    """Packed projections (the last one without adapter; the first with rows 0 and 3 left empty) and a function
+    """Packed projections (the last one without adapter; the first with rows 0 and 3 left empty, and for n >= 1024
+    row 1 holding only columns 300, 900 and n - 1) and a function
     ``x [rows, n] -> reference y`` (float32 torch base on the dequantized weights + the Triton adapter)."""
     gen = torch.Generator().manual_seed(seed)
     projs, parts = [], []
@@ -69,6 +70,11 @@ def _layer(n: int, d_outs: tuple[int, ...], density: float, seed: int, triton_sp
             nnz = max(1, int(density * d_out * n))
             flat = torch.randperm(len(allowed) * n, generator=gen)[:nnz]
             rows, cols = allowed[flat // n], flat % n
+            if i == 0 and n >= 1024:  # a row whose only entries are far apart (column gaps over 255 and 510)
+                keep = rows != 1
+                rows = torch.cat([rows[keep], torch.tensor([1, 1, 1])])
+                cols = torch.cat([cols[keep], torch.tensor([300, 900, n - 1])])
+            nnz = rows.numel()
             values = torch.randn(nnz, generator=gen)
             coef = adapter_coefficient(2.0, n, d_out)
             spec = (values, SpectralLayout.build(rows, cols, d_out, n), coef)

@@ -5,8 +5,10 @@
 //
 // F~ (d_out x n, sparse) is held in a row-blocked layout rebuilt once per session from the model's tables: rows
 // sorted by their number of entries (most first) and grouped in blocks of 8 lanes; slot s of a block holds one
-// entry (column, value) of each of its 8 rows, lanes interleaved (idx[s*8 + lane], val[s*8 + lane]); a row with
-// fewer entries than the block's longest is padded with (column 0, value 0).
+// entry of each of its 8 rows, lanes interleaved: delta[s*8 + lane] (uint8) is the entry's column minus the
+// previous entry's in that row (the first counts from 0; a gap over 255 is bridged by entries of value 0 and delta
+// 255), val[s*8 + lane] its value. A row with fewer slots than the block's longest is padded with (delta 0, value
+// 0). 5 bytes per entry.
 //
 // The same source is compiled three times: a baseline (portable C++), an x86-64-v3 variant (AVX2 + FMA intrinsics)
 // and an x86-64-v4 variant (AVX-512 for the multi-token products), in namespaces qwha_baseline, qwha_v3 and qwha_v4;
@@ -32,16 +34,14 @@ struct SpectralLayout {
   std::vector<int32_t> row_of;       // n_blocks * 8: output row of each lane (-1: padding lane)
   std::vector<int32_t> count;        // n_blocks * 8: entries of each lane's row
   std::vector<int64_t> block_slot;   // n_blocks + 1: first slot of each block
-  std::vector<uint16_t> idx16;       // slots * 8 column indices when n <= 65536
-  std::vector<int32_t> idx32;        // otherwise
+  std::vector<uint8_t> delta;       // slots * 8 column steps
   std::vector<float> val;            // slots * 8 values
-  int64_t nnz = 0;                   // entries stored (padding excluded)
+  int64_t nnz = 0;                   // entries of F~ (bridging and padding slots excluded)
 
-  bool wide() const { return !idx32.empty(); }
   int64_t slots() const { return block_slot.empty() ? 0 : block_slot.back(); }
   // bytes of the tables read per call (indices + values + per-lane metadata)
   size_t table_bytes() const {
-    return val.size() * sizeof(float) + idx16.size() * 2 + idx32.size() * 4 + row_of.size() * 4 + count.size() * 4 +
+    return val.size() * sizeof(float) + delta.size() + row_of.size() * 4 + count.size() * 4 +
            block_slot.size() * 8;
   }
 };

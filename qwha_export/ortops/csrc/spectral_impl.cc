@@ -188,46 +188,49 @@ void wht_tile(const SpectralLayout& L, const float* x, int64_t tt, int64_t tile,
 // the sparse product
 
 #ifdef QWHA_AVX2
-inline __m256i load_idx(const uint16_t* p) {
-  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+inline __m256i load_steps(const uint8_t* p) {  // 8 column steps as 8 int32
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 }
-inline __m256i load_idx(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 #endif
 
-// One token: every lane of a block accumulates its row, 8 rows per gather.
-template <class Idx>
-void sparse_token(const SpectralLayout& L, const Idx* idx, const float* z, const float* base, float* y, int64_t b0,
-                  int64_t b1) {
+// One token: every lane of a block accumulates its row (columns advanced by the steps), 8 rows per gather.
+void sparse_token(const SpectralLayout& L, const float* z, const float* base, float* y, int64_t b0, int64_t b1) {
   const float* val = L.val.data();
+  const uint8_t* delta = L.delta.data();
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t s0 = L.block_slot[b], s1 = L.block_slot[b + 1];
     alignas(32) float acc[kLanes];
 #ifdef QWHA_AVX2
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    __m256i col = _mm256_setzero_si256();
     int64_t s = s0;
     for (; s + 4 <= s1; s += 4) {
-      const Idx* ip = idx + s * kLanes;
+      const uint8_t* dp = delta + s * kLanes;
       const float* vp = val + s * kLanes;
-      const __m256 g0 = _mm256_i32gather_ps(z, load_idx(ip), 4);
-      const __m256 g1 = _mm256_i32gather_ps(z, load_idx(ip + 8), 4);
-      const __m256 g2 = _mm256_i32gather_ps(z, load_idx(ip + 16), 4);
-      const __m256 g3 = _mm256_i32gather_ps(z, load_idx(ip + 24), 4);
-      a0 = _mm256_fmadd_ps(g0, _mm256_loadu_ps(vp), a0);
-      a1 = _mm256_fmadd_ps(g1, _mm256_loadu_ps(vp + 8), a1);
-      a2 = _mm256_fmadd_ps(g2, _mm256_loadu_ps(vp + 16), a2);
-      a3 = _mm256_fmadd_ps(g3, _mm256_loadu_ps(vp + 24), a3);
+      const __m256i c0 = _mm256_add_epi32(col, load_steps(dp));
+      const __m256i c1 = _mm256_add_epi32(c0, load_steps(dp + 8));
+      const __m256i c2 = _mm256_add_epi32(c1, load_steps(dp + 16));
+      col = _mm256_add_epi32(c2, load_steps(dp + 24));
+      a0 = _mm256_fmadd_ps(_mm256_i32gather_ps(z, c0, 4), _mm256_loadu_ps(vp), a0);
+      a1 = _mm256_fmadd_ps(_mm256_i32gather_ps(z, c1, 4), _mm256_loadu_ps(vp + 8), a1);
+      a2 = _mm256_fmadd_ps(_mm256_i32gather_ps(z, c2, 4), _mm256_loadu_ps(vp + 16), a2);
+      a3 = _mm256_fmadd_ps(_mm256_i32gather_ps(z, col, 4), _mm256_loadu_ps(vp + 24), a3);
     }
     for (; s < s1; ++s) {
-      const __m256 g = _mm256_i32gather_ps(z, load_idx(idx + s * kLanes), 4);
-      a0 = _mm256_fmadd_ps(g, _mm256_loadu_ps(val + s * kLanes), a0);
+      col = _mm256_add_epi32(col, load_steps(delta + s * kLanes));
+      a0 = _mm256_fmadd_ps(_mm256_i32gather_ps(z, col, 4), _mm256_loadu_ps(val + s * kLanes), a0);
     }
     _mm256_store_ps(acc, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #else
+    int64_t col[kLanes] = {};
     for (int l = 0; l < kLanes; ++l) acc[l] = 0.0f;
     for (int64_t s = s0; s < s1; ++s) {
-      const Idx* ip = idx + s * kLanes;
+      const uint8_t* dp = delta + s * kLanes;
       const float* vp = val + s * kLanes;
-      for (int l = 0; l < kLanes; ++l) acc[l] += vp[l] * z[ip[l]];
+      for (int l = 0; l < kLanes; ++l) {
+        col[l] += dp[l];
+        acc[l] += vp[l] * z[col[l]];
+      }
     }
 #endif
     for (int l = 0; l < kLanes; ++l) {
@@ -239,8 +242,8 @@ void sparse_token(const SpectralLayout& L, const Idx* idx, const float* z, const
 
 // A tile of `tile` = 8 * NV tokens (transposed activations zt [n, tile]): each row r accumulates its entries over
 // the tile into acc[r * tile ...] (transposed output, written back by add_transposed).
-template <int NV, class Idx>
-void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float* acc, int64_t b0, int64_t b1) {
+template <int NV>
+void sparse_tile(const SpectralLayout& L, const float* zt, float* acc, int64_t b0, int64_t b1) {
   constexpr int64_t tile = 8 * NV;
   const float* val = L.val.data();
   for (int64_t b = b0; b < b1; ++b) {
@@ -249,15 +252,16 @@ void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float
       const int32_t r = L.row_of[b * kLanes + l];
       if (r < 0) continue;
       const int64_t cnt = L.count[b * kLanes + l];
-      const Idx* ip = idx + s0 * kLanes + l;
+      const uint8_t* dp = L.delta.data() + s0 * kLanes + l;
       const float* vp = val + s0 * kLanes + l;
       float* out = acc + static_cast<int64_t>(r) * tile;
 #ifdef QWHA_AVX512
       if constexpr (NV % 2 == 0) {
         __m512 a[NV / 2];
+        int64_t c = 0;
         for (int q = 0; q < NV / 2; ++q) a[q] = _mm512_setzero_ps();
         for (int64_t j = 0; j < cnt; ++j) {
-          const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+          const float* zc = zt + (c += dp[j * kLanes]) * tile;
           const __m512 v = _mm512_set1_ps(vp[j * kLanes]);
           for (int q = 0; q < NV / 2; ++q) a[q] = _mm512_fmadd_ps(v, _mm512_loadu_ps(zc + 16 * q), a[q]);
         }
@@ -267,17 +271,19 @@ void sparse_tile(const SpectralLayout& L, const Idx* idx, const float* zt, float
 #endif
 #ifdef QWHA_AVX2
       __m256 a[NV];
+      int64_t c = 0;
       for (int q = 0; q < NV; ++q) a[q] = _mm256_setzero_ps();
       for (int64_t j = 0; j < cnt; ++j) {
-        const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+        const float* zc = zt + (c += dp[j * kLanes]) * tile;
         const __m256 v = _mm256_set1_ps(vp[j * kLanes]);
         for (int q = 0; q < NV; ++q) a[q] = _mm256_fmadd_ps(v, _mm256_loadu_ps(zc + 8 * q), a[q]);
       }
       for (int q = 0; q < NV; ++q) _mm256_storeu_ps(out + 8 * q, a[q]);
 #else
       float a[tile] = {};
+      int64_t c = 0;
       for (int64_t j = 0; j < cnt; ++j) {
-        const float* zc = zt + static_cast<int64_t>(ip[j * kLanes]) * tile;
+        const float* zc = zt + (c += dp[j * kLanes]) * tile;
         const float v = vp[j * kLanes];
         for (int64_t t = 0; t < tile; ++t) a[t] += v * zc[t];
       }
@@ -315,26 +321,23 @@ void add_transposed(const float* acc, int64_t tile, const float* base, float* y,
   }
 }
 
-template <class Idx>
-void sparse_tile_any(int64_t tile, const SpectralLayout& L, const Idx* idx, const float* zt, float* acc, int64_t b0,
-                     int64_t b1) {
+void sparse_tile_any(int64_t tile, const SpectralLayout& L, const float* zt, float* acc, int64_t b0, int64_t b1) {
   switch (tile / 8) {
-    case 1: return sparse_tile<1>(L, idx, zt, acc, b0, b1);
-    case 2: return sparse_tile<2>(L, idx, zt, acc, b0, b1);
-    case 3: return sparse_tile<3>(L, idx, zt, acc, b0, b1);
-    case 4: return sparse_tile<4>(L, idx, zt, acc, b0, b1);
-    case 5: return sparse_tile<5>(L, idx, zt, acc, b0, b1);
-    case 6: return sparse_tile<6>(L, idx, zt, acc, b0, b1);
-    case 7: return sparse_tile<7>(L, idx, zt, acc, b0, b1);
+    case 1: return sparse_tile<1>(L, zt, acc, b0, b1);
+    case 2: return sparse_tile<2>(L, zt, acc, b0, b1);
+    case 3: return sparse_tile<3>(L, zt, acc, b0, b1);
+    case 4: return sparse_tile<4>(L, zt, acc, b0, b1);
+    case 5: return sparse_tile<5>(L, zt, acc, b0, b1);
+    case 6: return sparse_tile<6>(L, zt, acc, b0, b1);
+    case 7: return sparse_tile<7>(L, zt, acc, b0, b1);
 #ifdef QWHA_AVX512
-    case 16: return sparse_tile<16>(L, idx, zt, acc, b0, b1);
+    case 16: return sparse_tile<16>(L, zt, acc, b0, b1);
 #endif
-    default: return sparse_tile<8>(L, idx, zt, acc, b0, b1);
+    default: return sparse_tile<8>(L, zt, acc, b0, b1);
   }
 }
 
-template <class Idx>
-void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* base, float* y, int64_t rows,
+void run(const SpectralLayout& L, const float* x, const float* base, float* y, int64_t rows,
          const qwha::ParallelFor& par) {
   const int64_t n = L.n, d_out = L.d_out, nb = L.n_blocks;
   const int64_t chunks = (nb + kBlockChunk - 1) / kBlockChunk;
@@ -346,7 +349,7 @@ void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* b
     const float* zp = z.data();
     par(static_cast<size_t>(chunks), [&](size_t c) {
       const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
-      sparse_token(L, idx, zp, base, y, b0, std::min(nb, b0 + kBlockChunk));
+      sparse_token(L, zp, base, y, b0, std::min(nb, b0 + kBlockChunk));
     });
     return;
   }
@@ -360,7 +363,7 @@ void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* b
       acc.resize(static_cast<size_t>(d_out * tile));
       const int64_t t0 = static_cast<int64_t>(i) * tile, tt = std::min(tile, rows - t0);
       wht_tile(L, x + t0 * n, tt, tile, w.data(), zt.data());
-      sparse_tile_any(tile, L, idx, zt.data(), acc.data(), 0, nb);
+      sparse_tile_any(tile, L, zt.data(), acc.data(), 0, nb);
       add_transposed(acc.data(), tile, base + t0 * d_out, y + t0 * d_out, tt, d_out, 0, d_out);
     });
     return;
@@ -375,7 +378,7 @@ void run(const SpectralLayout& L, const Idx* idx, const float* x, const float* b
   wht_tile(L, x, rows, tile, w.data(), zt);
   par(static_cast<size_t>(chunks), [&](size_t c) {
     const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
-    sparse_tile_any(tile, L, idx, zt, acc, b0, std::min(nb, b0 + kBlockChunk));
+    sparse_tile_any(tile, L, zt, acc, b0, std::min(nb, b0 + kBlockChunk));
   });
   const int64_t row_chunk = kBlockChunk * kLanes, row_chunks = (d_out + row_chunk - 1) / row_chunk;
   par(static_cast<size_t>(row_chunks), [&](size_t c) {
@@ -393,10 +396,7 @@ void spectral_add(const SpectralLayout& L, const float* x, const float* base, fl
     if (y != base) std::memmove(y, base, sizeof(float) * rows * L.d_out);
     return;
   }
-  if (L.wide())
-    run(L, L.idx32.data(), x, base, y, rows, par);
-  else
-    run(L, L.idx16.data(), x, base, y, rows, par);
+  run(L, x, base, y, rows, par);
 }
 
 }  // namespace QWHA_NS
