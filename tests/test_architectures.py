@@ -33,6 +33,9 @@ from qwha_export.converters.calibration import iter_block_grams
 
 WINDOW = 8
 GEMMA_TYPES = ["sliding_attention", "full_attention"]
+GEMMA = {"head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": WINDOW, "layer_types": GEMMA_TYPES,
+         "tie_word_embeddings": True, "pad_token_id": 0}  # fmt: skip
+ROPE_LOCAL, ROPE_GLOBAL = ({"rope_type": "default", "rope_theta": theta} for theta in (10_000.0, 1_000_000.0))
 # model_type -> (config class name, model class name, extra config keys)
 TINY = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -43,33 +46,11 @@ TINY = {
         {"use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
-    "gemma2": (
-        "Gemma2Config",
-        "Gemma2ForCausalLM",
-        {
-            "head_dim": 16,
-            "query_pre_attn_scalar": 24,
-            "sliding_window": WINDOW,
-            "layer_types": GEMMA_TYPES,
-            "tie_word_embeddings": True,
-            "pad_token_id": 0,
-        },
-    ),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", GEMMA),
     "gemma3_text": (
         "Gemma3TextConfig",
         "Gemma3ForCausalLM",
-        {
-            "head_dim": 16,
-            "query_pre_attn_scalar": 24,
-            "sliding_window": WINDOW,
-            "layer_types": GEMMA_TYPES,
-            "tie_word_embeddings": True,
-            "pad_token_id": 0,
-            "rope_parameters": {
-                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-            },
-        },
+        {**GEMMA, "rope_parameters": {"sliding_attention": ROPE_LOCAL, "full_attention": ROPE_GLOBAL}},
     ),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "sliding_window": WINDOW}),
 }
@@ -242,3 +223,22 @@ def test_config_that_disagrees_with_weights_is_one_line(tmp_path, key, value, ne
     line = _one_error_line(_cli("init", base, "--out", tmp_path / "a", "--quiet"), needle)
     assert "config.json of" in line and ("disagrees with its weights" in line or "is invalid" in line)
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_real_init_fuse_verify(tmp_path):
+    """The real Gemma 3 270M (gemma3_text: 5 local + 1 global layer pattern, q/k norm, 1 + w norms, GELU-tanh,
+    sqrt(640) embedding scale, tied 262k head) at reduced sizes: init (RTN 4-bit g64, rank 4, q_proj and down_proj,
+    whose inputs need the K=20 and the power-of-two transform) -> fuse -> verify top-1 1.000 on real held-out text."""
+    from qwha_export.models import embedded_path
+
+    assert describe(json.loads((embedded_path("gemma3-270m") / "config.json").read_text())).window == 512
+    adapter, fused = tmp_path / "adapter", tmp_path / "fused"
+    sizes = ["--calib-tokens", 256, "--heldout-tokens", 256, "--seq-len", 128, "--target-modules", "q_proj,down_proj"]
+    run_cli("init", "gemma3-270m", "--out", adapter, "--bits", 4, "--group-size", 64, "--rank", 4, *sizes, "--quiet")
+    report = json.loads((adapter / "init_report.json").read_text())["total"]
+    assert report["n_layers"] == 36 and report["rms_rel_err_after_heldout"] < report["rms_rel_err_before_heldout"]
+    run_cli("fuse", adapter, "--out", fused, "--verify-tokens", 0)
+    printed = run_cli("verify", fused, "--against", adapter, "--tokens", 512, "--seq-len", 128, "--json")
+    out = json.loads(printed[printed.index('{"tokens"') :].splitlines()[0])
+    assert out["tokens"] >= 500 and out["top1_agreement"] == 1.0 and out["kl_per_token"] <= 1e-9, out
