@@ -245,11 +245,11 @@ def check_prerequisites(onnx: bool = True) -> None:
     import importlib.util
 
     from .data import MissingPackageError, lee_corpus_file, mmlu_cot_file
-    from .models import check_smollm2_available
+    from .models import check_embedded_available
 
     lee_corpus_file()
     mmlu_cot_file()
-    check_smollm2_available()
+    check_embedded_available("smollm2")
     if onnx and importlib.util.find_spec("onnxruntime") is None:
         raise MissingPackageError("the ONNX stages need onnxruntime; run: pip install onnxruntime")
 

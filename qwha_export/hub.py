@@ -72,7 +72,7 @@ def validate_push_folder(folder: str | os.PathLike[str]) -> PushPlan:
     data_bytes = _check_safetensors(d, files)
     _check_onnx(d, files)
     _check_manifest_files(d, manifest.files, data_bytes)
-    return PushPlan(folder=d, manifest=manifest, format=_format_name(d, files), files=tuple(files))
+    return PushPlan(folder=d, manifest=manifest, format=manifest.format, files=tuple(files))
 
 
 def _read_json(path: Path, what: str, hint: str) -> dict[str, Any]:
@@ -188,14 +188,6 @@ def _check_onnx(d: Path, files: list[str]) -> None:
 
     for name in (f for f in files if f.endswith(".onnx")):
         read_onnx_model(d / name)
-
-
-def _format_name(d: Path, files: list[str]) -> str:
-    if any(f.endswith(".onnx") for f in files):
-        return "onnx"
-    from .verify import detect_format
-
-    return detect_format(d).value
 
 
 # ----------------------------------------------------------------------------------------------------------------------

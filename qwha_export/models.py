@@ -200,11 +200,6 @@ def check_embedded_available(name: str = "smollm2", cache_dir: str | Path | None
         raise MissingPackageError(f"building {spec.title} from its GGUF needs the package 'gguf'; run: {spec.install}")
 
 
-def check_smollm2_available(cache_dir: str | Path | None = None) -> None:
-    """:func:`check_embedded_available` for SmolLM2."""
-    check_embedded_available("smollm2", cache_dir)
-
-
 def embedded_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return a plain Hugging Face folder (float32 safetensors) of the embedded model ``name``, building it once.
 

@@ -154,8 +154,7 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
     from .quant_linear import QuantLinear, replace_linear
 
     d = Path(adapter_dir)
-    if reference_kind(d) != "training-time":
-        _check_export_files(d, detect_format(d))
+    if reference_kind(d) != "training-time":  # an export folder: its loader checks its files first
         return load_export(d, dtype=dtype)[0], _try_tokenizer(d)
     if not (d / BASE_FILE).is_file():
         raise ValueError(f"{d} is not a complete qwha-export adapter directory (missing {BASE_FILE}); run init again")
