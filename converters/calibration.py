@@ -25,6 +25,7 @@ only one block's grams at a time.  Everything runs under ``torch.no_grad`` on th
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -41,8 +42,10 @@ __all__ = [
     "collect_grams",
     "default_targets",
     "find_decoder_layers",
+    "gram_hooks",
     "gram_to_root",
     "iter_block_grams",
+    "run_block",
 ]
 
 
@@ -184,6 +187,49 @@ def _capture_block_inputs(
     return hidden, extras
 
 
+def run_block(block: nn.Module, hidden: Sequence[torch.Tensor], extras: Sequence[tuple[tuple, dict]]) -> list:
+    """The block's outputs for each batch's hidden states and captured other inputs (no grad)."""
+    with torch.no_grad():
+        return [_block_output(block(h, *rest, **kw)).detach() for h, (rest, kw) in zip(hidden, extras, strict=True)]
+
+
+@contextlib.contextmanager
+def gram_hooks(model: nn.Module, block: nn.Module, target_modules: Sequence[str], index: int) -> Iterator[BlockGrams]:
+    """Forward hooks on ``block``'s target linears that accumulate float64 ``X^T X`` of their inputs while the
+    block runs inside the ``with``; yields the :class:`BlockGrams` they fill (names qualified in ``model``).
+    ``RuntimeError`` on exit when a target linear was never called."""
+    linears = _target_linears(model, block, target_modules)
+    grams = BlockGrams()
+    last: dict[str, Any] = {"x": None, "xtx": None}
+
+    def make_hook(name: str):
+        def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
+            x = args[0]
+            # q/k/v (and gate/up) receive the very same tensor: compute its X^T X once and reuse it.
+            if last["x"] is not x:
+                x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+                last["x"], last["xtx"], last["rows"] = x, x2.T @ x2, x2.shape[0]
+            if name in grams:
+                grams[name] += last["xtx"]
+                grams.token_counts[name] += last["rows"]
+            else:
+                grams[name] = last["xtx"].clone()
+                grams.token_counts[name] = last["rows"]
+
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
+    try:
+        yield grams
+    finally:
+        for handle in handles:
+            handle.remove()
+        last.clear()
+    missing = [n for n in linears if n not in grams]
+    if missing:
+        raise RuntimeError(f"block {index}: target linears were never called: {missing}")
+
+
 def iter_block_grams(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -219,41 +265,10 @@ def iter_block_grams(
         hidden, all_extras = _capture_block_inputs(model, layers, input_ids, batch_size)
         for index, block in enumerate(layers):
             extras = all_extras[index]
-            linears = _target_linears(model, block, target_modules)
-            grams = BlockGrams()
-            last: dict[str, Any] = {"x": None, "xtx": None}
-
-            def make_hook(name: str, grams: BlockGrams = grams, last: dict[str, Any] = last):
-                def hook(_module: nn.Module, args: tuple[Any, ...], _output: Any) -> None:
-                    x = args[0]
-                    # q/k/v (and gate/up) receive the very same tensor: compute its X^T X once and reuse it.
-                    if last["x"] is not x:
-                        x2 = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-                        last["x"], last["xtx"], last["rows"] = x, x2.T @ x2, x2.shape[0]
-                    if name in grams:
-                        grams[name] += last["xtx"]
-                        grams.token_counts[name] += last["rows"]
-                    else:
-                        grams[name] = last["xtx"].clone()
-                        grams.token_counts[name] = last["rows"]
-
-                return hook
-
-            handles = [m.register_forward_hook(make_hook(n)) for n, m in linears.items()]
-            outputs: list[torch.Tensor] = []
-            try:
-                with torch.no_grad():
-                    for h, (rest, kw) in zip(hidden, extras, strict=True):
-                        out = _block_output(block(h, *rest, **kw))
-                        if not sequential:
-                            outputs.append(out.detach())
-            finally:
-                for handle in handles:
-                    handle.remove()
-                last.clear()
-            missing = [n for n in linears if n not in grams]
-            if missing:
-                raise RuntimeError(f"block {index}: target linears were never called: {missing}")
+            with gram_hooks(model, block, target_modules, index) as grams:
+                outputs = run_block(block, hidden, extras)
+            if sequential:
+                outputs = []  # recomputed after the caller has changed the block
 
             yield index, block, grams
 
@@ -261,11 +276,7 @@ def iter_block_grams(
                 transform_block(index, block, grams)
             del grams
             if sequential:
-                with torch.no_grad():
-                    outputs = [
-                        _block_output(block(h, *rest, **kw)).detach()
-                        for h, (rest, kw) in zip(hidden, extras, strict=True)
-                    ]
+                outputs = run_block(block, hidden, extras)
             hidden = outputs
     finally:
         model.train(was_training)

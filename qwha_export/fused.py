@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .converters.block_stream import CheckpointSource, load_module
 from .converters.merge import (
     BASE_FILE,
     iter_base_layers,
@@ -46,7 +47,14 @@ from .formats.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, checkpoint_fil
 from .layer import QWHALinear, adapter_coefficient
 from .quant_linear import QuantLinear, replace_linear
 
-__all__ = ["write_fused", "load_fused", "load_quantized_checkpoint", "instantiate_from_config"]
+__all__ = [
+    "QuantizedSource",
+    "export_source",
+    "instantiate_from_config",
+    "load_fused",
+    "load_quantized_checkpoint",
+    "write_fused",
+]
 
 _MARKERS = {
     ExportFormat.GPTQ: ("qweight", ("qweight", "qzeros", "scales", "g_idx")),
@@ -310,3 +318,76 @@ def _try_tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# block-by-block sources (converters.block_stream): the same layers as the loaders above, one block at a time
+# ----------------------------------------------------------------------------------------------------------------------
+
+QuantizedReader = Callable[[str, dict[str, torch.Tensor], str], Any]  # (layer, block state, name in block) -> qw
+
+
+class QuantizedSource(CheckpointSource):
+    """A checkpoint folder as a :class:`~qwha_export.converters.block_stream.BlockSource` whose ``quantized``
+    layers become :class:`QuantLinear` (``read(layer, block_state, name_in_block)`` returns the layer's
+    :class:`QuantizedWeight` and pops its tensors from the block's state) and whose layers in ``spectra``
+    (``{layer: (values, rows, cols, scale)}``, a mapping read one layer at a time) get a :class:`QWHALinear`."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        dtype: torch.dtype,
+        quantized: set[str] = frozenset(),
+        read: QuantizedReader | None = None,
+        spectra: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] | None = None,
+    ) -> None:
+        super().__init__(model_dir, dtype)
+        self.quantized, self.read, self.spectra = set(quantized), read, spectra or {}
+
+    def load(self, module: torch.nn.Module, prefix: str) -> None:
+        state = self.index.read_prefix(prefix)
+        for layer in sorted(q for q in self.quantized if q.startswith(prefix)):
+            rel = layer[len(prefix) :]
+            qw = self.read(layer, state, rel)
+            replace_linear(module, rel, QuantLinear(qw, state.pop(f"{rel}.bias", None), dtype=self.dtype))
+        load_module(module, state, self.dtype, prefix)
+        for layer in sorted(a for a in self.spectra if a.startswith(prefix)):
+            values, rows, cols, scale = self.spectra[layer]
+            if values.numel():
+                rel = layer[len(prefix) :]
+                replace_linear(module, rel, QWHALinear(module.get_submodule(rel), values, rows, cols, scale=scale))
+
+
+def export_source(model_dir: str | Path, fmt: str | ExportFormat, dtype: torch.dtype = torch.float32):
+    """The :class:`QuantizedSource` of a ``dense``/``gptq``/``gptq_v2``/``compressed-tensors``/``fused`` export
+    folder: the layers :func:`load_quantized_checkpoint` / :func:`load_fused` build, read block by block."""
+    d = Path(model_dir)
+    fmt = ExportFormat.parse(fmt)
+    spectra, settings = None, None
+    if fmt == ExportFormat.FUSED:
+        cfg = read_fused_config(d)
+        fmt = ExportFormat.parse(cfg["base_format"])
+        settings = {k: (int(v["bits"]), int(v["group_size"])) for k, v in cfg.get("quantized_layers", {}).items()}
+        spectra = {
+            layer: (v, r, c, float(cfg["layers"][layer]["scale"]))
+            for layer, (v, r, c) in read_fused_adapter(d, cfg).items()
+        }
+    source = QuantizedSource(d, dtype, spectra=spectra)
+    marker, suffixes = _MARKERS.get(fmt, (None, ()))
+    if marker is None:
+        return source
+    keys = source.index.file_of
+    source.quantized = {k.rpartition(".")[0] for k in keys if k.rpartition(".")[2] == marker}
+    stray = sorted(k for k in keys if k.rpartition(".")[2] in suffixes and k.rpartition(".")[0] not in source.quantized)
+    if stray:
+        raise ValueError(f"{d}: quantization tensor {stray[0]} has no {marker} for its layer")
+    default = _quant_settings(d, fmt) if source.quantized and fmt != ExportFormat.DENSE else None
+    reader = get_writer(fmt).read_layer
+
+    def read(layer: str, state: dict[str, torch.Tensor], rel: str):
+        bits, gs = settings[layer] if settings is not None else default
+        tensors = {f"{layer}.{s}": state.pop(f"{rel}.{s}") for s in suffixes if f"{rel}.{s}" in state}
+        return reader(tensors, layer, bits, gs)
+
+    source.read = read
+    return source

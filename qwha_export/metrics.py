@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["compare_logits", "extract_logits", "logits_for", "perplexity"]
+__all__ = ["LogitComparison", "compare_logits", "extract_logits", "logits_for", "next_token_nll", "perplexity"]
 
 
 def extract_logits(output: Any) -> torch.Tensor:
@@ -86,13 +86,9 @@ def perplexity(model: Any, chunks: torch.Tensor, batch_size: int = 4) -> float:
     total = torch.zeros((), dtype=torch.float64)
     count = 0
     for ids, logits in _batches(model, chunks, batch_size):
-        if logits.shape[:2] != ids.shape:
-            raise ValueError(f"logits shape {tuple(logits.shape)} does not match input shape {tuple(ids.shape)}")
-        pred = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-        target = ids[:, 1:].reshape(-1)
-        nll = F.cross_entropy(pred, target, reduction="none")
-        total += nll.double().sum().cpu()
-        count += target.numel()
+        nll, n = next_token_nll(logits, ids)
+        total += nll
+        count += n
     if count == 0:
         raise ValueError("perplexity needs chunks of at least 2 tokens")
     return math.exp(total.item() / count)
@@ -103,41 +99,80 @@ def logits_for(model: Any, chunks: torch.Tensor, batch_size: int = 4) -> torch.T
     return torch.cat([logits.float().cpu() for _, logits in _batches(model, chunks, batch_size)], dim=0)
 
 
+class LogitComparison:
+    """:func:`compare_logits` accumulated chunk by chunk: ``update(ref, test, input_ids)`` per batch of logits
+    (float64 sums over row blocks), ``result()`` the totals. With ``input_ids`` (the batch's token ids) both
+    perplexities are accumulated as :func:`perplexity` computes them (float32 log-softmax, float64 sums) and
+    ``result()`` adds ``ppl_reference`` and ``ppl_test``."""
+
+    def __init__(self, block_rows: int = 512) -> None:
+        self.block_rows = block_rows
+        self.n = self.vocab = self.agree = self.nll_count = 0
+        self.max_abs = self.sum_abs = self.sum_kl = 0.0
+        self.nll = [0.0, 0.0]
+
+    def update(
+        self, logits_ref: torch.Tensor, logits_test: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> None:
+        if logits_ref.shape != logits_test.shape:
+            raise ValueError(f"logits shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits_test.shape)}")
+        if logits_ref.dim() < 1 or logits_ref.numel() == 0:
+            raise ValueError("compare_logits needs non-empty logits")
+        self.vocab = vocab = logits_ref.shape[-1]
+        ref, test = logits_ref.reshape(-1, vocab), logits_test.reshape(-1, vocab)
+        for s in range(0, ref.shape[0], self.block_rows):
+            r = ref[s : s + self.block_rows].double()
+            t = test[s : s + self.block_rows].to(device=r.device).double()
+            diff = (r - t).abs()
+            self.max_abs = max(self.max_abs, diff.max().item())
+            self.sum_abs += diff.sum().item()
+            lp_r = torch.log_softmax(r, dim=-1)
+            lp_t = torch.log_softmax(t, dim=-1)
+            # p*(log p - log q) with 0*log0 := 0 (exp(-inf) = 0 rows contribute nothing)
+            kl = torch.where(lp_r.isneginf(), torch.zeros_like(lp_r), lp_r.exp() * (lp_r - lp_t)).sum(dim=-1)
+            self.sum_kl += kl.sum().item()
+            self.agree += (r.argmax(dim=-1) == t.argmax(dim=-1)).sum().item()
+        self.n += ref.shape[0]
+        if input_ids is not None:
+            for i, logits in enumerate((logits_ref, logits_test)):
+                total, count = next_token_nll(logits, input_ids)
+                self.nll[i] += total
+            self.nll_count += count
+
+    def result(self) -> dict[str, float]:
+        if self.n == 0:
+            raise ValueError("compare_logits needs non-empty logits")
+        out = {
+            "tokens": int(self.n),
+            "max_abs_logit_diff": float(self.max_abs),
+            "mean_abs_logit_diff": float(self.sum_abs / (self.n * self.vocab)),
+            "kl_per_token": float(self.sum_kl / self.n),
+            "top1_agreement": float(self.agree / self.n),
+        }
+        if self.nll_count:
+            out["ppl_reference"] = math.exp(self.nll[0] / self.nll_count)
+            out["ppl_test"] = math.exp(self.nll[1] / self.nll_count)
+        return out
+
+
+def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """``(sum of next-token NLLs in float64, number of predictions)`` of one batch of logits ``(b, seq, vocab)``."""
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match input shape {tuple(input_ids.shape)}")
+    pred = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
+    target = input_ids[:, 1:].reshape(-1).long().to(pred.device)
+    nll = F.cross_entropy(pred, target, reduction="none")
+    return float(nll.double().sum().cpu()), int(target.numel())
+
+
 def compare_logits(logits_ref: torch.Tensor, logits_test: torch.Tensor, block_rows: int = 512) -> dict[str, float]:
     """Compare two sets of logits for the same tokens (all leading dims are flattened into tokens).
 
     Returns ``tokens`` (int), ``max_abs_logit_diff``, ``mean_abs_logit_diff``, ``kl_per_token`` (mean over tokens
     of KL(softmax(ref) || softmax(test)), in float64) and ``top1_agreement`` (fraction of tokens whose argmax
-    agrees).  Computed in row blocks so large vocabularies do not need float64 copies of everything.
+    agrees).  Computed in row blocks so large vocabularies do not need float64 copies of everything
+    (:class:`LogitComparison` accumulates the same over several calls).
     """
-    if logits_ref.shape != logits_test.shape:
-        raise ValueError(f"logits shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits_test.shape)}")
-    if logits_ref.dim() < 1 or logits_ref.numel() == 0:
-        raise ValueError("compare_logits needs non-empty logits")
-    vocab = logits_ref.shape[-1]
-    ref = logits_ref.reshape(-1, vocab)
-    test = logits_test.reshape(-1, vocab)
-    n = ref.shape[0]
-    max_abs = 0.0
-    sum_abs = 0.0
-    sum_kl = 0.0
-    agree = 0
-    for s in range(0, n, block_rows):
-        r = ref[s : s + block_rows].double()
-        t = test[s : s + block_rows].to(device=r.device).double()
-        diff = (r - t).abs()
-        max_abs = max(max_abs, diff.max().item())
-        sum_abs += diff.sum().item()
-        lp_r = torch.log_softmax(r, dim=-1)
-        lp_t = torch.log_softmax(t, dim=-1)
-        # p*(log p - log q) with 0*log0 := 0 (exp(-inf) = 0 rows contribute nothing)
-        kl = torch.where(lp_r.isneginf(), torch.zeros_like(lp_r), lp_r.exp() * (lp_r - lp_t)).sum(dim=-1)
-        sum_kl += kl.sum().item()
-        agree += (r.argmax(dim=-1) == t.argmax(dim=-1)).sum().item()
-    return {
-        "tokens": int(n),
-        "max_abs_logit_diff": float(max_abs),
-        "mean_abs_logit_diff": float(sum_abs / (n * vocab)),
-        "kl_per_token": float(sum_kl / n),
-        "top1_agreement": float(agree / n),
-    }
+    comparison = LogitComparison(block_rows)
+    comparison.update(logits_ref, logits_test)
+    return comparison.result()

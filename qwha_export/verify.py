@@ -23,7 +23,6 @@ from ``config.json``'s ``quantization_config`` (none = dense).
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +31,18 @@ import torch
 from .formats import ExportFormat
 from .formats.fused import FUSED_CONFIG_NAME
 from .formats.manifest import MANIFEST_FILE, read_manifest
-from .metrics import compare_logits, logits_for
+from .metrics import LogitComparison, extract_logits
 
-__all__ = ["NoTokenizerError", "detect_format", "heldout_parity", "load_export", "load_reference", "verify_export"]
-
+__all__ = [
+    "NoTokenizerError",
+    "detect_format",
+    "export_stream",
+    "heldout_parity",
+    "load_export",
+    "load_reference",
+    "reference_stream",
+    "verify_export",
+]
 
 
 class NoTokenizerError(ValueError):
@@ -138,24 +145,11 @@ def reference_kind(against: str | Path) -> str:
         ) from None
 
 
-def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """The reference model of ``verify --against`` and its tokenizer (or None): for an adapter directory the
-    training-time model (quantized base + peft adapter), for an export folder that export (:func:`load_export`).
-
-    For adapter directories this is the construction of :func:`qwha_export.pipeline.load_qwha_model`, but a base
-    without tokenizer files or without a recorded ``base_hash`` is accepted."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
-
-    from .converters.quantize import QuantizedWeight
+def _training_time_meta(d: Path) -> tuple[dict[str, Any], Path]:
+    """``(qwha_base.json, base folder)`` of an adapter directory after the checks every reference load makes
+    (files present and intact, base hash when recorded)."""
     from .formats.adapter_dir import BASE_FILE, BASE_META, check_base_hash
-    from .fused import _try_tokenizer
-    from .peft_qwha import load_qwha_adapter
-    from .quant_linear import QuantLinear, replace_linear
 
-    d = Path(adapter_dir)
-    if reference_kind(d) != "training-time":  # an export folder: its loader checks its files first
-        return load_export(d, dtype=dtype)[0], _try_tokenizer(d)
     if not (d / BASE_FILE).is_file():
         raise ValueError(f"{d} is not a complete qwha-export adapter directory (missing {BASE_FILE}); run init again")
     meta = json.loads((d / BASE_META).read_text())
@@ -164,6 +158,29 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
         raise ValueError(f"base model folder {base} (from {BASE_META}) does not exist")
     _check_files(base, d / BASE_FILE, d / "adapter_model.safetensors")
     check_base_hash(base, meta.get("base_hash"))
+    return meta, base
+
+
+def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The reference model of ``verify --against`` and its tokenizer (or None), whole in memory: for an adapter
+    directory the training-time model (quantized base + peft adapter), for an export folder that export
+    (:func:`load_export`). :func:`verify_export` runs the same layers block by block (:func:`reference_stream`).
+
+    For adapter directories this is the construction of :func:`qwha_export.pipeline.load_qwha_model`, but a base
+    without tokenizer files or without a recorded ``base_hash`` is accepted."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from .converters.quantize import QuantizedWeight
+    from .formats.adapter_dir import BASE_FILE
+    from .fused import _try_tokenizer
+    from .quant_linear import QuantLinear, replace_linear
+    from .tuner import load_qwha_adapter
+
+    d = Path(adapter_dir)
+    if reference_kind(d) != "training-time":  # an export folder: its loader checks its files first
+        return load_export(d, dtype=dtype)[0], _try_tokenizer(d)
+    meta, base = _training_time_meta(d)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, use_safetensors=True, local_files_only=True)
     tensors = load_file(str(d / BASE_FILE))
     for name in meta.get("quantized_layers", []):
@@ -175,6 +192,57 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
     return load_qwha_adapter(model.eval(), str(d)).eval(), _try_tokenizer(base)
 
 
+def _training_time_source(d: Path, dtype: torch.dtype, meta: dict[str, Any], base: Path):
+    """The training-time model of an adapter directory as a block source: base tensors from the base shards, the
+    quantized layers from ``quantized_base.safetensors`` and the spectra, one layer at a time."""
+    from safetensors import safe_open
+
+    from .converters.adapter_source import LazySpectra, read_quantized_layer
+    from .formats.adapter_dir import BASE_FILE
+    from .fused import QuantizedSource
+
+    qpath = d / BASE_FILE
+    with safe_open(str(qpath), framework="pt") as f:
+        qkeys = set(f.keys())
+
+    def read(layer: str, state: dict[str, torch.Tensor], rel: str):
+        weight = state.pop(f"{rel}.weight", None)
+        if weight is None:
+            raise ValueError(f"quantized layer {layer} does not exist in base model {base}")
+        qw = read_quantized_layer(qpath, layer, qkeys)
+        if qw.shape != tuple(weight.shape):
+            raise ValueError(f"quantized weight {qw.shape} does not match layer {tuple(weight.shape)}")
+        return qw
+
+    return QuantizedSource(base, dtype, set(meta.get("quantized_layers", [])), read, LazySpectra(d))
+
+
+def reference_stream(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, **stream_kw: Any):
+    """``(BlockStream, tokenizer or None)`` of the reference of :func:`load_reference`, run block by block."""
+    from .converters.block_stream import BlockStream
+    from .fused import _try_tokenizer
+
+    d = Path(adapter_dir)
+    kind = reference_kind(d)
+    if kind != "training-time":
+        return export_stream(d, ExportFormat.parse(kind), dtype, **stream_kw), _try_tokenizer(d)
+    meta, base = _training_time_meta(d)
+    source = _training_time_source(d, dtype, meta, base)
+    return BlockStream(base, source, dtype, **stream_kw), _try_tokenizer(base)
+
+
+def export_stream(export_dir: str | Path, fmt: ExportFormat, dtype: torch.dtype = torch.float32, **stream_kw: Any):
+    """The :class:`~qwha_export.converters.block_stream.BlockStream` of a torch-loadable export folder (files
+    checked first)."""
+    from .converters.block_stream import BlockStream
+    from .fused import export_source
+
+    if fmt == ExportFormat.ONNX:
+        raise ValueError(f"{export_dir}: an ONNX export runs in onnxruntime as one graph, not block by block")
+    _check_export_files(Path(export_dir), fmt)
+    return BlockStream(export_dir, export_source(export_dir, fmt, dtype), dtype, **stream_kw)
+
+
 def verify_export(
     export_dir: str | Path,
     adapter_dir: str | Path,
@@ -184,6 +252,7 @@ def verify_export(
     batch_size: int = 4,
     chunks: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    **stream_kw: Any,
 ) -> dict[str, Any]:
     """Logit / perplexity comparison of ``export_dir`` against the training-time model of ``adapter_dir``.
 
@@ -196,15 +265,29 @@ def verify_export(
     ``mean_abs_logit_diff``, ``kl_per_token`` (KL(reference || export)), ``top1_agreement``, ``ppl_export``,
     ``ppl_reference`` and ``format``.
     """
-    from .fused import _try_tokenizer
-
     for name, v, low in (("seq_len", seq_len, 2), ("tokens", tokens, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
             raise ValueError(f"{name} must be an integer of at least {low}, got {v!r}")
     fmt = detect_format(export_dir)  # fail fast on unknown folders
     _check_export_files(Path(export_dir), fmt)  # and on truncated / corrupt files, before the reference loads
     kind = reference_kind(adapter_dir)
-    reference, ref_tok = load_reference(adapter_dir, dtype=dtype)
+    reference, ref_tok = reference_stream(adapter_dir, dtype=dtype, **stream_kw)
+    try:
+        chunks = _evaluation_chunks(export_dir, ref_tok, text, tokens, seq_len, chunks)
+        comparison = _compare_streams(reference, export_dir, fmt, chunks, batch_size, dtype, stream_kw)
+    finally:
+        reference.close()
+    out: dict[str, Any] = comparison.result()
+    out["ppl_export"] = out.pop("ppl_test")
+    out.update(format=fmt.value, reference=kind)
+    if fmt == ExportFormat.ONNX:  # "native" (qwha_export.ortops kernels), "function" or "none"
+        out["qwha_ops"] = comparison.qwha_ops
+    return out
+
+
+def _evaluation_chunks(export_dir, ref_tok, text: str | None, tokens: int, seq_len: int, chunks) -> torch.Tensor:
+    from .fused import _try_tokenizer
+
     if chunks is None:
         from .data import lee_corpus_text, token_chunks
 
@@ -217,16 +300,37 @@ def verify_export(
             chunks = token_chunks(tok, text, seq_len, max_tokens=tokens)
     if not isinstance(chunks, torch.Tensor) or chunks.dim() != 2 or chunks.dtype.is_floating_point:
         raise ValueError("chunks must be a 2-D integer tensor of token ids (n_chunks, seq_len)")
-    ref_logits = logits_for(reference, chunks, batch_size)
-    del reference
-    export, _ = load_export(export_dir, dtype=dtype)
-    exp_logits = logits_for(export, chunks, batch_size)
-    ppl_ref, ppl_exp = _ppl(ref_logits, chunks), _ppl(exp_logits, chunks)
-    out: dict[str, Any] = dict(compare_logits(ref_logits, exp_logits))
-    out.update(ppl_export=ppl_exp, ppl_reference=ppl_ref, format=fmt.value, reference=kind)
-    if hasattr(export, "qwha_ops"):  # ONNX: "native" (qwha_export.ortops kernels), "function" or "none"
-        out["qwha_ops"] = export.qwha_ops
-    return out
+    return chunks
+
+
+def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_size: int, dtype, stream_kw):
+    """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
+    way (ONNX: one onnxruntime call per batch), logits compared batch by batch."""
+    comparison = LogitComparison()
+    ref_hidden = reference.run(chunks, batch_size)
+    try:
+        if fmt == ExportFormat.ONNX:  # one onnxruntime graph: whole, but compared batch by batch
+            from .onnx_runtime import OnnxLogits
+
+            export = OnnxLogits(export_dir)
+            comparison.qwha_ops = export.qwha_ops
+            for start, ref_logits in reference.logits(ref_hidden, batch_size):
+                ids = chunks[start : start + batch_size].long()
+                comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
+            return comparison
+        with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
+            exp_hidden = stream.run(chunks, batch_size)
+            try:
+                pairs = zip(
+                    reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size), strict=True
+                )
+                for (start, ref_logits), (_, exp_logits) in pairs:
+                    comparison.update(ref_logits, exp_logits, chunks[start : start + batch_size].long())
+            finally:
+                exp_hidden.close()
+    finally:
+        ref_hidden.close()
+    return comparison
 
 
 def heldout_parity(
@@ -245,13 +349,3 @@ def heldout_parity(
     out["text"] = "lee-corpus-heldout-end"
     out["seconds"] = time.time() - t0
     return out
-
-
-def _ppl(logits: torch.Tensor, chunks: torch.Tensor) -> float:
-    """Perplexity from precomputed logits, as :func:`qwha_export.metrics.perplexity` computes it (no 2nd forward)."""
-    if chunks.shape[1] < 2:
-        raise ValueError("perplexity needs chunks of at least 2 tokens")
-    pred = logits[:, :-1, :].float().reshape(-1, logits.shape[-1])
-    target = chunks[:, 1:].reshape(-1).long()
-    nll = torch.nn.functional.cross_entropy(pred, target, reduction="none").double()
-    return math.exp(float(nll.sum()) / target.numel())

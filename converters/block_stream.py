@@ -1,0 +1,297 @@
+"""The block-by-block streaming engine: run a causal LM on a set of sequences holding one decoder block at a time.
+
+How it works (llm-compressor's sequential onloading, GPTQModel's layer loop):
+
+1. The model skeleton is built from ``config.json`` with every *parameter* on the meta device (buffers, e.g. the
+   RoPE ``inv_freq`` and Gemma's embedding scale, are real); nothing of the weights is read.
+2. Only the input embedding is loaded; the model is run up to its decoder blocks with the calibration recorder of
+   :mod:`.calibration` (``_capture_block_inputs``), which captures block 0's hidden states and the other inputs
+   **each** block receives (mask and RoPE per layer type: sliding/global layers of Gemma 2/3, Qwen2). The
+   embedding is freed again.
+3. For each block in order: its tensors are read from the safetensors shards (only that block's keys) and the
+   block is materialised by the :class:`BlockSource` (plain tensors; a caller's source swaps in quantized layers
+   and adapters), the hidden states of all sequences are run through it batch by batch (optionally with
+   :func:`~.calibration.gram_hooks` collecting the block's float64 Grams, handed to ``on_block``), and the block
+   is dropped before the next one loads.
+4. :meth:`BlockStream.logits` loads the final norm and the head and yields the logits one batch at a time (the
+   final soft-capping of Gemma from the architecture registry), never all tokens' logits at once.
+
+The hidden states of the sequence set live in an :class:`ActivationStore`: one tensor in memory when small, else a
+file in a ``TemporaryDirectory`` mapped with numpy (the file is allocated up front, so a full disk is an
+``OSError`` at allocation rather than a crash mid-write). Peak memory: one block's weights, two copies of the
+hidden states (or none when spilled, plus one batch), one block's Grams, and the head while logits are produced.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..formats.shards import checkpoint_files, validate_safetensors_file
+from .architectures import decoder_layers, describe
+from .calibration import BlockGrams, _capture_block_inputs, gram_hooks, run_block
+
+__all__ = [
+    "DEFAULT_SPILL_BYTES",
+    "ActivationStore",
+    "BlockSource",
+    "BlockStream",
+    "CheckpointSource",
+    "TensorIndex",
+    "load_module",
+    "model_skeleton",
+]
+
+DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
+
+
+class TensorIndex:
+    """Which safetensors file of a checkpoint folder holds each tensor (headers only); reads one prefix at a time.
+
+    Every read opens the file for that call only: ``safe_open`` maps the whole file and keeps the pages read
+    through it resident while the handle lives, so one long-lived handle would grow to the whole checkpoint."""
+
+    def __init__(self, model_dir: str | os.PathLike[str]) -> None:
+        self.model_dir = Path(model_dir)
+        files, _ = checkpoint_files(self.model_dir)
+        self.file_of: dict[str, Path] = {}
+        for path in files:
+            for key in validate_safetensors_file(path):
+                if key != "__metadata__":
+                    self.file_of[key] = path
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.file_of if k.startswith(prefix))
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        for path in sorted({self.file_of[k] for k in keys}):
+            with safe_open(str(path), framework="pt") as f:
+                out.update((k, f.get_tensor(k)) for k in keys if self.file_of[k] == path)
+        return out
+
+    def read_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
+        """``{name without prefix: tensor}`` of every tensor whose name starts with ``prefix``."""
+        return {k[len(prefix) :]: v for k, v in self.read(self.keys(prefix)).items()}
+
+
+def load_module(module: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> None:
+    """Materialise ``module`` (parameters on the meta device) from ``state`` (names relative to it): floating
+    tensors cast to ``dtype`` and assigned. One-line ``ValueError`` naming ``where`` for a tensor that does not
+    belong to the module or a parameter the state lacks."""
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    result = module.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        k = sorted(result.unexpected_keys)
+        raise ValueError(f"{where}: tensor {where}{k[0]} does not belong to the model")
+    missing = [n for n, p in module.named_parameters() if p.is_meta]
+    if missing:
+        more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{where}: checkpoint lacks {where}{missing[0]}{more}")
+
+
+class BlockSource(Protocol):
+    """Where a stream's weights come from: ``load(module, prefix)`` materialises ``module`` (the skeleton's
+    submodule whose qualified name is ``prefix`` without its dot) in place; ``has(key)`` says whether a tensor
+    exists (a tied head has no ``lm_head.weight``)."""
+
+    def load(self, module: nn.Module, prefix: str) -> None: ...
+
+    def has(self, key: str) -> bool: ...
+
+
+class CheckpointSource:
+    """A plain (dense) safetensors checkpoint folder as a :class:`BlockSource`."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> None:
+        self.index = TensorIndex(model_dir)
+        self.dtype = dtype
+
+    def has(self, key: str) -> bool:
+        return key in self.index.file_of
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        load_module(module, self.index.read_prefix(prefix), self.dtype, prefix)
+
+
+def model_skeleton(config_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The causal LM of ``config_dir/config.json`` (any ``quantization_config`` removed) with its parameters on the
+    meta device and its buffers real, in eval mode."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype).eval()
+
+
+class ActivationStore:
+    """Hidden states ``(n, seq, hidden)`` of a sequence set, read and written in row ranges: a tensor in memory, or
+    (above ``spill_bytes``) a file in ``spill_dir`` mapped with numpy. bfloat16 is stored as float32 (exact)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, spill_bytes: int, spill_dir: Path) -> None:
+        self.shape, self.dtype = tuple(shape), dtype
+        np_dtype = _NUMPY_DTYPES.get(dtype, np.float32)
+        nbytes = math.prod(shape) * np.dtype(np_dtype).itemsize
+        self.spilled = nbytes > spill_bytes
+        self.path: Path | None = None
+        if self.spilled:
+            fd, name = tempfile.mkstemp(prefix="hidden-", suffix=".f32", dir=spill_dir)
+            self.path = Path(name)
+            try:
+                os.posix_fallocate(fd, 0, max(nbytes, 1))  # a full disk fails here, not as SIGBUS mid-write
+            except OSError as e:
+                os.close(fd)
+                self.path.unlink(missing_ok=True)
+                raise OSError(e.errno, f"cannot write the activation spill file ({e.strerror})", name) from None
+            os.close(fd)
+            self._data: Any = np.memmap(self.path, dtype=np_dtype, mode="r+", shape=self.shape)
+        else:
+            self._data = torch.empty(self.shape, dtype=dtype)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        stop = start + values.shape[0]
+        if self.spilled:
+            self._data[start:stop] = values.detach().to(torch.float32 if self.dtype == torch.bfloat16 else self.dtype)
+        else:
+            self._data[start:stop] = values.detach()
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        if self.spilled:
+            return torch.from_numpy(np.array(self._data[start:stop])).to(self.dtype)
+        return self._data[start:stop]
+
+    def close(self) -> None:
+        self._data = None
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class BlockStream:
+    """One model run block by block (see the module docstring). ``config_dir`` holds ``config.json``; ``source``
+    materialises the embedding, each block, the final norm and the head. Use as a context manager (the spill
+    directory is removed on exit)."""
+
+    def __init__(
+        self,
+        config_dir: str | os.PathLike[str],
+        source: BlockSource,
+        dtype: torch.dtype = torch.float32,
+        spill_bytes: int = DEFAULT_SPILL_BYTES,
+        spill_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if isinstance(spill_bytes, bool) or not isinstance(spill_bytes, int) or spill_bytes < 0:
+            raise ValueError(f"spill_bytes must be an integer >= 0, got {spill_bytes!r}")
+        self.model = model_skeleton(config_dir, dtype)
+        self.source, self.dtype, self.spill_bytes = source, dtype, spill_bytes
+        self.layout = describe(self.model.config)
+        self._names = {id(m): n for n, m in self.model.named_modules()}
+        self._tmp = tempfile.TemporaryDirectory(prefix="qwha-stream-", dir=spill_dir)
+
+    def __enter__(self) -> BlockStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _prefix(self, module: nn.Module) -> str:
+        return f"{self._names[id(module)]}."
+
+    def _load(self, module: nn.Module) -> None:
+        self.source.load(module, self._prefix(module))
+
+    def store(self, n: int, seq: int) -> ActivationStore:
+        """An empty :class:`ActivationStore` for ``n`` sequences of ``seq`` tokens."""
+        return ActivationStore((n, seq, self.layout.hidden_size), self.dtype, self.spill_bytes, Path(self._tmp.name))
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        batch_size: int = 4,
+        targets: tuple[str, ...] | None = None,
+        on_block: Callable[[int, nn.Module, BlockGrams | None], Any] | None = None,
+    ) -> ActivationStore:
+        """Run every block on ``input_ids`` (``(n, seq)``) in batches of ``batch_size``; returns the store of the
+        last block's outputs (closed by the caller or on exit). With ``targets`` (last name parts of linears) each
+        block's float64 Grams are collected while it runs and passed to ``on_block(index, block, grams)`` (called,
+        with ``grams=None`` without targets, while the block is still loaded)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        model = self.model
+        embed = model.get_input_embeddings()
+        self._load(embed)
+        layers = decoder_layers(model)
+        hidden, extras = _capture_block_inputs(model, layers, input_ids, batch_size)
+        embed.to("meta")  # frees it; the head loads its own copy when tied
+        starts = list(range(0, input_ids.shape[0], batch_size))
+        current = self.store(*input_ids.shape)
+        for start, h in zip(starts, hidden, strict=True):
+            current.write(start, h)
+        del hidden
+        container = model.get_submodule(self._prefix(layers[0])[:-1].rpartition(".")[0])
+        try:
+            for index, block in enumerate(layers):
+                self._load(block)
+                out = self.store(*input_ids.shape)
+                try:
+                    with gram_hooks(model, block, targets or (), index) as grams:
+                        for start, kw in zip(starts, extras[index], strict=True):
+                            h = current.read(start, min(start + batch_size, input_ids.shape[0]))
+                            out.write(start, run_block(block, [h], [kw])[0])
+                    if on_block is not None:
+                        on_block(index, block, grams if targets else None)
+                except BaseException:
+                    out.close()
+                    raise
+                del grams
+                current.close()
+                current = out
+                container[index] = nn.Module()  # drop the block's weights (the skeleton keeps a placeholder)
+                del block
+        except BaseException:
+            current.close()
+            raise
+        return current
+
+    def logits(self, hidden: ActivationStore, batch_size: int = 4) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(start row, float32 logits (b, seq, vocab))`` per batch of the final hidden states: final norm, head
+        (the embedding's tensor when the head is tied and the checkpoint has none) and final soft-capping."""
+        model = self.model
+        norm, head = model.model.norm, model.get_output_embeddings()
+        self._load(norm)
+        head_prefix = self._prefix(head)
+        if not self.source.has(f"{head_prefix}weight") and self.layout.tied_head:
+            head_prefix = self._prefix(model.get_input_embeddings())
+        self.source.load(head, head_prefix)
+        cap = self.layout.final_softcap
+        try:
+            with torch.no_grad():
+                for start in range(0, hidden.shape[0], batch_size):
+                    h = hidden.read(start, min(start + batch_size, hidden.shape[0]))
+                    logits = head(norm(h))
+                    if cap is not None:
+                        logits = torch.tanh(logits / cap) * cap
+                    yield start, logits.float()
+        finally:
+            norm.to("meta")
+            head.to("meta")
