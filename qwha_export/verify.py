@@ -274,14 +274,14 @@ def verify_export(
     reference, ref_tok = reference_stream(adapter_dir, dtype=dtype, **stream_kw)
     try:
         chunks = _evaluation_chunks(export_dir, ref_tok, text, tokens, seq_len, chunks)
-        comparison = _compare_streams(reference, export_dir, fmt, chunks, batch_size, dtype, stream_kw)
+        comparison, qwha_ops = _compare_streams(reference, export_dir, fmt, chunks, batch_size, dtype, stream_kw)
     finally:
         reference.close()
     out: dict[str, Any] = comparison.result()
     out["ppl_export"] = out.pop("ppl_test")
     out.update(format=fmt.value, reference=kind)
     if fmt == ExportFormat.ONNX:  # "native" (qwha_export.ortops kernels), "function" or "none"
-        out["qwha_ops"] = comparison.qwha_ops
+        out["qwha_ops"] = qwha_ops
     return out
 
 
@@ -305,7 +305,8 @@ def _evaluation_chunks(export_dir, ref_tok, text: str | None, tokens: int, seq_l
 
 def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_size: int, dtype, stream_kw):
     """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
-    way (ONNX: one onnxruntime call per batch), logits compared batch by batch."""
+    way (ONNX: one onnxruntime call per batch), logits compared batch by batch. Returns the comparison and, for
+    ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
     comparison = LogitComparison()
     ref_hidden = reference.run(chunks, batch_size)
     try:
@@ -313,11 +314,10 @@ def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_siz
             from .onnx_runtime import OnnxLogits
 
             export = OnnxLogits(export_dir)
-            comparison.qwha_ops = export.qwha_ops
             for start, ref_logits in reference.logits(ref_hidden, batch_size):
                 ids = chunks[start : start + batch_size].long()
                 comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
-            return comparison
+            return comparison, export.qwha_ops
         with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
             exp_hidden = stream.run(chunks, batch_size)
             try:
@@ -330,7 +330,7 @@ def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_siz
                 exp_hidden.close()
     finally:
         ref_hidden.close()
-    return comparison
+    return comparison, None
 
 
 def heldout_parity(
