@@ -69,12 +69,17 @@ def _batches(model: Any, chunks: torch.Tensor, batch_size: int) -> Iterator[tupl
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = _device_of(model)
-    with _eval_mode(model), torch.no_grad():
+    # no_grad around each forward only, never around the yield: grad mode is thread-global, so a generator that
+    # yields inside no_grad switches it off in its caller too, and two such generators interleaved (reference and
+    # export compared batch by batch) restore each other's state in the wrong order and leave it off for good.
+    with _eval_mode(model):
         for start in range(0, chunks.shape[0], batch_size):
             ids = chunks[start : start + batch_size].long()
             if device is not None:
                 ids = ids.to(device)
-            yield ids, _forward(model, ids)
+            with torch.no_grad():
+                logits = _forward(model, ids)
+            yield ids, logits
 
 
 def perplexity(model: Any, chunks: torch.Tensor, batch_size: int = 4) -> float:

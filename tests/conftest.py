@@ -20,6 +20,17 @@ class ByteTokenizer:
         return {"input_ids": list(text.encode("utf-8"))}
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_is_left_as_found():
+    """Every test (and the code it runs) leaves torch's thread-global grad mode as it found it: a generator that
+    yields inside ``torch.no_grad()`` once switched it off for every later test (autograd errors far away)."""
+    import torch
+
+    torch.set_grad_enabled(True)
+    yield
+    assert torch.is_grad_enabled(), "grad mode was left disabled (a no_grad/inference_mode not restored)"
+
+
 @pytest.fixture(scope="session")
 def byte_tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
