@@ -57,7 +57,6 @@ __all__ = [
 DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file
 
 
-
 def _libc_malloc_trim() -> Callable[[int], int] | None:
     name = ctypes.util.find_library("c")
     try:
