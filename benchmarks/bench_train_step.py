@@ -126,7 +126,7 @@ def adapted(model, method: str, rank: int):
     from peft import get_peft_model
 
     if method == "QWHA":
-        from qwha_export.peft_qwha import QWHAConfig
+        from qwha_export.tuner import QWHAConfig
 
         config = QWHAConfig(target_modules=list(TARGETS), rank=rank, init="zeros")
     else:

@@ -109,7 +109,7 @@ def load_lora_adapter(
     One-line ``ValueError`` for a missing config/weights file (a pickled ``adapter_model.bin`` is never loaded) or a
     non-LoRA adapter.
     """
-    from .peft_qwha import check_adapter_files
+    from .tuner import check_adapter_files
 
     path = check_adapter_files(adapter_dir, "LORA")
     config = register_quant_lora(LoraConfig.from_pretrained(str(path)))

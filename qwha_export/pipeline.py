@@ -147,7 +147,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     """
     from .data import calibration_and_heldout
     from .models import load_causal_lm
-    from .peft_qwha import QWHAConfig, set_spectrum
+    from .tuner import QWHAConfig, set_spectrum
 
     t0 = time.time()
     check_output_dir(job.out, job.overwrite)
@@ -295,7 +295,7 @@ def load_quantized_base(adapter_dir: str | Path, dtype: torch.dtype = torch.floa
 
 def load_qwha_model(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, targets: Sequence[str] | None = None):
     """The training-time QWHA model of an adapter directory: quantized base + adapters. ``(peft_model, tokenizer)``."""
-    from .peft_qwha import load_qwha_adapter
+    from .tuner import load_qwha_adapter
 
     model, tokenizer, _ = load_quantized_base(adapter_dir, dtype=dtype)
     return load_qwha_adapter(model, str(adapter_dir)), tokenizer

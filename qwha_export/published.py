@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from .converters.import_published import check_published_layers, published_config, read_published_adapter
-from .peft_qwha import QWHAConfig, set_spectrum
+from .tuner import QWHAConfig, set_spectrum
 
 __all__ = ["convert_published_adapter"]
 
@@ -25,7 +25,7 @@ def convert_published_adapter(
 
     ``base_model`` (a transformers model whose target layers are ``nn.Linear`` or ``QuantLinear``) is used to check
     shapes and to build the peft model; it is restored (adapter unloaded, trainability flags back) before returning.
-    Loading the result with :func:`qwha_export.peft_qwha.load_qwha_adapter` gives the published layer's function.
+    Loading the result with :func:`qwha_export.tuner.load_qwha_adapter` gives the published layer's function.
     Raises one-line ``ValueError`` naming the layer for a module missing from ``base_model``, an unsupported
     ``d_in`` or out-of-range indices.
     """

@@ -174,8 +174,8 @@ def load_reference(adapter_dir: str | Path, dtype: torch.dtype = torch.float32):
     from .converters.quantize import QuantizedWeight
     from .formats.adapter_dir import BASE_FILE
     from .fused import _try_tokenizer
-    from .peft_qwha import load_qwha_adapter
     from .quant_linear import QuantLinear, replace_linear
+    from .tuner import load_qwha_adapter
 
     d = Path(adapter_dir)
     if reference_kind(d) != "training-time":  # an export folder: its loader checks its files first

@@ -195,8 +195,8 @@ def _big_adapter(root: Path, layers: int) -> tuple[Path, Path]:
 
     from qwha_export.converters.quantize import quantize_rtn
     from qwha_export.fused import write_fused
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
     from qwha_export.quant_linear import QuantLinear, replace_linear
+    from qwha_export.tuner import QWHAConfig, set_spectrum
 
     config = LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=128)  # fmt: skip

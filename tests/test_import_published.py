@@ -13,8 +13,8 @@ from torch import nn
 
 from qwha_export.converters.import_published import read_published_adapter
 from qwha_export.kernels import hadamard_matrix
-from qwha_export.peft_qwha import load_qwha_adapter, spectra
 from qwha_export.published import convert_published_adapter
+from qwha_export.tuner import load_qwha_adapter, spectra
 
 Q = "model.layers.0.self_attn.q_proj"  # 48 x 48, own scaling tensor
 DOWN = "model.layers.1.mlp.down_proj"  # 48 x 96, config scaling

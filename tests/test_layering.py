@@ -27,12 +27,14 @@ ALLOWED = {
 
 
 def _modules() -> dict[str, tuple[str, Path]]:
-    """``{module name: (layer, file)}`` of every project module."""
+    """``{module name: (layer, file)}`` of every project module, subpackages (``tuner``, ``ortops``) included."""
     out = {}
     for folder, prefix in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            name = prefix if path.stem == "__init__" else f"{prefix}.{path.stem}"
-            out[name] = (folder, path)
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join((prefix, *parts))] = (folder, path)
     return out
 
 

@@ -55,7 +55,7 @@ def test_read_adapter_spectra_and_validation(adapter_dir, tmp_path):
 def test_dense_merge_matches_training_model(adapter_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qwha_export.peft_qwha import load_qwha_adapter
+    from qwha_export.tuner import load_qwha_adapter
 
     adir, base_dir, quantized = adapter_dir
     out = tmp_path / "dense"

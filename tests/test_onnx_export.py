@@ -491,8 +491,8 @@ def _smollm2_adapter(smollm2_dir, root):
     from transformers import AutoModelForCausalLM
 
     from qwha_export.layer import adapter_coefficient
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
     from qwha_export.quant_linear import replace_linear
+    from qwha_export.tuner import QWHAConfig, set_spectrum
 
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     model = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()

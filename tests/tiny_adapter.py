@@ -105,7 +105,7 @@ def build_adapter_dir(root: Path) -> tuple[Path, Path, dict[str, QuantizedWeight
     """Write ``root/base`` (HF folder) and ``root/adapter`` (adapter dir); return both and the quantized weights."""
     from peft import get_peft_model
 
-    from qwha_export.peft_qwha import QWHAConfig, set_spectrum
+    from qwha_export.tuner import QWHAConfig, set_spectrum
 
     base_dir, adir = root / "base", root / "adapter"
     model = tiny_llama()

@@ -11,12 +11,14 @@ from peft import PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-import qwha_export.peft_qwha as pq
+import qwha_export.tuner as pq
+import qwha_export.tuner.layer as pq_layer
 from qwha_export.converters.quantize import quantize_rtn
 from qwha_export.kernels import is_supported_size
 from qwha_export.layer import delta_weight
-from qwha_export.peft_qwha import QWHAConfig, load_qwha_adapter, set_spectrum, skipped_layers, spectra
 from qwha_export.quant_linear import QuantLinear, replace_linear
+from qwha_export.tuner import QWHAConfig, load_qwha_adapter, set_spectrum, skipped_layers, spectra
+from qwha_export.tuner.config import _ensure_peft_type
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,7 +58,7 @@ def test_registration_is_idempotent():
     assert PeftType("QWHA") is PeftType.QWHA is pq.PEFT_TYPE_QWHA
     assert "QWHA" in list(PeftType) and PeftType["QWHA"] == "QWHA"
     n_members = len(PeftType)
-    assert pq._ensure_peft_type() is PeftType.QWHA
+    assert _ensure_peft_type() is PeftType.QWHA
     pq.register_qwha()
     pq.register_qwha()
     assert len(PeftType) == n_members
@@ -67,20 +69,26 @@ def test_registration_is_idempotent():
 
 
 def test_reimport_does_not_crash():
-    """Executing the module a second time (what importlib.reload does) neither crashes nor duplicates the enum."""
+    """Executing the tuner's modules a second time (what importlib.reload does) neither crashes nor duplicates the
+    enum: config.py runs ``_ensure_peft_type()`` again, model.py ``register_qwha()`` with a new ``QWHAModel``."""
     import importlib.util
 
     n_members = len(PeftType)
-    spec = importlib.util.find_spec("qwha_export.peft_qwha")
     try:
         for _ in range(2):
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)  # runs _ensure_peft_type() and register_qwha() again, with new classes
-        assert len(PeftType) == n_members and mod.PEFT_TYPE_QWHA is PeftType.QWHA
+            fresh = {}
+            for name in ("config", "model"):
+                spec = importlib.util.find_spec(f"qwha_export.tuner.{name}")
+                fresh[name] = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(fresh[name])
+        assert len(PeftType) == n_members and fresh["config"].PEFT_TYPE_QWHA is PeftType.QWHA
+        from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+        assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.QWHA] is fresh["model"].QWHAModel  # re-registered, new class
         net = nn.Sequential()
         net.add_module("q_proj", nn.Linear(16, 4))
-        model = get_peft_model(net, mod.QWHAConfig(rank=1, target_modules=["q_proj"]))
-        assert isinstance(model.base_model.model.q_proj, mod.QWHALinear)
+        model = get_peft_model(net, pq.QWHAConfig(rank=1, target_modules=["q_proj"]))
+        assert isinstance(model.base_model.model.q_proj, pq.QWHALinear)
     finally:
         pq.register_qwha()  # point peft back at this session's classes
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
@@ -131,7 +139,7 @@ def test_forward_matches_dense_formula_float64(tiny_llama, monkeypatch):
     def _no_dense(*a, **k):
         raise AssertionError("dense delta built in forward")
 
-    monkeypatch.setattr(pq, "delta_weight", _no_dense)
+    monkeypatch.setattr(pq_layer, "delta_weight", _no_dense)
     x = torch.randn(3, 5, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for name in names:
         layer = pq.qwha_layers(model)[name]
