@@ -1,4 +1,5 @@
-"""qwha_export.formats: bit packing, GPTQ / compressed-tensors layers, shards, dense/config helpers.
+"""qwha_export.formats: GPTQ / compressed-tensors layers, the format registry, dense/config helpers
+(bit packing: tests/test_packing.py; shards and JSON files: tests/test_shards.py).
 
 Reference checks against real libraries: compressed-tensors (installed) decompresses our ``pack-quantized``
 tensors; transformers parses our GPTQ / compressed-tensors configs. GPTQModel is not installed (it is a CUDA
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from tiny_adapter import tiny_config
@@ -33,20 +33,10 @@ from qwha_export.formats import (
     write_gptq_layer,
 )
 from qwha_export.formats.packing import (
-    pack_ct_weight,
-    pack_ct_zero_point,
-    pack_gptq_qweight,
-    pack_gptq_qzeros,
-    pack_int32,
     packed_words,
     to_ct_signed,
-    unpack_ct_weight,
-    unpack_ct_zero_point,
-    unpack_gptq_qweight,
     unpack_gptq_qzeros,
-    unpack_int32,
 )
-from qwha_export.formats.shards import validate_safetensors_file
 from qwha_export.pipeline import atomic_output_dir
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,39 +71,6 @@ def _same_qw(a: QuantizedWeight, b: QuantizedWeight) -> None:
     assert (a.g_idx is None) == (b.g_idx is None)
     if a.g_idx is not None:
         assert torch.equal(a.g_idx, b.g_idx)
-
-
-def _autogptq_pack_reference(intweight: np.ndarray, bits: int) -> np.ndarray:
-    """Literal AutoGPTQ ``QuantLinear.pack`` row loop: ``intweight`` [rows(in), cols] -> packed [rows*bits/32, cols]."""
-    intweight = intweight.astype(np.uint32)
-    qweight = np.zeros((intweight.shape[0] // 32 * bits, intweight.shape[1]), dtype=np.uint32)
-    i = row = 0
-    while row < qweight.shape[0]:
-        if bits in (2, 4, 8):
-            for j in range(i, i + 32 // bits):
-                qweight[row] |= intweight[j] << (bits * (j - i))
-            i += 32 // bits
-            row += 1
-        else:  # 3 bits: 10 | 1 | 10 | 1 | 10
-            for j in range(i, i + 10):
-                qweight[row] |= intweight[j] << (3 * (j - i))
-            i += 10
-            qweight[row] |= intweight[i] << 30
-            row += 1
-            qweight[row] |= (intweight[i] >> 2) & 1
-            i += 1
-            for j in range(i, i + 10):
-                qweight[row] |= intweight[j] << (3 * (j - i) + 1)
-            i += 10
-            qweight[row] |= intweight[i] << 31
-            row += 1
-            qweight[row] |= (intweight[i] >> 1) & 0x3
-            i += 1
-            for j in range(i, i + 10):
-                qweight[row] |= intweight[j] << (3 * (j - i) + 2)
-            i += 10
-            row += 1
-    return qweight.astype(np.int32)
 
 
 _WF3 = torch.tensor(
@@ -187,83 +144,6 @@ def _write_quantized_folder(out: Path, model, fmt: ExportFormat, bits: int, grou
         qcfg = writer.quantization_config(bits, group_size, desc_act=False)
     DenseFormat.write_config(out, model.config, quantization_config=qcfg, dtype=torch.float16)
     return qws
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# packing
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 8])
-@pytest.mark.parametrize("shape", [(40, 192), (3, 33), (1, 1), (7, 32), (2, 0)])
-def test_pack_int32_roundtrip(bits, shape):
-    g = torch.Generator().manual_seed(bits)
-    v = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
-    for dim in (-1, 0):
-        p = pack_int32(v, bits, dim=dim)
-        n = shape[1] if dim == -1 else shape[0]
-        assert p.dtype == torch.int32 and p.is_contiguous()
-        assert p.shape[dim] == packed_words(n, bits)
-        back = unpack_int32(p, bits, n, dim=dim)
-        assert back.dtype == torch.uint8 and torch.equal(back, v)
-
-
-def test_pack_int32_known_words():
-    # 4 bits: value j at bits 4j..4j+3 -> 0x87654321
-    v = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=torch.uint8)
-    assert pack_int32(v, 4).tolist() == [[0x87654321 - 2**32]]
-    # 8 bits, sign bit set
-    v = torch.tensor([[0x01, 0x02, 0x03, 0xFF]], dtype=torch.uint8)
-    assert pack_int32(v, 8).tolist() == [[0xFF030201 - 2**32]]
-    # 3 bits: value 10 straddles words 0/1 (stream bit 30), value 21 straddles words 1/2 (stream bit 63)
-    v = torch.zeros(1, 32, dtype=torch.uint8)
-    v[0, 10] = 0b101
-    v[0, 21] = 0b011
-    # word0 bit30 <- v10 bit0; word1 bit0 <- v10 bit2, bit31 <- v21 bit0; word2 bit0 <- v21 bit1
-    assert pack_int32(v, 3).tolist() == [[1 << 30, 0x80000001 - 2**32, 1]]
-
-
-def test_pack_rejects_out_of_range_and_bad_shapes():
-    with pytest.raises(ValueError, match=r"\[0, 15\]"):
-        pack_int32(torch.tensor([[16]], dtype=torch.int64), 4)
-    with pytest.raises(ValueError, match="integer"):
-        pack_int32(torch.zeros(2, 2), 4)
-    with pytest.raises(ValueError, match="words"):
-        unpack_int32(torch.zeros(2, 3, dtype=torch.int32), 4, 8)
-    with pytest.raises(ValueError, match="not supported"):
-        pack_gptq_qweight(torch.zeros(2, 32, dtype=torch.uint8), 5)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_gptq_packing_matches_autogptq_reference_loop(bits):
-    d_out, d_in = 64, 192
-    qw = _random_qw(d_out, d_in, bits, 32, seed=bits)
-    ref_qweight = _autogptq_pack_reference(qw.codes.t().numpy(), bits)  # AutoGPTQ packs intweight = W_int.T
-    got = pack_gptq_qweight(qw.codes, bits)
-    assert got.shape == (d_in * bits // 32, d_out)
-    assert np.array_equal(got.numpy(), ref_qweight)
-    # qzeros: AutoGPTQ packs zeros.T ([n_groups, d_out]) column-block-wise == row loop on zeros ([d_out, n_groups])
-    ref_qzeros = _autogptq_pack_reference(qw.zeros.numpy(), bits).T
-    got_z = pack_gptq_qzeros(qw.zeros, bits)
-    assert got_z.shape == (qw.n_groups, d_out * bits // 32)
-    assert np.array_equal(got_z.numpy(), ref_qzeros)
-    assert torch.equal(unpack_gptq_qweight(got, bits), qw.codes)
-    assert torch.equal(unpack_gptq_qzeros(got_z, bits, d_out), qw.zeros)
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("shape", [(40, 192), (33, 64), (64, 40)])
-def test_ct_packing_matches_compressed_tensors_library(bits, shape):
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
-
-    g = torch.Generator().manual_seed(bits)
-    v = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.int64).to(torch.uint8)
-    signed = to_ct_signed(v, bits)
-    assert torch.equal(pack_ct_weight(v, bits), pack_to_int32(signed, bits))
-    assert torch.equal(pack_ct_zero_point(v, bits), pack_to_int32(signed, bits, packed_dim=0))
-    assert torch.equal(unpack_from_int32(pack_ct_weight(v, bits), bits, torch.Size(shape)), signed)
-    assert torch.equal(unpack_ct_weight(pack_to_int32(signed, bits), bits, shape[1]), v)
-    assert torch.equal(unpack_ct_zero_point(pack_to_int32(signed, bits, packed_dim=0), bits, shape[0]), v)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -560,143 +440,6 @@ def test_ct_tiny_llama_folder_loads_in_transformers(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# shards
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _tensors(n=7):
-    g = torch.Generator().manual_seed(0)
-    out = {f"layer.{i}.weight": torch.randn(10, 20 + i, generator=g) for i in range(n)}  # ~800-1000 bytes each
-    out["ints"] = torch.arange(12, dtype=torch.int32).reshape(3, 4)
-    out["half"] = torch.randn(5, generator=g).to(torch.float16)
-    out["big"] = torch.randn(40, 40, generator=g)  # 6400 bytes > limit: a shard of its own
-    return out
-
-
-def test_shard_writer_shards_by_size_and_reads_back(tmp_path):
-    tensors = _tensors()
-    limit = 2500
-    with ShardWriter(tmp_path, max_shard_bytes=limit) as sw:
-        for k, v in tensors.items():
-            sw.add(k, v)
-            assert sw.buffered_bytes <= max(limit, v.nbytes)
-    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    files = sorted(p.name for p in tmp_path.iterdir())
-    n = len(files) - 1
-    assert n > 3
-    assert files[:-1] == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    assert files[-1] == "model.safetensors.index.json"
-    assert index["metadata"]["total_size"] == sum(v.nbytes for v in tensors.values())
-    assert set(index["weight_map"]) == set(tensors) and list(index["weight_map"]) == sorted(tensors)
-    assert set(index["weight_map"].values()) == set(files[:-1])
-    # the big tensor is alone in its shard; no shard above the limit unless it holds a single tensor
-    from safetensors import safe_open
-
-    for f in files[:-1]:
-        with safe_open(str(tmp_path / f), "pt") as h:
-            keys = list(h.keys())
-            size = sum(h.get_tensor(k).nbytes for k in keys)
-            assert h.metadata() == {"format": "pt"}
-        assert size <= limit or len(keys) == 1
-    back = dict(iter_checkpoint_tensors(tmp_path))
-    assert set(back) == set(tensors)
-    for k, v in tensors.items():
-        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
-
-
-def test_shard_writer_single_file_views_and_errors(tmp_path):
-    base = torch.arange(20, dtype=torch.float32)
-    sw = ShardWriter(tmp_path)
-    sw.add("a", base[:5])  # view into a larger storage -> cloned
-    sw.add("b", base[5:10])
-    sw.add("c", base.view(4, 5).t())  # non-contiguous
-    with pytest.raises(ValueError, match="duplicate"):
-        sw.add("a", base)
-    index = sw.close()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
-    assert index["weight_map"] == {k: "model.safetensors" for k in ("a", "b", "c")}
-    back = dict(iter_checkpoint_tensors(tmp_path))
-    assert torch.equal(back["a"], base[:5]) and torch.equal(back["c"], base.view(4, 5).t())
-    with pytest.raises(ValueError, match="closed"):
-        sw.add("d", base)
-    # rewriting the folder as shards removes the now stale single file (and vice versa)
-    with ShardWriter(tmp_path, max_shard_bytes=20) as sw:
-        sw.add_many({"a": base[:5].clone(), "b": base[5:10].clone()})
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "model-00001-of-00002.safetensors",
-        "model-00002-of-00002.safetensors",
-        "model.safetensors.index.json",
-    ]
-    # an exception inside the context removes the temporary shards
-    d2 = tmp_path / "aborted"
-    with pytest.raises(RuntimeError), ShardWriter(d2, max_shard_bytes=10) as sw2:
-        sw2.add("x", torch.zeros(10))
-        sw2.add("y", torch.zeros(10))
-        raise RuntimeError("boom")
-    assert list(d2.iterdir()) == []
-
-
-def _write_sharded(tmp_path):
-    tensors = _tensors(4)
-    with ShardWriter(tmp_path, max_shard_bytes=2000) as sw:
-        sw.add_many(tensors)
-    shards = sorted(tmp_path.glob("model-*.safetensors"))
-    assert len(shards) > 2
-    return shards
-
-
-def test_reader_truncated_shard_names_file(tmp_path):
-    shards = _write_sharded(tmp_path)
-    victim = shards[1]
-    data = victim.read_bytes()
-    victim.write_bytes(data[:-7])
-    with pytest.raises(ValueError, match="truncated") as e:
-        list(iter_checkpoint_tensors(tmp_path))
-    assert victim.name in str(e.value) and "\n" not in str(e.value)
-
-
-def test_reader_corrupted_header_names_file(tmp_path):
-    shards = _write_sharded(tmp_path)
-    victim = shards[0]
-    data = bytearray(victim.read_bytes())
-    data[8:12] = b"{{{{"
-    victim.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match="corrupted") as e:
-        list(iter_checkpoint_tensors(tmp_path))
-    assert victim.name in str(e.value) and "\n" not in str(e.value)
-    # absurd header length
-    data[:8] = (10**12).to_bytes(8, "little")
-    victim.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=victim.name):
-        validate_safetensors_file(victim)
-
-
-def test_reader_missing_shard_and_missing_tensor(tmp_path):
-    shards = _write_sharded(tmp_path)
-    shards[-1].unlink()
-    with pytest.raises(ValueError, match="missing") as e:
-        list(iter_checkpoint_tensors(tmp_path))
-    assert shards[-1].name in str(e.value) and "\n" not in str(e.value)
-    # index claims a tensor that its shard does not hold
-    d = tmp_path / "second"
-    shards = _write_sharded(d)
-    index_path = d / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"]["ghost.weight"] = shards[0].name
-    index_path.write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="ghost.weight") as e:
-        list(iter_checkpoint_tensors(d))
-    assert shards[0].name in str(e.value)
-    index_path.write_text("{not json")
-    with pytest.raises(ValueError, match="model.safetensors.index.json"):
-        list(iter_checkpoint_tensors(d))
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(ValueError, match="no model.safetensors"):
-        list(iter_checkpoint_tensors(empty))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # enum / registry / dense helpers
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -753,25 +496,3 @@ def test_dense_format_config_and_aux_files(tmp_path):
     assert cfg["quantization_config"] == qc and cfg["hidden_size"] == 64
     with pytest.raises(ValueError, match="does not exist"):
         DenseFormat.copy_aux_files(tmp_path / "nope", out)
-
-
-def test_read_json_object_one_line_errors(tmp_path):
-    from qwha_export.formats.jsonfile import read_json_object
-
-    p = tmp_path / "cfg.json"
-    with pytest.raises(ValueError, match=r"no cfg\.json; run init"):
-        read_json_object(p, hint="run init")
-    with pytest.raises(ValueError, match="custom message"):
-        read_json_object(p, missing="custom message")
-    p.write_text('{"a": 1')
-    with pytest.raises(ValueError, match=r"cfg\.json: manifest is not valid JSON \(") as exc:
-        read_json_object(p, what="manifest")
-    assert "\n" not in str(exc.value)
-    p.write_bytes(b"\xff\xfe")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        read_json_object(p)
-    p.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a JSON object"):
-        read_json_object(p)
-    p.write_text('{"a": 1}')
-    assert read_json_object(p) == {"a": 1}
