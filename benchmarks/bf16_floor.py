@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from merge_quality import _heldout_chunks, _make_adapter  # noqa: E402
 
 from qwha_export.converters.quantize import _inverse_hessian_cholesky  # noqa: E402
+from qwha_export.formats.shards import natural_key  # noqa: E402
 from qwha_export.metrics import compare_logits, logits_for  # noqa: E402
 from qwha_export.models import load_causal_lm  # noqa: E402
 from qwha_export.pipeline import MergeJob, calibration_grams, merge_qwha  # noqa: E402
@@ -88,8 +89,9 @@ def main() -> None:
     row("linear layers to bf16 (nearest) = merge --dtype bf16", nearest(lambda k: k.endswith("proj.weight")))
     row("tied embedding / lm_head to bf16 (nearest)", nearest(lambda k: "embed" in k or "lm_head" in k))
     row("norms to bf16 (nearest)", nearest(lambda k: "norm" in k))
-    grams = calibration_grams(adapter, args.calib_tokens, 256)
-    fb = {k: bf16_error_feedback(v, grams[k[: -len(".weight")]]) for k, v in exact.items() if k.endswith("proj.weight")}
+    with calibration_grams(adapter, args.calib_tokens, 256) as grams:  # streamed: ask in block order
+        linears = sorted((k for k in exact if k.endswith("proj.weight")), key=natural_key)
+        fb = {k: bf16_error_feedback(exact[k], grams[k[: -len(".weight")]]) for k in linears}
     row("linear layers to bf16 (error feedback, calibration Grams)", fb)
     row("linear layers to fp16 (nearest)", {k: v.half().float() for k, v in exact.items() if k.endswith("proj.weight")})
 

@@ -296,7 +296,7 @@ def iter_base_layers(
     """Stream the base checkpoint: tensors not in ``layers`` (``{weight name: layer}``) go to ``passthrough``
     unchanged; for the others yield ``(layer, weight, base_qw)``, ``base_qw`` the layer's quantized base when it is in
     ``quantized`` (read from ``qpath``; ValueError on a shape mismatch), else None."""
-    for name, tensor in iter_checkpoint_tensors(base_dir):
+    for name, tensor in iter_checkpoint_tensors(base_dir, natural_order=True):  # blocks in order (StreamedGrams)
         layer = layers.get(name)
         if layer is None:
             passthrough(name, tensor)

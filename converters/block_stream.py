@@ -30,7 +30,7 @@ import ctypes.util
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointSource",
     "TensorIndex",
     "load_module",
+    "StreamedGrams",
     "model_skeleton",
     "release_freed_memory",
 ]
@@ -248,17 +249,16 @@ class BlockStream:
         """An empty :class:`ActivationStore` for ``n`` sequences of ``seq`` tokens."""
         return ActivationStore((n, seq, self.layout.hidden_size), self.dtype, self.spill_bytes, Path(self._tmp.name))
 
-    def run(
+    def blocks(
         self,
         input_ids: torch.Tensor,
         batch_size: int = 4,
         targets: tuple[str, ...] | None = None,
-        on_block: Callable[[int, nn.Module, BlockGrams | None], Any] | None = None,
-    ) -> ActivationStore:
-        """Run every block on ``input_ids`` (``(n, seq)``) in batches of ``batch_size``; returns the store of the
-        last block's outputs (closed by the caller or on exit). With ``targets`` (last name parts of linears) each
-        block's float64 Grams are collected while it runs and passed to ``on_block(index, block, grams)`` (called,
-        with ``grams=None`` without targets, while the block is still loaded)."""
+    ) -> Iterator[tuple[int, nn.Module, BlockGrams | None, ActivationStore]]:
+        """Run every block on ``input_ids`` (``(n, seq)``) in batches of ``batch_size``, one block at a time, and
+        yield ``(index, block, grams, outputs)`` while the block is still loaded: ``grams`` its float64 Grams when
+        ``targets`` (last name parts of linears) are given, else None; ``outputs`` the store of its outputs (the
+        last one is the caller's to close; the earlier ones are closed here when the next block has run)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
         if batch_size <= 0:
@@ -275,6 +275,7 @@ class BlockStream:
             current.write(start, h)
         del hidden
         container = model.get_submodule(self._prefix(layers[0])[:-1].rpartition(".")[0])
+        handed_out = False  # the last store, once yielded, belongs to the caller if the walk is stopped there
         try:
             for index, block in enumerate(layers):
                 self._load(block)
@@ -284,22 +285,47 @@ class BlockStream:
                         for start, kw in zip(starts, extras[index], strict=True):
                             h = current.read(start, min(start + batch_size, input_ids.shape[0]))
                             out.write(start, run_block(block, [h], [kw])[0])
-                    if on_block is not None:
-                        on_block(index, block, grams if targets else None)
                 except BaseException:
                     out.close()
                     raise
-                del grams
                 current.close()
                 current = out
+                handed_out = index == len(layers) - 1
+                yield index, block, (grams if targets else None), out
+                del grams
                 container[index] = nn.Module()  # drop the block's weights (the skeleton keeps a placeholder)
                 layers[index] = None  # ...and this list's reference, or every loaded block stays alive to the end
                 del block
                 release_freed_memory()
-        except BaseException:
-            current.close()
-            raise
-        return current
+        finally:  # an error, or the caller stopping the walk early (GeneratorExit at the yield)
+            if not handed_out:
+                current.close()
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        batch_size: int = 4,
+        targets: tuple[str, ...] | None = None,
+        on_block: Callable[[int, nn.Module, BlockGrams | None], Any] | None = None,
+    ) -> ActivationStore:
+        """:meth:`blocks` to the end; returns the store of the last block's outputs (closed by the caller or on
+        exit). ``on_block(index, block, grams)`` is called for each block while it is still loaded."""
+        outputs = None
+        for index, block, grams, outputs in self.blocks(input_ids, batch_size, targets):  # noqa: B007 (the last)
+            if on_block is not None:
+                on_block(index, block, grams)
+        return outputs
+
+    def grams(
+        self,
+        input_ids: torch.Tensor,
+        targets: tuple[str, ...],
+        batch_size: int = 4,
+        on_block: Callable[[int], Any] | None = None,
+    ) -> StreamedGrams:
+        """The Grams of ``targets`` as a :class:`StreamedGrams` mapping, computed block by block on demand
+        (``on_block(index)`` after each block, e.g. a progress bar's update)."""
+        return StreamedGrams(self, input_ids, targets, batch_size, on_block)
 
     def logits(self, hidden: ActivationStore, batch_size: int = 4) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start row, float32 logits (b, seq, vocab))`` per batch of the final hidden states: final norm, head
@@ -323,3 +349,83 @@ class BlockStream:
         finally:
             norm.to("meta")
             head.to("meta")
+
+
+class StreamedGrams(Mapping[str, torch.Tensor]):
+    """The calibration Grams of a model, ``{qualified linear name: float64 X^T X}``, computed one decoder block at a
+    time as they are asked for: asking for a layer of block ``i`` runs the stream up to block ``i`` and drops the
+    Grams of the blocks before it, so at most one block's Grams are held (memory flat in depth).
+
+    Layers must be asked for in block order (:func:`~qwha_export.formats.shards.natural_key` order); asking for a
+    block already dropped is a ``RuntimeError``. ``in`` and ``len`` answer from the layer names alone (the targets of
+    every block), without running anything. Layers outside the decoder blocks have no Gram (``get`` gives None)."""
+
+    def __init__(
+        self,
+        stream: BlockStream,
+        input_ids: torch.Tensor,
+        targets: tuple[str, ...],
+        batch_size: int = 4,
+        on_block: Callable[[int], Any] | None = None,
+    ) -> None:
+        self._stream, self._on_block = stream, on_block
+        model = stream.model
+        layers = decoder_layers(model)
+        self._block_of: dict[str, int] = {}
+        for index, block in enumerate(layers):
+            prefix = stream._prefix(block)
+            for name, module in block.named_modules():
+                if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
+                    self._block_of[f"{prefix}{name}"] = index
+        self._n_blocks = len(layers)
+        self._walk = stream.blocks(input_ids, batch_size, tuple(targets))
+        self._index, self._current = -1, BlockGrams()
+        self.token_counts: dict[str, int] = {}
+
+    def _advance_to(self, index: int) -> None:
+        if index < self._index:
+            raise RuntimeError(
+                f"the Grams of block {index} were dropped when block {self._index} ran; ask in block order"
+            )
+        while self._index < index:
+            self._current = BlockGrams()  # drop the previous block's Grams before the next one is computed
+            i, _, grams, outputs = next(self._walk)
+            if i == self._n_blocks - 1:  # nothing runs after the last block: free it and its outputs now
+                outputs.close()
+                self._walk.close()
+            self._index, self._current = i, grams
+            self.token_counts = dict(grams.token_counts)
+            if self._on_block is not None:
+                self._on_block(i)
+
+    def __getitem__(self, layer: str) -> torch.Tensor:
+        index = self._block_of.get(layer)
+        if index is None:
+            raise KeyError(layer)
+        self._advance_to(index)
+        return self._current[layer]
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self._block_of
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._block_of, key=lambda n: (self._block_of[n], n)))
+
+    def __len__(self) -> int:
+        return len(self._block_of)
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    def close(self) -> None:
+        """Stop the walk and remove the stream's spill folder (frees the block and its activations)."""
+        self._walk.close()
+        self._current = BlockGrams()
+        self._stream.close()
+
+    def __enter__(self) -> StreamedGrams:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..formats.adapter_dir import BASE_FILE, BASE_META
+from ..formats.shards import natural_key
 from .adapter_source import read_quantized_layer
 from .merge import merged_weight, open_adapter_source, requantize
 from .quantize import QuantizedWeight
@@ -74,7 +75,7 @@ def refit_adapter(
     qpath = adapter_dir / BASE_FILE
     with safe_open(str(qpath), framework="pt") as qf:
         qkeys = set(qf.keys())
-    for layer in sorted(quantized | set(spectra)):
+    for layer in sorted(quantized | set(spectra), key=natural_key):  # blocks in order (StreamedGrams)
         base_qw = read_quantized_layer(qpath, layer, qkeys)
         if layer in spectra:
             values, rows, cols, scale = spectra[layer]

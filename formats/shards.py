@@ -45,6 +45,7 @@ __all__ = [
     "iter_checkpoint_tensors",
     "validate_safetensors_file",
     "join_key",
+    "natural_key",
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" in the Hugging Face (decimal) convention
@@ -333,34 +334,58 @@ def validate_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, dict[str
     return entries
 
 
-def iter_checkpoint_tensors(model_dir: str | os.PathLike[str]) -> Iterator[tuple[str, torch.Tensor]]:
+def natural_key(name: str) -> tuple[tuple[int, str], ...]:
+    """Sort key of a tensor or layer name with its numbers compared as numbers: ``model.layers.2.x`` before
+    ``model.layers.10.x`` (plain string order puts block 10 between 1 and 2), i.e. decoder blocks in order."""
+    return tuple((int(t), "") if t.isdigit() else (-1, t) for t in re.split(r"(\d+)", name))
+
+
+def _open_checked(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError and friends
+        reason = str(e).splitlines()[0]
+        raise ValueError(f"{path}: cannot open safetensors file ({reason}); {REDOWNLOAD_HINT}") from None
+
+
+def iter_checkpoint_tensors(
+    model_dir: str | os.PathLike[str], natural_order: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of a (sharded or single-file) HF safetensors checkpoint.
 
-    Reads one tensor at a time with ``safe_open`` (memory: one tensor), files in sorted order, names in each
-    file's sorted order. Every file's header and size are validated before its first tensor is read, and every
-    tensor the index assigns to a file must be in it; all failures are one-line ValueErrors naming the file.
+    Reads one tensor at a time with ``safe_open`` (memory: one tensor): files in sorted order, names in each file's
+    sorted order; or, with ``natural_order``, all names across files in :func:`natural_key` order (decoder blocks in
+    order, a handle per run of names in one file), which is what a block-by-block consumer needs. Every file's
+    header and size are validated before the first tensor is read (before its first tensor without
+    ``natural_order``), and every tensor the index assigns to a file must be in it; all failures are one-line
+    ValueErrors naming the file.
     """
     files, weight_map = checkpoint_files(model_dir)
     expected: dict[str, set[str]] = {}
     if weight_map is not None:
         for k, v in weight_map.items():
             expected.setdefault(v, set()).add(k)
-    for path in files:
-        header = validate_safetensors_file(path)
-        names = sorted(k for k in header if k != "__metadata__")
-        want = expected.get(path.name)
-        if want is not None:
-            absent = sorted(want.difference(names))
-            if absent:
-                more = f" (+{len(absent) - 3} more)" if len(absent) > 3 else ""
-                raise ValueError(f"{path}: tensors listed in the index are missing: {', '.join(absent[:3])}{more}")
-        try:
-            handle = safe_open(str(path), framework="pt")
-        except Exception as e:  # SafetensorError and friends
-            raise ValueError(
-                f"{path}: cannot open safetensors file ({str(e).splitlines()[0]}); {REDOWNLOAD_HINT}"
-            ) from None
-        with handle as f:
+
+    def checked_names(path: Path) -> list[str]:
+        names = sorted(k for k in validate_safetensors_file(path) if k != "__metadata__")
+        absent = sorted(expected.get(path.name, set()).difference(names))
+        if absent:
+            more = f" (+{len(absent) - 3} more)" if len(absent) > 3 else ""
+            raise ValueError(f"{path}: tensors listed in the index are missing: {', '.join(absent[:3])}{more}")
+        return names
+
+    if natural_order:
+        order = sorted(((n, p) for p in files for n in checked_names(p)), key=lambda np_: natural_key(np_[0]))
+        runs: list[tuple[Path, list[str]]] = []
+        for name, path in order:
+            if runs and runs[-1][0] == path:
+                runs[-1][1].append(name)
+            else:
+                runs.append((path, [name]))
+    else:
+        runs = ((path, checked_names(path)) for path in files)
+    for path, names in runs:
+        with _open_checked(path) as f:
             for name in names:
                 try:
                     tensor = f.get_tensor(name)

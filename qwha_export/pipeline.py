@@ -13,6 +13,7 @@ Directory layout written by :func:`init_qwha` (everything later stages need):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -383,23 +384,31 @@ MERGE_FORMATS: tuple[str, ...] = ("dense", "gptq", "gptq_v2", "compressed-tensor
 
 
 def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True):
-    """Float64 Grams ``X^T X`` of every quantized layer's input, from the full-precision base on Lee-corpus text.
-
-    Holds all layers' Grams at once (about 0.8 GB for a 135M model); intended for small and medium models.
-    """
-    from .data import token_chunks
-    from .models import load_causal_lm
+    """Float64 Grams ``X^T X`` of every quantized layer's input, from the full-precision base on Lee-corpus text,
+    as a :class:`~qwha_export.converters.block_stream.StreamedGrams`: the base runs one decoder block at a time from
+    its shards as the layers are asked for in block order, holding one block's weights and Grams (flat in depth).
+    Close it (``with contextlib.closing(...)``) when done."""
+    from .converters.block_stream import BlockStream, CheckpointSource
+    from .data import lee_corpus_text, token_chunks
+    from .fused import _try_tokenizer
 
     meta = json.loads((Path(adapter_dir) / BASE_META).read_text())
-    model, tokenizer = load_causal_lm(meta["base_model"])
-    from .data import lee_corpus_text
-
+    base = Path(meta["base_model"])
+    tokenizer = _try_tokenizer(base)
+    if tokenizer is None:
+        raise ValueError(f"base model {base} has no tokenizer files; calibration needs them, or pass --calib-tokens 0")
     chunks = token_chunks(tokenizer, lee_corpus_text(), seq_len, max_tokens=n_tokens)
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in meta["quantized_layers"]}))
-    grams: dict[str, torch.Tensor] = {}
-    it = iter_block_grams(model, chunks, targets, batch_size=4, sequential=False)
-    for _, _, block_grams in tqdm(it, total=model.config.num_hidden_layers, desc="calibration", disable=quiet):
-        grams.update(block_grams)
+    stream = BlockStream(base, CheckpointSource(base))
+    bar = tqdm(desc="calibration", unit="block", disable=quiet)
+
+    def advance(index: int) -> None:
+        bar.update()
+        if index == grams.n_blocks - 1:
+            bar.close()
+
+    grams = stream.grams(chunks, targets, batch_size=4, on_block=advance)
+    bar.total = grams.n_blocks
     return grams
 
 
@@ -468,25 +477,25 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
     open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
     if job.requant == "refit":
         return _refit_and_fuse(job)
-    grams = None
-    if job.calib_tokens > 0 and job.bits != 16:
-        grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
-    elif job.requant == "gptq" and job.bits != 16:
+    if job.requant == "gptq" and job.bits != 16 and job.calib_tokens <= 0:
         raise ValueError("--requant gptq needs calibration activations; pass --calib-tokens > 0")
-    return stream_merge(
-        job.adapter_dir,
-        job.out,
-        bits=job.bits,
-        group_size=job.group_size,
-        requant=job.requant,
-        fmt=job.format,
-        dtype=job.dtype,
-        overwrite=job.overwrite,
-        grams=grams,
-        max_shard_bytes=job.max_shard_bytes,
-        check_hash=False,  # checked above
-        on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),
-    )
+    use_grams = job.calib_tokens > 0 and job.bits != 16
+    streamed = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) if use_grams else None
+    with streamed if streamed is not None else contextlib.nullcontext() as grams:
+        return stream_merge(
+            job.adapter_dir,
+            job.out,
+            bits=job.bits,
+            group_size=job.group_size,
+            requant=job.requant,
+            fmt=job.format,
+            dtype=job.dtype,
+            overwrite=job.overwrite,
+            grams=grams,
+            max_shard_bytes=job.max_shard_bytes,
+            check_hash=False,  # checked above
+            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),
+        )
 
 
 def _original_source(adapter_dir: str | Path):
@@ -508,11 +517,11 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
         raise ValueError("--requant refit re-quantizes; use --bits 2, 3, 4 or 8")
     if job.calib_tokens <= 0:
         raise ValueError("--requant refit fits the new adapter on calibration activations; pass --calib-tokens > 0")
-    grams = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet)
     with tempfile.TemporaryDirectory(prefix=".refit-", dir=Path(job.out).resolve().parent) as tmp:
-        report = refit_adapter(
-            job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="auto", grams=grams
-        )
+        with calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) as grams:
+            report = refit_adapter(
+                job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="auto", grams=grams
+            )
         base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
         manifest = write_fused(
             tmp,

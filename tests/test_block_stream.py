@@ -126,7 +126,7 @@ def test_spill_path_equals_in_memory(flow, tmp_path):
         hidden = stream.run(chunks, 4, on_block=lambda i, b, g: seen.append(sorted(os.listdir(stream._tmp.name))))
         assert hidden.spilled and hidden.path.is_file()
         hidden.close()
-    assert all(len(files) == 2 for files in seen), seen  # the block's input and output stores, both on disk
+    assert all(len(files) == 1 for files in seen), seen  # the block's output store on disk (its input freed)
     assert not any(tmp_path.iterdir())  # the spill directory is gone
     spilled = verify_export(flow["gptq"], flow["trained"], chunks=chunks, spill_bytes=0)
     for key in KEYS:
@@ -253,3 +253,54 @@ def test_smollm2_streamed_verify_equals_whole_model(smollm2_dir, tmp_path):
     print(json.dumps({"streamed": streamed, "whole": whole}))
     assert_same_numbers(streamed, whole)
     assert math.isfinite(streamed["ppl_reference"]) and streamed["top1_agreement"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# calibration Grams of merge / refit, streamed block by block
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _whole_model_grams(base: Path, n_tokens: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """The Grams as merge computed them before streaming: the whole base model loaded, all blocks' Grams kept."""
+    from qwha_export.converters.calibration import iter_block_grams
+    from qwha_export.data import lee_corpus_text, token_chunks
+    from qwha_export.models import load_causal_lm
+
+    model, tokenizer = load_causal_lm(base)
+    chunks = token_chunks(tokenizer, lee_corpus_text(), seq_len, max_tokens=n_tokens)
+    grams: dict[str, torch.Tensor] = {}
+    for _, _, block_grams in iter_block_grams(model, chunks, batch_size=4, sequential=False):
+        grams.update(block_grams)
+    return grams
+
+
+def test_streamed_calibration_grams_equal_whole_model_and_refuse_going_back(flow):
+    from qwha_export.pipeline import calibration_grams
+
+    whole = _whole_model_grams(flow["base"], 256, 64)
+    with calibration_grams(flow["trained"], 256, 64) as grams:
+        names = list(grams)
+        assert len(grams) == len(names) and names == sorted(names, key=lambda n: int(n.split(".")[2]))
+        assert "model.layers.1.mlp.down_proj" in grams and grams._index == -1  # `in` runs nothing
+        assert grams.get("lm_head") is None
+        for name in names:
+            assert torch.equal(grams[name], whole[name]), name
+        with pytest.raises(RuntimeError, match="block 0 were dropped when block 1 ran"):
+            grams["model.layers.0.self_attn.q_proj"]
+
+
+def test_merge_report_from_streamed_grams_equals_whole_model_grams(flow, tmp_path):
+    """The merge's calibration report (written by the `merge` command in the flow) has the numbers the whole-model
+    Grams give, to the last bit."""
+    from qwha_export.converters.merge import stream_merge
+
+    written = json.loads((flow["gptq"] / "qwha_export.json").read_text())
+    whole = _whole_model_grams(flow["base"], 256, 256)
+    ref = stream_merge(flow["trained"], tmp_path / "ref", bits=4, group_size=None, requant="rtn", fmt="gptq",
+                       grams=whole)  # fmt: skip
+    keys = ("rel_err_requant_vs_merged", "rel_err_base_vs_merged", "kept_fraction")
+    got = [{k: r.get(k) for k in ("name", *keys)} for r in written["layers"]]
+    want = [{k: r.get(k) for k in ("name", *keys)} for r in ref["layers"]]
+    assert sorted(got, key=lambda r: r["name"]) == sorted(want, key=lambda r: r["name"])
+    assert any(r["rel_err_requant_vs_merged"] is not None for r in got)
+    assert written["total"] == ref["total"]
