@@ -35,6 +35,8 @@ from ..kernels import SUPPORTED_ORDERS, is_supported_size
 
 __all__ = [
     "ARCHITECTURES",
+    "FULL",
+    "SLIDING",
     "SUPPORTED_MODEL_TYPES",
     "Architecture",
     "ModelLayout",
@@ -233,6 +235,17 @@ class ModelLayout:
     embed_scale: float = 1.0
     tied_head: bool = False
     attention_bias: bool = False
+    max_positions: int = 2048  # max_position_embeddings
+    rotary_fraction: float = 1.0  # partial_rotary_factor: the rotated share of each head
+    mlp_bias: bool = False
+
+    def sliding(self, layer: int) -> bool:
+        """Whether decoder block ``layer`` attends through the sliding window (local attention)."""
+        return self.layer_types[layer] == SLIDING
+
+    def rope_of(self, layer: int) -> dict[str, Any]:
+        """The ``rope_parameters`` of block ``layer`` (its layer type's, for per-layer-type RoPE)."""
+        return self.rope.get(self.layer_types[layer]) or self.rope.get(FULL, {})
 
 
 def _rope(cfg: dict[str, Any], arch: Architecture) -> dict[str, dict[str, Any]]:
@@ -283,4 +296,13 @@ def describe(config: Any) -> ModelLayout:
         embed_scale=math.sqrt(cfg["hidden_size"]) if arch.embed_scale_sqrt_hidden else 1.0,
         tied_head=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", arch.model_type is ModelType.QWEN2)),
+        max_positions=int(cfg.get("max_position_embeddings") or 2048),
+        rotary_fraction=float(_rotary_fraction(cfg)),
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
     )
+
+
+def _rotary_fraction(cfg: dict[str, Any]) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    nested = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    return nested or cfg.get("partial_rotary_factor") or 1.0

@@ -1,7 +1,9 @@
 """The numbers of an ONNX export, taken from the PyTorch model that is exported (no graph wiring here).
 
-:func:`decoder_from_model` walks a Llama/Mistral/Qwen2-style model as the project's loaders build it
-(``QuantLinear`` for quantized layers, ``QWHALinear`` for adapted ones, ``nn.Linear`` otherwise) and returns the
+:func:`decoder_from_model` walks a model of any registered architecture (:mod:`.architectures`: the entry of its
+``model_type`` names the blocks, linears and norms, :func:`~.architectures.describe` gives the windows, scales, caps,
+RoPE per layer type and embedding scale) as the project's loaders build it (``QuantLinear`` for quantized layers,
+``QWHALinear`` for adapted ones, ``nn.Linear`` otherwise) and returns the
 :class:`~qwha_export.formats.onnx_graph.DecoderSpec` / ``DecoderWeights`` that
 :func:`~qwha_export.formats.onnx_graph.build_decoder_model` turns into a graph:
 
@@ -10,8 +12,16 @@
   read their input columns in group order (``perm``), which is exact as every group holds ``group_size`` columns;
 * adapters: ``values * s / (d_in * sqrt(d_out))`` computed in float64 and cast once to float32;
 * rotary tables: the model's own rotary module evaluated at positions ``0 .. max_position_embeddings - 1``
-  (``cos``/``sin`` are duplicated halves, the first half is kept), so every RoPE variant transformers implements
-  statically (default, linear, llama3, yarn) is reproduced as PyTorch computes it;
+  (``cos``/``sin`` are duplicated halves, the first half is kept), once per layer type when the RoPE base differs
+  per layer type (Gemma 3 local/global), so every RoPE variant transformers implements statically (default, linear,
+  llama3, yarn, and longrope when ``max_position_embeddings`` stays within its original length) is reproduced as
+  PyTorch computes it;
+* norms: the weight the graph multiplies by, ``offset + w`` computed in float64 and cast once (Gemma's ``1 + w``);
+* fused projections (Phi-3 ``qkv_proj`` / ``gate_up_proj``) are split by output rows into q/k/v and gate/up (codes,
+  scales, zero points, bias and adapter entries alike); the graph packs them back into one node, so nothing changes;
+* sliding-window layers: GroupQueryAttention ``local_window_size = window``: transformers keeps the keys with
+  ``q - k < window`` (the current one included), and so does onnxruntime 1.32's CPU GroupQueryAttention with
+  ``local_window_size = window`` (measured: ``window - 1`` drops the oldest key, tests/test_onnx_architectures.py);
 * an unquantized ``lm_head`` whose float32 weight lies exactly on a symmetric 8-bit grid with block 32..128 (e.g. a
   GGUF ``Q8_0`` embedding, as in SmolLM2) is written as an 8-bit MatMulNBits whose dequantized weight is
   bit-identical; otherwise it stays a float32 MatMul.
@@ -19,6 +29,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +37,7 @@ import torch
 from torch import nn
 
 from ..formats.onnx_graph import (
+    ACTIVATIONS,
     DecoderSpec,
     DecoderWeights,
     DenseLinear,
@@ -35,11 +47,13 @@ from ..formats.onnx_graph import (
     SpectralAdapter,
 )
 from ..kernels import hadamard_k, hadamard_matrix, hadamard_order
+from .architectures import FULL, SUPPORTED_MODEL_TYPES, ModelLayout, architecture_for, decoder_layers, describe
 from .quantize import n_groups_of
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "check_config",
+    "split_projection",
     "decoder_from_model",
     "exact_grid_linear",
     "nbits_linear",
@@ -47,25 +61,53 @@ __all__ = [
     "wht_factors",
 ]
 
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_LONGROPE = ("longrope", "su")  # static only while no position exceeds original_max_position_embeddings
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 _MAX_FACTOR = 128  # widest Sylvester factor of the WalshHadamard function body (measured: README "ONNX export")
+assert set(_ACTIVATIONS.values()) <= set(ACTIVATIONS)
 
 
-def check_config(cfg: dict[str, Any]) -> None:
-    """One-line ``ValueError`` unless ``cfg`` (a config.json dict) describes a model this exporter writes."""
-    mt = cfg.get("model_type")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model_type {mt!r} cannot be exported to ONNX; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise ValueError(f"hidden_act {act!r} is not supported by the ONNX export (silu only)")
-    if cfg.get("mlp_bias"):
+def check_config(cfg: dict[str, Any]) -> ModelLayout:
+    """The :class:`ModelLayout` of ``cfg`` (a config.json dict or a config's ``to_dict()``); one-line ``ValueError``
+    unless it describes a model this exporter writes."""
+    try:
+        architecture_for(cfg)
+    except ValueError:
+        mt = cfg.get("model_type")
+        raise ValueError(
+            f"model_type {mt!r} cannot be exported to ONNX; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        ) from None
+    try:
+        layout = describe(cfg)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"config of model_type {cfg.get('model_type')!r} lacks or mistypes {exc}") from None
+    if layout.activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"activation {layout.activation!r} is not supported by the ONNX export; "
+            f"supported: {', '.join(_ACTIVATIONS)}"
+        )
+    if layout.mlp_bias:
         raise ValueError("mlp_bias=true is not supported by the ONNX export")
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    rtype = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rtype not in _STATIC_ROPE:
-        raise ValueError(f"rope_type {rtype!r} is not supported by the ONNX export; supported: {_STATIC_ROPE}")
+    if layout.rotary_fraction != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor={layout.rotary_fraction} is not supported by the ONNX export (1.0 only)"
+        )
+    for params in layout.rope.values():
+        rtype = params.get("rope_type", params.get("type", "default"))
+        if rtype in _LONGROPE:
+            original = params.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings")
+            if not original or layout.max_positions > int(original):
+                raise ValueError(
+                    f"rope_type {rtype!r} switches to its long factors past original_max_position_embeddings="
+                    f"{original} (max_position_embeddings={layout.max_positions}): not static, cannot be exported"
+                )
+        elif rtype not in _STATIC_ROPE:
+            raise ValueError(
+                f"rope_type {rtype!r} is not supported by the ONNX export; supported: {', '.join(_STATIC_ROPE)}, "
+                "longrope within its original length"
+            )
+    return layout
 
 
 def _block_size(group: int) -> int:
@@ -168,14 +210,78 @@ def wht_factors(n: int) -> tuple[int, list[np.ndarray]]:
     return k, [m.numpy().astype(np.float32) for m in mats]
 
 
-def _rope_tables(model: nn.Module, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    rotary = model.model.rotary_emb
+def split_projection(proj: Projection, sizes: tuple[int, ...]) -> list[Projection]:
+    """A fused projection (Phi-3 ``qkv_proj``, ``gate_up_proj``) as consecutive blocks of ``sizes`` output rows."""
+    if sum(sizes) != proj.linear.shape[0]:
+        raise ValueError(f"cannot split {proj.linear.shape[0]} output rows into {sizes}")
+    lin, ad, out, off = proj.linear, proj.adapter, [], 0
+    for n in sizes:
+        rows = slice(off, off + n)
+        part: NBitsLinear | DenseLinear
+        if isinstance(lin, NBitsLinear):
+            part = NBitsLinear(lin.codes[rows], lin.zeros[rows], lin.scales[rows], lin.bits, lin.block_size, lin.perm)
+        else:
+            part = DenseLinear(lin.weight[rows])
+        adapter = None
+        if ad is not None:
+            keep = (ad.rows >= off) & (ad.rows < off + n)
+            if keep.any():
+                adapter = SpectralAdapter(ad.rows[keep] - off, ad.cols[keep], ad.values[keep], ad.wht_k)
+        out.append(Projection(part, None if proj.bias is None else proj.bias[rows], adapter))
+        off += n
+    return out
+
+
+def _norm(module: nn.Module, offset: float) -> np.ndarray:
+    """The multiplier of an RMSNorm: ``offset + w`` in float64, cast once to float32."""
+    return (module.weight.detach().cpu().double() + offset).float().numpy()
+
+
+def _rope_tables(model: nn.Module, head_dim: int, layer_type: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    rotary = getattr(model, "model", model).rotary_emb
     max_pos = int(model.config.max_position_embeddings)
     pos = torch.arange(max_pos)[None]
+    x = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
+        cos, sin = rotary(x, pos) if layer_type is None else rotary(x, pos, layer_type)
     half = head_dim // 2
     return cos[0, :, :half].float().numpy(), sin[0, :, :half].float().numpy()
+
+
+def _block_weights(block: nn.Module, layout: ModelLayout) -> LayerWeights:
+    """The weights of one decoder block, named by the architecture entry."""
+    arch = layout.architecture
+    att, mlp = getattr(block, arch.attention_attr), getattr(block, arch.mlp_attr)
+    qd, kd = layout.num_heads * layout.head_dim, layout.num_kv_heads * layout.head_dim
+    att_names, mlp_names = arch.attention_linears, arch.mlp_linears
+    if arch.fused_qkv:
+        q, k, v = split_projection(_projection(getattr(att, att_names[0])), (qd, kd, kd))
+    else:
+        q, k, v = (_projection(getattr(att, n)) for n in att_names[:3])
+    o = _projection(getattr(att, att_names[-1]))
+    if arch.fused_gate_up:
+        fused = _projection(getattr(mlp, mlp_names[0]))
+        gate, up = split_projection(fused, (fused.linear.shape[0] // 2,) * 2)
+    else:
+        gate, up = (_projection(getattr(mlp, n)) for n in mlp_names[:2])
+    down = _projection(getattr(mlp, mlp_names[-1]))
+    norms = [_norm(block.get_submodule(n), layout.norm_offset) for n in arch.block_norms]
+    four = len(norms) == 4
+    return LayerWeights(
+        norms[0],
+        norms[1],
+        q,
+        k,
+        v,
+        o,
+        gate,
+        up,
+        down,
+        pre_ff_norm=norms[2] if four else None,
+        post_ff_norm=norms[3] if four else None,
+        q_norm=_norm(att.q_norm, layout.norm_offset) if arch.qk_norm else None,
+        k_norm=_norm(att.k_norm, layout.norm_offset) if arch.qk_norm else None,
+    )
 
 
 def decoder_from_model(
@@ -183,30 +289,30 @@ def decoder_from_model(
 ) -> tuple[DecoderSpec, DecoderWeights, dict[str, Any]]:
     """``(spec, weights, info)`` of ``model`` (see the module docstring); ``info`` summarises what was written."""
     cfg = model.config
-    check_config(cfg.to_dict())
-    heads, kv_heads = int(cfg.num_attention_heads), int(cfg.num_key_value_heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
-    if cfg.model_type == "qwen2" and getattr(cfg, "use_sliding_window", False):
-        raise ValueError("qwen2 with use_sliding_window=true is not supported by the ONNX export")
-    cos, sin = _rope_tables(model, head_dim)
-    layers, sizes, bits = [], set(), set()
-    for block in model.model.layers:
-        att, mlp = block.self_attn, block.mlp
-        projs = {n: _projection(getattr(att, f"{n}_proj")) for n in "qkvo"}
-        projs |= {n: _projection(getattr(mlp, f"{n}_proj")) for n in ("gate", "up", "down")}
-        for p in projs.values():
-            if p.adapter is not None:
-                sizes.add(p.linear.shape[1])
-            if isinstance(p.linear, NBitsLinear):
-                bits.add((p.linear.bits, p.linear.block_size))
-        layers.append(
-            LayerWeights(
-                block.input_layernorm.weight.detach().float().numpy(),
-                block.post_attention_layernorm.weight.detach().float().numpy(),
-                **projs,
+    layout = check_config(cfg.to_dict())
+    arch, head_dim = layout.architecture, layout.head_dim
+    blocks = decoder_layers(model)
+    for i, block in enumerate(blocks):  # the registry's scale against the one transformers computes
+        scaling = getattr(getattr(block, arch.attention_attr), "scaling", layout.attention_scale)
+        if not math.isclose(float(scaling), layout.attention_scale, rel_tol=1e-12):
+            raise ValueError(
+                f"layer {i}: attention scaling {scaling} differs from the registry's {layout.attention_scale}"
             )
-        )
+    if arch.rope_per_layer_type:  # one table per layer type; the global one (if any) is cos_cache / sin_cache
+        kinds = sorted(set(layout.layer_types), key=lambda t: t != FULL)
+        tables = {t: _rope_tables(model, head_dim, t) for t in kinds}
+        default, layer_rope = kinds[0], tuple("" if t == kinds[0] else t for t in layout.layer_types)
+        cos, sin = tables.pop(default)
+    else:
+        (cos, sin), tables, layer_rope = _rope_tables(model, head_dim), {}, None
+    layers = [_block_weights(block, layout) for block in blocks]
+    sizes, bits = set(), set()
+    for p in (p for lw in layers for p in lw.projections):
+        if p.adapter is not None:
+            sizes.add(p.linear.shape[1])
+        if isinstance(p.linear, NBitsLinear):
+            bits.add((p.linear.bits, p.linear.block_size))
+    windows = tuple(layout.window if layout.sliding(i) else -1 for i in range(len(blocks)))
     embed = model.get_input_embeddings().weight.detach().cpu().float()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
@@ -217,20 +323,28 @@ def decoder_from_model(
         lm_head = None if tied else _linear(head)
     spec = DecoderSpec(
         num_layers=len(layers),
-        hidden_size=int(cfg.hidden_size),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
+        hidden_size=layout.hidden_size,
+        num_heads=layout.num_heads,
+        num_kv_heads=layout.num_kv_heads,
         head_dim=head_dim,
-        vocab_size=int(cfg.vocab_size),
-        rms_eps=float(cfg.rms_norm_eps),
+        vocab_size=layout.vocab_size,
+        rms_eps=layout.rms_eps,
         cos_cache=cos,
         sin_cache=sin,
-        attention_scale=float(getattr(model.model.layers[0].self_attn, "scaling", head_dim**-0.5)),
-        window=int(window) - 1 if window else -1,  # HF keeps `window` keys, GQA local_window_size + 1
+        attention_scale=layout.attention_scale,
+        window=windows[0] if len(set(windows)) == 1 else -1,
         accuracy_level=accuracy_level,
         wht_factors={n: wht_factors(n) for n in sorted(sizes)},
+        activation=_ACTIVATIONS[layout.activation],
+        embed_scale=float(np.float32(layout.embed_scale)) if layout.embed_scale != 1.0 else None,  # as a float32
+        attn_softcap=float(layout.attn_softcap or 0.0),
+        final_softcap=float(layout.final_softcap or 0.0),
+        layer_windows=None if len(set(windows)) == 1 else windows,
+        layer_rope=layer_rope,
+        rope_caches=tables,
     )
-    weights = DecoderWeights(embed.numpy(), layers, model.model.norm.weight.detach().float().numpy(), lm_head)
+    root = getattr(model, "model", model)
+    weights = DecoderWeights(embed.numpy(), layers, _norm(root.norm, layout.norm_offset), lm_head)
     info = {
         "model_type": cfg.model_type,
         "quantized": sorted({f"{b}-bit/block {s}" for b, s in bits}),
@@ -238,7 +352,10 @@ def decoder_from_model(
         "lm_head": "tied float32"
         if lm_head is None
         else ("exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"),
-        "rope_type": (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default"),
-        "window": spec.window,
+        "rope_type": {t: p.get("rope_type", "default") for t, p in layout.rope.items()},
+        "window": spec.window if spec.layer_windows is None else list(spec.layer_windows),
+        "layer_types": list(layout.layer_types),
+        "attn_softcap": spec.attn_softcap,
+        "final_softcap": spec.final_softcap,
     }
     return spec, weights, info

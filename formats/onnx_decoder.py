@@ -1,0 +1,168 @@
+"""The decoder body of an ONNX export: embedding, per-block norms, attention and MLP, head (wiring only, no math).
+
+Per block (contrib ops of onnxruntime, as in its genai model builder)::
+
+    x -> [Skip]SimplifiedLayerNorm -> QKV (one MatMulNBits/MatMul, + bias, + spectral adapter) -> Split
+      -> [RMSNorm per head of q and k] -> RotaryEmbedding(q), RotaryEmbedding(k) (the layer's cos/sin tables)
+      -> GroupQueryAttention(scale, softcap, local_window_size of the layer) -> o_proj
+      -> [RMSNorm of the attention output] -> SkipSimplifiedLayerNorm -> gate|up -> Split -> act(gate) * up
+      -> down_proj -> [RMSNorm of the MLP output] -> SkipSimplifiedLayerNorm (next block's input norm)
+
+The bracketed steps are those of the architectures that have them (q/k norm: Qwen3, Gemma 3; four norms per block:
+Gemma); the numbers (norm weights with any ``1 + w`` folded in, windows, scales, caps, rotary tables per layer)
+come from :class:`~.onnx_spec.DecoderSpec` / :class:`~.onnx_spec.LayerWeights` as the converters prepared them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from onnx import TensorProto
+
+from .onnx_layers import MS, Graph, Layers, layer_prefix
+from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights
+
+__all__ = ["DecoderWriter"]
+
+_NEG = float(np.finfo(np.float32).min)
+
+
+class DecoderWriter(Layers):
+    def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
+        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density, spec.wht_factors)
+        self.spec, self.w = spec, weights
+
+    def shared_inits(self) -> None:
+        s, w, root = self.spec, self.w, self.root
+        root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
+        root.init("cos_cache", s.cos_cache.astype(np.float32))
+        root.init("sin_cache", s.sin_cache.astype(np.float32))
+        for key, (cos, sin) in s.rope_caches.items():
+            root.init(f"cos_cache.{key}", cos.astype(np.float32))
+            root.init(f"sin_cache.{key}", sin.astype(np.float32))
+        for i, lw in enumerate(w.layers):
+            for name, weight in self._norms(lw).items():
+                root.init(f"{layer_prefix(i)}{name}.weight", weight.astype(np.float32))
+        root.init("model.norm.weight", w.final_norm.astype(np.float32))
+
+    @staticmethod
+    def _norms(lw: LayerWeights) -> dict[str, np.ndarray]:
+        named = {
+            "input_layernorm": lw.input_norm,
+            "post_attention_layernorm": lw.post_norm,
+            "pre_feedforward_layernorm": lw.pre_ff_norm,
+            "post_feedforward_layernorm": lw.post_ff_norm,
+            "self_attn.q_norm": lw.q_norm,
+            "self_attn.k_norm": lw.k_norm,
+        }
+        return {k: v for k, v in named.items() if v is not None}
+
+    def masks(self, g: Graph) -> tuple[str, str, str, str]:
+        """``(seqlens_k, total_sequence_length, attention_bias, query_seqlens)``: every row holds ``total`` cache
+        slots; padding is masked by ``attention_bias`` ``[B, 1, S, T]``; ``query_seqlens`` (= S for every row) lets
+        GroupQueryAttention take multi-token steps with a cache for batches > 1."""
+        mask_shape = g.op("Shape", ["attention_mask"])
+        total = g.op("Gather", [mask_shape, g.const(1)], axis=0)
+        batch = g.op("Gather", [mask_shape, g.const([0])], axis=0)
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const([1])], axis=0)
+        total32 = g.op("Cast", [total], to=TensorProto.INT32)
+        seqlens = g.op("Expand", [g.op("Sub", [total32, g.const(1, np.int32)]), batch])
+        maskf = g.op("Cast", [g.op("Equal", ["attention_mask", g.const(0)])], to=TensorProto.FLOAT)
+        bias4 = g.op("Unsqueeze", [g.op("Mul", [maskf, g.const(_NEG, np.float32)]), g.const([1, 2])])  # [B,1,1,T]
+        bshape = g.op("Concat", [batch, g.const([1]), seq, g.op("Unsqueeze", [total, g.const([0])])], axis=0)
+        qlens = g.op("Expand", [g.op("Cast", [seq], to=TensorProto.INT32), batch])
+        return seqlens, total32, g.op("Expand", [bias4, bshape], name="attention_bias"), qlens
+
+    def rms(self, g: Graph, x: str, weight: str) -> str:
+        return g.op("RMSNormalization", [x, weight], epsilon=self.spec.rms_eps, axis=-1)
+
+    def skip_rms(self, g: Graph, x: str, residual: str, weight: str) -> tuple[str, str]:
+        """``(normalized x + residual, x + residual)``."""
+        y, _, _, res = g.op(
+            "SkipSimplifiedLayerNormalization", [x, residual, weight], n_out=4, domain=MS, epsilon=self.spec.rms_eps
+        )
+        return y, res
+
+    def head_norm(self, g: Graph, t: str, weight: str) -> str:
+        """RMSNorm of every head of ``t`` ``[B, S, H * D]`` over its ``D`` values."""
+        heads = g.op("Reshape", [t, g.const([0, 0, -1, self.spec.head_dim])])
+        return g.op("Reshape", [self.rms(g, heads, weight), g.const([0, 0, -1])])
+
+    def attention(self, g: Graph, x: str, i: int, lw: LayerWeights, mode: str, masks, out_kv) -> str:
+        s, p = self.spec, layer_prefix(i)
+        seqlens, total32, attn_bias, qlens = masks
+        qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode)
+        q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
+        if lw.q_norm is not None:
+            q = self.head_norm(g, q, f"{p}self_attn.q_norm.weight")
+        if lw.k_norm is not None:
+            k = self.head_norm(g, k, f"{p}self_attn.k_norm.weight")
+        cos, sin = s.rope_names(i)
+        q, k = (g.op("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, name=f"{p}rotary") for t in (q, k))
+        attrs = dict(
+            num_heads=s.num_heads,
+            kv_num_heads=s.num_kv_heads,
+            scale=s.attention_scale,
+            local_window_size=s.window_of(i),
+            do_rotary=0,
+        )
+        if s.attn_softcap:
+            attrs["softcap"] = float(s.attn_softcap)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32]
+            + ["", "", "", attn_bias, "", "", "", "", "", qlens],  # inputs 11..16: query_seqlens last
+            domain=MS,
+            name=f"{p}GroupQueryAttention",
+            outputs=[f"{g.prefix}{p}attn/out0", *out_kv],
+            **attrs,
+        )
+        return self.projection(g, attn, f"{p}self_attn.o_proj", [lw.o], mode)
+
+    def mlp(self, g: Graph, x: str, i: int, lw: LayerWeights, mode: str) -> str:
+        p, act_kind = layer_prefix(i), self.spec.activation
+        gu = self.projection(g, x, f"{p}mlp.gate_up_proj", [lw.gate, lw.up], mode)
+        gate, up = g.op("Split", [gu, g.const([lw.gate.linear.shape[0], lw.up.linear.shape[0]])], n_out=2, axis=-1)
+        if act_kind == "silu":
+            act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+        elif act_kind in ("gelu_tanh", "gelu"):
+            act = g.op("Gelu", [gate], approximate="tanh" if act_kind == "gelu_tanh" else "none")
+        else:
+            raise ValueError(f"activation {act_kind!r} has no ONNX writer; known: silu, gelu_tanh, gelu")
+        return self.projection(g, g.op("Mul", [act, up], name=f"{p}mlp.act"), f"{p}mlp.down_proj", [lw.down], mode)
+
+    def body(self, g: Graph, mode: str, out_names: Sequence[str]) -> None:
+        """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
+        s, w = self.spec, self.w
+        h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
+        if s.embed_scale is not None:
+            h = g.op("Mul", [h, g.const(s.embed_scale, np.float32)], name="embed_scale")
+        masks = self.masks(g)
+        x, residual = self.rms(g, h, f"{layer_prefix(0)}input_layernorm.weight"), h
+        for i, lw in enumerate(w.layers):
+            p = layer_prefix(i)
+            attn = self.attention(g, x, i, lw, mode, masks, out_names[1 + 2 * i : 3 + 2 * i])
+            if lw.pre_ff_norm is not None:  # four norms: the attention output is normalized before the residual add
+                attn = self.rms(g, attn, f"{p}post_attention_layernorm.weight")
+                x, residual = self.skip_rms(g, attn, residual, f"{p}pre_feedforward_layernorm.weight")
+            else:
+                x, residual = self.skip_rms(g, attn, residual, f"{p}post_attention_layernorm.weight")
+            down = self.mlp(g, x, i, lw, mode)
+            if lw.post_ff_norm is not None:
+                down = self.rms(g, down, f"{p}post_feedforward_layernorm.weight")
+            norm_w = f"{layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < len(w.layers) else "model.norm.weight"
+            x, residual = self.skip_rms(g, down, residual, norm_w)
+        logits = [out_names[0]] if not s.final_softcap else None
+        if w.lm_head is None:  # tied: Gemm against the embedding (one copy of the matrix)
+            flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])])
+            lg = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1, name="lm_head")
+            shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([s.vocab_size])], axis=0)
+            lg = g.op("Reshape", [lg, shape], outputs=logits)
+        else:
+            lg = self.matmul(g, x, "lm_head", w.lm_head, outputs=logits)
+        if s.final_softcap:  # c * tanh(z / c), in the order transformers computes it
+            cap = g.const(float(s.final_softcap), np.float32)
+            capped = g.op("Tanh", [g.op("Div", [lg, cap], name="final_softcap")])
+            g.op("Mul", [capped, cap], outputs=[out_names[0]])
