@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from native_ops import use_ops
 from test_architectures import TINY, WINDOW, write_base
 
 from qwha_export.converters.architectures import SUPPORTED_MODEL_TYPES, architecture_for, describe
@@ -33,7 +34,7 @@ from qwha_export.verify import load_export
 
 TOL = 1e-4
 SEQ = 24  # > 2 windows of 8
-VARIANTS = ("dense", "fused", "merged")
+VARIANTS = ("dense", "fused", "fused-function", "merged")  # fused: native qwha kernels if built; -function: bodies
 
 
 def _rel(a, b) -> float:
@@ -160,10 +161,12 @@ def parity_errors(run: _Runner, model, seq: int = SEQ, prefill: int = 6, pad: in
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("model_type", list(TINY))
-def test_onnx_matches_transformers(model_type, variant, exported):
-    src, folder, report = exported(model_type, variant)
+def test_onnx_matches_transformers(model_type, variant, exported, monkeypatch):
+    src, folder, report = exported(model_type, variant.split("-")[0])
+    use_ops(monkeypatch, "function" if variant == "fused-function" else None)
     model, _ = load_export(src)
     run = _Runner(folder)
+    assert (run.qwha_ops == "function") == (variant == "fused-function"), run.qwha_ops
     err = parity_errors(run, model)
     print(f"{model_type} {variant} ({run.qwha_ops}): " + json.dumps({k: float(f"{v:.3g}") for k, v in err.items()}))
     assert max(err.values()) <= TOL, (model_type, variant, err)
@@ -200,6 +203,70 @@ def test_window_off_by_one_is_caught(model_type, delta, exported):
     run.s = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
     err = parity_errors(run, load_export(src)[0])
     assert err["full"] > 100 * TOL and err["decode"] > 100 * TOL, err
+
+
+_SHORT = [1.0 + 0.25 * i for i in range(8)]  # longrope factors per frequency (head_dim 16)
+CONFIG_CASES = {  # (model_type, config keys): features the default tiny configs leave out
+    "qwen3-bias-sliding": (
+        "qwen3",
+        {"attention_bias": True, "use_sliding_window": True, "sliding_window": WINDOW, "max_window_layers": 1},
+    ),
+    "gemma3-linear-rope": (
+        "gemma3_text",
+        {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            }
+        },
+    ),  # fmt: skip
+    "phi3-longrope": (
+        "phi3",
+        {
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10_000.0,
+                "short_factor": _SHORT,
+                "long_factor": [4.0] * 8,
+                "original_max_position_embeddings": 128,
+            }
+        },
+    ),  # fmt: skip
+    "mistral-untied-window-4": ("mistral", {"sliding_window": 4}),
+    "gemma2-tight-softcaps": ("gemma2", {"attn_logit_softcapping": 1.5, "final_logit_softcapping": 3.0}),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_onnx_config_variants(case, tmp_path):
+    """Attention biases with sliding layers (Qwen3), linear RoPE on Gemma 3's global layers only, static longrope
+    (Phi-3), a window of 4: the dense export against transformers, same checks."""
+    model_type, more = CONFIG_CASES[case]
+    base = write_base(tmp_path / "base", model_type, **more)
+    report = export_onnx(base, tmp_path / "onnx", quiet=True, parity_tokens=0)
+    model, _ = load_export(base)
+    cfg = model.config
+    if case.startswith("qwen3"):
+        assert model.model.layers[0].self_attn.q_proj.bias is not None and cfg.layer_types[1] == "sliding_attention"
+    err = parity_errors(_Runner(tmp_path / "onnx"), model)
+    print(f"{case}: " + json.dumps({k: float(f"{v:.3g}") for k, v in err.items()}))
+    assert max(err.values()) <= TOL, (case, err)
+    assert report["graph"]["layer_types"] == list(describe(cfg).layer_types)
+
+
+def test_gemma2_softcapping_is_exercised(tmp_path):
+    """With the caps of "gemma2-tight-softcaps" both reach the tanh range: without either, transformers' logits
+    change (so that case's parity checks both); the default caps (50 / 30) barely bend the tiny model's scores."""
+    model_type, more = CONFIG_CASES["gemma2-tight-softcaps"]
+    model, _ = load_export(write_base(tmp_path / "base", model_type, **more))
+    ids = np.random.default_rng(7).integers(0, 256, (2, SEQ)).astype(np.int64)
+    ref = _torch_logits(model, ids)
+    model.config.final_logit_softcapping = None
+    assert _rel(_torch_logits(model, ids), ref) > 100 * TOL
+    model.config.final_logit_softcapping = more["final_logit_softcapping"]
+    for block in model.model.layers:
+        block.self_attn.attn_logit_softcapping = None
+    assert _rel(_torch_logits(model, ids), ref) > 20 * TOL  # measured 9e-3
 
 
 def test_unsupported_configs_are_one_line_errors():
