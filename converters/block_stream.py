@@ -44,6 +44,7 @@ from .calibration import BlockGrams, _capture_block_inputs, gram_hooks, run_bloc
 
 __all__ = [
     "DEFAULT_SPILL_BYTES",
+    "SPILL_BYTES_ENV",
     "ActivationStore",
     "BlockSource",
     "BlockStream",
@@ -53,9 +54,26 @@ __all__ = [
     "StreamedGrams",
     "model_skeleton",
     "release_freed_memory",
+    "spill_bytes_from_env",
 ]
 
-DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file
+DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file (QWHA_SPILL_BYTES)
+SPILL_BYTES_ENV = "QWHA_SPILL_BYTES"
+
+
+def spill_bytes_from_env() -> int:
+    """``QWHA_SPILL_BYTES`` (bytes of hidden states kept in memory before they go to a file in ``TMPDIR``), else
+    :data:`DEFAULT_SPILL_BYTES`; a one-line ``ValueError`` naming the variable for a value that is no integer >= 0."""
+    raw = os.environ.get(SPILL_BYTES_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_SPILL_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{SPILL_BYTES_ENV}={raw!r} must be a number of bytes >= 0 (0 spills every activation)")
+    return value
 
 
 def _libc_malloc_trim() -> Callable[[int], int] | None:
@@ -185,7 +203,8 @@ class ActivationStore:
             except OSError as e:
                 os.close(fd)
                 self.path.unlink(missing_ok=True)
-                raise OSError(e.errno, f"cannot write the activation spill file ({e.strerror})", name) from None
+                why = f"cannot write the activation spill file ({e.strerror}; it goes to TMPDIR, {spill_dir})"
+                raise OSError(e.errno, why, name) from None
             os.close(fd)
             self._data: Any = np.memmap(self.path, dtype=np_dtype, mode="r+", shape=self.shape)
         else:
@@ -219,9 +238,11 @@ class BlockStream:
         config_dir: str | os.PathLike[str],
         source: BlockSource,
         dtype: torch.dtype = torch.float32,
-        spill_bytes: int = DEFAULT_SPILL_BYTES,
+        spill_bytes: int | None = None,
         spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        if spill_bytes is None:
+            spill_bytes = spill_bytes_from_env()
         if isinstance(spill_bytes, bool) or not isinstance(spill_bytes, int) or spill_bytes < 0:
             raise ValueError(f"spill_bytes must be an integer >= 0, got {spill_bytes!r}")
         self.model = model_skeleton(config_dir, dtype)
@@ -358,7 +379,8 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
 
     Layers must be asked for in block order (:func:`~qwha_export.formats.shards.natural_key` order); asking for a
     block already dropped is a ``RuntimeError``. ``in`` and ``len`` answer from the layer names alone (the targets of
-    every block), without running anything. Layers outside the decoder blocks have no Gram (``get`` gives None)."""
+    every block), without running anything. Layers outside the decoder blocks have no Gram (``get`` gives None).
+    ``on_block(index)`` (settable) is called after each block has run, e.g. a progress bar's update."""
 
     def __init__(
         self,
@@ -368,7 +390,7 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
         batch_size: int = 4,
         on_block: Callable[[int], Any] | None = None,
     ) -> None:
-        self._stream, self._on_block = stream, on_block
+        self._stream, self.on_block = stream, on_block
         model = stream.model
         layers = decoder_layers(model)
         self._block_of: dict[str, int] = {}
@@ -395,8 +417,8 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
                 self._walk.close()
             self._index, self._current = i, grams
             self.token_counts = dict(grams.token_counts)
-            if self._on_block is not None:
-                self._on_block(i)
+            if self.on_block is not None:
+                self.on_block(i)
 
     def __getitem__(self, layer: str) -> torch.Tensor:
         index = self._block_of.get(layer)

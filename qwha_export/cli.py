@@ -12,7 +12,7 @@ import sys
 import click
 
 from . import __version__
-from .cli_errors import cli_words, friendly_errors
+from .cli_errors import cli_words, exit_cleanly_on_sigterm, friendly_errors
 from .cli_options import ACCURACY_LEVEL, MAX_SHARD_SIZE, OVERWRITE, QUIET, VERIFY_TOKENS
 
 
@@ -45,6 +45,7 @@ def _echo_onnx_parity(parity) -> None:
 @click.version_option(__version__, prog_name="qwha-export")
 def main() -> None:
     """Take a QWHA fine-tuned LLM (quantized base + Walsh-Hadamard spectral adapter) to deployment."""
+    exit_cleanly_on_sigterm()
 
 
 @main.command("init")

@@ -5,6 +5,8 @@ from the library prints the first line of its message and exits with code 2, no 
 ``strerror: path; what to do``. :func:`cli_words` rewrites the library's keyword-argument wording into the running
 command's flags (``overwrite=True`` -> ``--overwrite``, ``bits=5`` -> ``--bits 5``, ``max_len must`` ->
 ``--max-len must``), so one library serves Python callers and command-line users each in their own words.
+:func:`exit_cleanly_on_sigterm` makes SIGTERM unwind a command as Ctrl-C does, so an interrupted command leaves no
+output folder and no temporary files.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import errno
 import functools
 import os
 import re
+import signal
 import sys
+import threading
 
 import click
 from safetensors import SafetensorError
 
-__all__ = ["cli_words", "friendly_errors"]
+__all__ = ["cli_words", "exit_cleanly_on_sigterm", "friendly_errors"]
 
 _OS_HINTS = {
     errno.ENOSPC: "free some disk space or choose another --out",
@@ -112,3 +116,17 @@ def friendly_errors(fn):
             sys.exit(2)
 
     return wrapper
+
+
+def _raise_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM raises ``SystemExit(143)`` in the main thread, as SIGINT raises ``KeyboardInterrupt``: the running
+    command unwinds through its ``with`` blocks, so the temporary output folder (``atomic_output_dir``) and the
+    activation spill folder are removed. Python's default action for SIGTERM would end the process with both left
+    behind. A no-op outside the main thread (signal handlers can only be set there)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_exit)
+

@@ -400,15 +400,15 @@ def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quie
     chunks = token_chunks(tokenizer, lee_corpus_text(), seq_len, max_tokens=n_tokens)
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in meta["quantized_layers"]}))
     stream = BlockStream(base, CheckpointSource(base))
-    bar = tqdm(desc="calibration", unit="block", disable=quiet)
+    grams = stream.grams(chunks, targets, batch_size=4)
+    bar = tqdm(total=grams.n_blocks, desc="calibration", unit="block", disable=quiet)
 
     def advance(index: int) -> None:
         bar.update()
         if index == grams.n_blocks - 1:
             bar.close()
 
-    grams = stream.grams(chunks, targets, batch_size=4, on_block=advance)
-    bar.total = grams.n_blocks
+    grams.on_block = advance
     return grams
 
 
