@@ -42,6 +42,11 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+# the tiny models: every registered type, plus Gemma 3 at hidden 160 = 40 * 4 (q/k/v and gate/up inputs need H_40, as
+# the real 270M's 640 = 20 * 32 needs H_20; the other sizes are powers of two)
+MODELS = {**{t: (t, {}) for t in TINY}, "gemma3_text-h160": ("gemma3_text", {"hidden": 160})}
+
+
 def _adapter_sources(base, root) -> dict:
     """Adapter dir on ``base`` (RTN 4-bit g32 on every target linear, random spectra on all but o_proj), its fused
     folder and its 4-bit gptq_v2 merge."""
@@ -82,16 +87,17 @@ def exported(tmp_path_factory):
     """``(model_type, variant) -> (source folder, ONNX folder)``, built on first use."""
     cache: dict = {}
 
-    def get(model_type: str, variant: str):
-        if model_type not in cache:
-            root = tmp_path_factory.mktemp(model_type)
-            base = write_base(root / "base", model_type)
+    def get(name: str, variant: str):
+        if name not in cache:
+            model_type, more = MODELS[name]
+            root = tmp_path_factory.mktemp(name)
+            base = write_base(root / "base", model_type, **more)
             srcs = {"dense": base, **_adapter_sources(base, root)}
-            cache[model_type] = {
+            cache[name] = {
                 v: (src, root / f"onnx_{v}", export_onnx(src, root / f"onnx_{v}", quiet=True, parity_tokens=0))
                 for v, src in srcs.items()
             }
-        return cache[model_type][variant]
+        return cache[name][variant]
 
     return get
 
@@ -160,7 +166,7 @@ def parity_errors(run: _Runner, model, seq: int = SEQ, prefill: int = 6, pad: in
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("model_type", list(TINY))
+@pytest.mark.parametrize("model_type", list(MODELS))
 def test_onnx_matches_transformers(model_type, variant, exported, monkeypatch):
     src, folder, report = exported(model_type, variant.split("-")[0])
     use_ops(monkeypatch, "function" if variant == "fused-function" else None)
@@ -267,6 +273,21 @@ def test_gemma2_softcapping_is_exercised(tmp_path):
     for block in model.model.layers:
         block.self_attn.attn_logit_softcapping = None
     assert _rel(_torch_logits(model, ids), ref) > 20 * TOL  # measured 9e-3
+
+
+def test_export_onnx_refuses_dynamic_rope_in_one_line(tmp_path):
+    """A Phi-3 whose longrope switches to its long factors past 64 positions (of 128): exit 2, one line, no output."""
+    from click.testing import CliRunner
+
+    from qwha_export.cli import main
+
+    rope = {**CONFIG_CASES["phi3-longrope"][1]["rope_parameters"], "original_max_position_embeddings": 64}
+    base = write_base(tmp_path / "base", "phi3", rope_parameters=rope, original_max_position_embeddings=64)
+    r = CliRunner().invoke(main, ["export-onnx", str(base), "--out", str(tmp_path / "o")])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("Error: "), r.output
+    assert "rope_type 'longrope' switches to its long factors past original_max_position_embeddings=64" in lines[0]
+    assert not (tmp_path / "o").exists()
 
 
 def test_unsupported_configs_are_one_line_errors():
