@@ -344,6 +344,7 @@ def decoder_from_model(
         rope_caches=tables,
     )
     root = getattr(model, "model", model)
+    rope_types = {t: p.get("rope_type", "default") for t, p in layout.rope.items()}
     weights = DecoderWeights(embed.numpy(), layers, _norm(root.norm, layout.norm_offset), lm_head)
     info = {
         "model_type": cfg.model_type,
@@ -352,7 +353,7 @@ def decoder_from_model(
         "lm_head": "tied float32"
         if lm_head is None
         else ("exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"),
-        "rope_type": {t: p.get("rope_type", "default") for t, p in layout.rope.items()},
+        "rope_type": rope_types if len(set(rope_types.values())) > 1 else next(iter(rope_types.values()), "default"),
         "window": spec.window if spec.layer_windows is None else list(spec.layer_windows),
         "layer_types": list(layout.layer_types),
         "attn_softcap": spec.attn_softcap,

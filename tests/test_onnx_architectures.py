@@ -42,9 +42,17 @@ def _rel(a, b) -> float:
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-# the tiny models: every registered type, plus Gemma 3 at hidden 160 = 40 * 4 (q/k/v and gate/up inputs need H_40, as
-# the real 270M's 640 = 20 * 32 needs H_20; the other sizes are powers of two)
-MODELS = {**{t: (t, {}) for t in TINY}, "gemma3_text-h160": ("gemma3_text", {"hidden": 160})}
+# the tiny models: every registered type; Gemma 3 at hidden 160 = 40 * 4 (q/k/v and gate/up inputs need H_40, as the
+# real 270M's 640 = 20 * 32 needs H_20; the other sizes are powers of two); and with the 270M's attention shape
+# (4 query heads, 1 KV head of dimension 256, query_pre_attn_scalar 256)
+MODELS = {
+    **{t: (t, {}) for t in TINY},
+    "gemma3_text-h160": ("gemma3_text", {"hidden": 160}),
+    "gemma3_text-270m-heads": (
+        "gemma3_text",
+        {"hidden": 160, "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256},
+    ),
+}
 
 
 def _adapter_sources(base, root) -> dict:
