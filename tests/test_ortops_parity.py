@@ -1,6 +1,7 @@
 """Native qwha kernels (qwha_export.ortops) against the ONNX function bodies and the training-time Triton kernels
 (interpreter on CPU), layer by layer: every Hadamard order K the exporter emits, odd shapes (1, 5, 64 tokens, a
-batched decode step), rows without entries, a dense adapter (> 30%), both kernel variants (x86-64-v3, baseline).
+batched decode step), 2..16 rows (the few-token path), rows without entries, a dense adapter (> 30%), every kernel
+variant (x86-64-v4, x86-64-v3, baseline).
 
 Bound: max |error| <= 1e-5 of the output's scale (max |y|); measured errors are printed on failure."""
 
@@ -23,7 +24,12 @@ from qwha_export.quant_linear import QuantLinear
 
 BOUND = 1e-5
 SHAPES = {"decode": [(1, 1), (3, 1)], "prompt": [(1, 5), (2, 5), (1, 64), (1, 200)]}  # decode: one row, a batch
-SHAPES_SHORT = {"decode": [(1, 1), (3, 1)], "prompt": [(2, 5)]}
+SHAPES_SHORT = {"decode": [(1, 1), (3, 1), (8, 1)], "prompt": [(2, 5)]}
+# 2..16 rows (batched decode steps, short prompts): the kernels' few-token path (tiles of 4, 8 and 16 tokens)
+FEW_ROWS = {
+    "decode": [(2, 1), (3, 1), (4, 1), (7, 1), (8, 1), (16, 1)],
+    "prompt": [(1, 2), (1, 3), (1, 4), (1, 7), (1, 8), (1, 16), (3, 3)],
+}
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +140,34 @@ def test_every_hadamard_order(k, native, triton_spectral):
     _check(projs, reference, n, native, modes=SHAPES_SHORT, label=f"K={k} n={n}")
 
 
+def _use_isa(isa, native, monkeypatch):
+    if isa == "x86-64-v4":
+        monkeypatch.delenv("QWHA_ORT_OPS_ISA", raising=False)  # the best variant
+    else:
+        monkeypatch.setenv("QWHA_ORT_OPS_ISA", isa)
+    if ortops.library_info(native)["isa"] != isa:
+        pytest.skip(f"this CPU (or compiler) has no {isa} kernels")
+
+
+@pytest.mark.parametrize("isa", ["x86-64-v4", "x86-64-v3", "baseline"])
+@pytest.mark.parametrize(
+    "n,d_outs,density",
+    [
+        (576, (64, 32, 32), 0.03),  # q|k|v-like, K=36 (2^m = 16: padded transform blocks)
+        (1536, (40, 24), 0.02),  # down-like, K=12, 2^m = 128, a row with gaps over 255
+        (256, (24, 8), 0.05),  # K=1 (Sylvester only)
+        (256, (24, 8), 0.5),  # SpectralAddDense
+        (20, (9, 7), 0.3),  # n = K, odd row counts
+        (2, (3, 2), 0.2),  # n not a multiple of 4 (no 4 x 4 transposes)
+    ],
+)
+def test_few_rows(isa, n, d_outs, density, native, triton_spectral, monkeypatch):
+    """T = 2, 3, 4, 7, 8, 9, 16 rows, per kernel variant, against the function bodies and Triton."""
+    _use_isa(isa, native, monkeypatch)
+    projs, reference = _layer(n, d_outs, density, seed=n + 1, triton_spectral=triton_spectral)
+    _check(projs, reference, n, native, modes=FEW_ROWS, label=f"{isa} n={n} few rows")
+
+
 @pytest.mark.parametrize("isa", ["x86-64-v4", "x86-64-v3", "baseline"])
 @pytest.mark.parametrize(
     "n,d_outs,density",
@@ -145,12 +179,7 @@ def test_every_hadamard_order(k, native, triton_spectral):
     ],
 )
 def test_odd_shapes_and_variants(isa, n, d_outs, density, native, triton_spectral, monkeypatch):
-    if isa == "x86-64-v4":
-        monkeypatch.delenv("QWHA_ORT_OPS_ISA", raising=False)  # the best variant
-    else:
-        monkeypatch.setenv("QWHA_ORT_OPS_ISA", isa)
-    if ortops.library_info(native)["isa"] != isa:
-        pytest.skip(f"this CPU (or compiler) has no {isa} kernels")
+    _use_isa(isa, native, monkeypatch)
     baseline_before = ortops.library_info(native)["baseline_kernels"]
     projs, reference = _layer(n, d_outs, density, seed=n, triton_spectral=triton_spectral)
     _check(projs, reference, n, native, label=f"{isa} n={n}")

@@ -1,5 +1,7 @@
-// Compute kernels of Y = Base + WHT_n(X) . F~^T (see spectral.h for the layout); y may alias base. Compiled twice: with the baseline
-// flags (portable loops) and with -march=x86-64-v3 (AVX2 + FMA intrinsics); QWHA_NS names the namespace.
+// Compute kernels of Y = Base + WHT_n(X) . F~^T (see spectral.h for the layout); y may alias base. Compiled three
+// times: with the baseline flags (portable loops), -march=x86-64-v3 (AVX2 + FMA intrinsics) and -march=x86-64-v4
+// (AVX-512 where it pays); QWHA_NS names the namespace. Products by number of rows: 1 (sparse_token: 8 rows per
+// gather), 2..16 (sparse_few: a tile of 4, 8 or 16 tokens per register, 8 rows at a time), more (sparse_tile).
 #include <algorithm>
 #include <cstring>
 
@@ -28,7 +30,9 @@ constexpr int64_t kTile = 128;  // tokens per tile of the multi-token path (8 AV
 #else
 constexpr int64_t kTile = 64;  // tokens per tile of the multi-token path (8 AVX2 accumulators)
 #endif
+constexpr int64_t kFewTokens = 16;  // up to this many tokens: sparse_few (tiles of 4, 8 or 16)
 constexpr int64_t kBlockChunk = 32;  // row blocks per parallel task
+constexpr int64_t kSlack = 8;        // floats past the last row of the transposed sums (read by add_transposed)
 constexpr int64_t kPrefetch = 96;    // slots ahead that the one-token product prefetches (3 KB of values)
 
 // d[j * ds + i] = s[i * ss + j] for i < ri, j < rj (an 8 x 8 block in registers when full).
@@ -58,6 +62,19 @@ __attribute__((always_inline)) inline void transpose8(const float* s, int64_t ss
     for (int64_t j = 0; j < rj; ++j) d[j * ds + i] = s[i * ss + j];
 }
 
+// d[j * 4 + i] = s[i * ss + j] for i < 4, j < 4 (zero for rows i >= ri): a 4 x 4 block (16 consecutive floats out).
+__attribute__((always_inline)) inline void transpose4(const float* s, int64_t ss, float* d, int64_t ri) {
+#ifdef QWHA_AVX2
+  __m128 r[4];
+  for (int i = 0; i < 4; ++i) r[i] = i < ri ? _mm_loadu_ps(s + i * ss) : _mm_setzero_ps();
+  _MM_TRANSPOSE4_PS(r[0], r[1], r[2], r[3]);
+  for (int j = 0; j < 4; ++j) _mm_storeu_ps(d + 4 * j, r[j]);
+#else
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 4; ++i) d[j * 4 + i] = i < ri ? s[i * ss + j] : 0.0f;
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // the transform
 
@@ -68,7 +85,27 @@ void fwht(float* v, int64_t p, int64_t w) {
       float* a = v + i * w;
       float* b = v + (i + h) * w;
       const int64_t len = h * w;  // elements i..i+h-1 are contiguous: one run of h*w floats
-      for (int64_t e = 0; e < len; ++e) {
+      int64_t e = 0;
+#ifdef QWHA_AVX512
+      for (; e + 16 <= len; e += 16) {
+        const __m512 u = _mm512_loadu_ps(a + e), d = _mm512_loadu_ps(b + e);
+        _mm512_storeu_ps(a + e, _mm512_add_ps(u, d));
+        _mm512_storeu_ps(b + e, _mm512_sub_ps(u, d));
+      }
+#endif
+#ifdef QWHA_AVX2  // explicit 8- and 4-wide steps: the first stages of a few-token tile are runs of 4 or 8 floats
+      for (; e + 8 <= len; e += 8) {
+        const __m256 u = _mm256_loadu_ps(a + e), d = _mm256_loadu_ps(b + e);
+        _mm256_storeu_ps(a + e, _mm256_add_ps(u, d));
+        _mm256_storeu_ps(b + e, _mm256_sub_ps(u, d));
+      }
+      for (; e + 4 <= len; e += 4) {
+        const __m128 u = _mm_loadu_ps(a + e), d = _mm_loadu_ps(b + e);
+        _mm_storeu_ps(a + e, _mm_add_ps(u, d));
+        _mm_storeu_ps(b + e, _mm_sub_ps(u, d));
+      }
+#endif
+      for (; e < len; ++e) {
         const float u = a[e], d = b[e];
         a[e] = u + d;
         b[e] = u - d;
@@ -87,6 +124,16 @@ struct V8 {  // 8 floats (AVX2)
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T fmsub(T a, T b, T c) { return _mm256_fmsub_ps(a, b, c); }
+  static T fmadd(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+};
+struct V4 {  // 4 floats (SSE registers, VEX-encoded FMA)
+  using T = __m128;
+  static constexpr int kWidth = 4;
+  static T zero() { return _mm_setzero_ps(); }
+  static T set1(float v) { return _mm_set1_ps(v); }
+  static T load(const float* p) { return _mm_loadu_ps(p); }
+  static void store(float* p, T v) { _mm_storeu_ps(p, v); }
+  static T fmadd(T a, T b, T c) { return _mm_fmadd_ps(a, b, c); }
 };
 #endif
 #ifdef QWHA_AVX512
@@ -99,26 +146,29 @@ struct V16 {  // 16 floats (AVX-512)
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T fmsub(T a, T b, T c) { return _mm512_fmsub_ps(a, b, c); }
+  static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
 };
 #endif
 
 #ifdef QWHA_AVX2
-// mix_hk on 4 vectors of floats at offset c0 of every block, held in registers while the inputs stream through.
-template <class V>
+// mix_hk on NQ vectors of floats at offset c0 of every block, held in registers while the inputs stream through.
+template <class V, int NQ = 4>
 void mix_chunk(const SpectralLayout& L, const float* in, int64_t in_stride, float* out, int64_t len, int64_t c0) {
   const int64_t k = L.k;
   const int32_t* plus = L.hk_plus.data();
   const int32_t* start = L.hk_plus_start.data();
   constexpr int w = V::kWidth;
-  typename V::T s[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  typename V::T s[NQ];
+  for (int q = 0; q < NQ; ++q) s[q] = V::zero();
   for (int64_t b = 0; b < k; ++b)
-    for (int q = 0; q < 4; ++q) s[q] = V::add(s[q], V::load(in + b * in_stride + c0 + q * w));
+    for (int q = 0; q < NQ; ++q) s[q] = V::add(s[q], V::load(in + b * in_stride + c0 + q * w));
   const typename V::T two = V::set1(2.0f);
   for (int64_t a = 0; a < k; ++a) {
-    typename V::T acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+    typename V::T acc[NQ];
+    for (int q = 0; q < NQ; ++q) acc[q] = V::zero();
     for (int32_t j = start[a]; j < start[a + 1]; ++j)
-      for (int q = 0; q < 4; ++q) acc[q] = V::add(acc[q], V::load(in + plus[j] * in_stride + c0 + q * w));
-    for (int q = 0; q < 4; ++q) V::store(out + a * len + c0 + q * w, V::fmsub(two, acc[q], s[q]));
+      for (int q = 0; q < NQ; ++q) acc[q] = V::add(acc[q], V::load(in + plus[j] * in_stride + c0 + q * w));
+    for (int q = 0; q < NQ; ++q) V::store(out + a * len + c0 + q * w, V::fmsub(two, acc[q], s[q]));
   }
 }
 #endif
@@ -140,6 +190,12 @@ void mix_hk(const SpectralLayout& L, const float* in, int64_t in_stride, float* 
 #ifdef QWHA_AVX2
     if (w == kChunk) {
       mix_chunk<V8>(L, in, in_stride, out, len, c0);
+      continue;
+    }
+    if (w % 8 == 0) {  // 8, 16 or 24 floats (e.g. one token of n = 576 = 36 * 16)
+      if (w == 8) mix_chunk<V8, 1>(L, in, in_stride, out, len, c0);
+      if (w == 16) mix_chunk<V8, 2>(L, in, in_stride, out, len, c0);
+      if (w == 24) mix_chunk<V8, 3>(L, in, in_stride, out, len, c0);
       continue;
     }
 #endif
@@ -171,16 +227,33 @@ int64_t wht_block_stride(const SpectralLayout& L, int64_t tile) {
   return L.p * tile + ((L.k > 1 && L.p % 8 == 0) ? 16 : 0);
 }
 
-// zt[i * tile + t] = WHT(x[t, :])[i] for t < tt (zero for tt <= t < tile); w is scratch of k * wht_block_stride.
-void wht_tile(const SpectralLayout& L, const float* x, int64_t tt, int64_t tile, float* w, float* zt) {
+// zt[i * tile + t] = WHT(x[t, :])[i] for t < tt (zero for tt <= t < tile); w is scratch of k * wht_block_stride
+// floats; pad of 8 * n floats (a zero-padded copy of a last group of fewer than 8 tokens, for whole 8 x 8
+// transposes), unused when tile is 4 or tt a multiple of 8.
+void wht_tile(const SpectralLayout& L, const float* x, int64_t tt, int64_t tile, float* w, float* zt, float* pad) {
   const int64_t n = L.n, p = L.p, bs = L.k > 1 ? wht_block_stride(L, tile) : p * tile;
   float* t = L.k > 1 ? w : zt;
   if (tt < tile) std::memset(t, 0, sizeof(float) * L.k * bs);
-  for (int64_t t0 = 0; t0 < tt; t0 += 8)
-    for (int64_t i0 = 0; i0 < n; i0 += 8) {  // rows i0..i0+7 lie in one block when bs is padded (p % 8 == 0)
+  if (tile == 4 && n % 4 == 0) {  // 4 x 4 transposes: columns i0..i0+3 of the 4 tokens are 16 consecutive floats
+    for (int64_t i0 = 0; i0 < n; i0 += 4) {  // (in one block: p is a multiple of 4 when bs is padded)
       float* dst = bs == p * tile ? t + i0 * tile : t + (i0 / p) * bs + (i0 % p) * tile;
-      transpose8(x + t0 * n + i0, n, dst + t0, tile, std::min<int64_t>(8, tt - t0), std::min<int64_t>(8, n - i0));
+      transpose4(x + i0, n, dst, tt);
     }
+  } else {
+    for (int64_t t0 = 0; t0 < tt; t0 += 8) {
+      const float* src = x + t0 * n;
+      if (tt - t0 < 8 && tile >= t0 + 8) {  // whole transposes from a zero-padded copy of the last tokens
+        std::memset(pad, 0, sizeof(float) * 8 * n);
+        std::memcpy(pad, src, sizeof(float) * (tt - t0) * n);
+        src = pad;
+      }
+      const int64_t ri = src == pad ? 8 : std::min<int64_t>(8, tt - t0);
+      for (int64_t i0 = 0; i0 < n; i0 += 8) {  // rows i0..i0+7 lie in one block when bs is padded (p % 8 == 0)
+        float* dst = bs == p * tile ? t + i0 * tile : t + (i0 / p) * bs + (i0 % p) * tile;
+        transpose8(src + i0, n, dst + t0, tile, ri, std::min<int64_t>(8, n - i0));
+      }
+    }
+  }
   for (int64_t b = 0; b < L.k; ++b) fwht(t + b * bs, p, tile);
   if (L.k > 1) mix_hk(L, t, bs, zt, p * tile);
 }
@@ -297,8 +370,80 @@ void sparse_tile(const SpectralLayout& L, const float* zt, float* acc, int64_t b
   }
 }
 
+// A few tokens (2..16, e.g. a batched decode step), tile = 1 << kShift = 4, 8 or 16 tokens (transposed activations
+// zt [n, tile]): slot by slot, all 8 lanes of a block at once, each lane's row holding its tile of sums in a
+// register. Each slot's steps and values are read once for all tokens of the tile, and the 8 lanes are 8
+// independent FMA chains (sparse_tile's one chain per row, for tiles of 8 or 16, was bound by the FMA latency: 2
+// to 8 rows cost ~2-3x one). The lanes' columns stay in scalar registers (a store and reload of the column vector,
+// or vpextrd, was slower on AMD Zen 4). acc[r * tile + t] as in sparse_tile.
+#ifdef QWHA_AVX2
+// floats [off, off + V::kWidth) of each token tile, for the rows of one block (slots s0..s1)
+template <class V, int kShift>
+__attribute__((always_inline)) inline void few_block(const float* zt, const uint8_t* delta, const float* val,
+                                                     int64_t s0, int64_t s1, float* const* out, int off) {
+  typename V::T a[kLanes];
+  for (int l = 0; l < kLanes; ++l) a[l] = V::zero();
+  const float* z = zt + off;
+  int64_t c[kLanes] = {};  // each lane's column times the tile (float offset into zt), in scalar registers
+  for (int64_t s = s0; s < s1; ++s) {
+    const uint8_t* dp = delta + s * kLanes;
+    const float* vp = val + s * kLanes;
+    _mm_prefetch(reinterpret_cast<const char*>(vp + kPrefetch * kLanes), _MM_HINT_T0);  // tables from memory
+    _mm_prefetch(reinterpret_cast<const char*>(dp + kPrefetch * kLanes), _MM_HINT_T0);
+    for (int l = 0; l < kLanes; ++l) {
+      c[l] += static_cast<int64_t>(dp[l]) << kShift;
+      a[l] = V::fmadd(V::set1(vp[l]), V::load(z + c[l]), a[l]);
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) V::store(out[l] + off, a[l]);
+}
+#endif
+
+template <int kShift>
+void sparse_few(const SpectralLayout& L, const float* zt, float* acc, int64_t b0, int64_t b1) {
+  constexpr int64_t tile = int64_t{1} << kShift;
+  alignas(64) float sink[tile];  // the sums of padding lanes
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t s0 = L.block_slot[b], s1 = L.block_slot[b + 1];
+    float* out[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      const int32_t r = L.row_of[b * kLanes + l];
+      out[l] = r >= 0 ? acc + static_cast<int64_t>(r) * tile : sink;
+    }
+#ifdef QWHA_AVX2
+    if constexpr (kShift == 2) {
+      few_block<V4, kShift>(zt, L.delta.data(), L.val.data(), s0, s1, out, 0);
+    } else if constexpr (kShift == 3) {
+      few_block<V8, kShift>(zt, L.delta.data(), L.val.data(), s0, s1, out, 0);
+    } else {  // one pass per 16 (AVX-512) or 8 tokens: the block's tables stay in L1 after the first
+#ifdef QWHA_AVX512
+      for (int off = 0; off < tile; off += 16)
+        few_block<V16, kShift>(zt, L.delta.data(), L.val.data(), s0, s1, out, off);
+#else
+      for (int off = 0; off < tile; off += 8)
+        few_block<V8, kShift>(zt, L.delta.data(), L.val.data(), s0, s1, out, off);
+#endif
+    }
+#else
+    float a[kLanes][tile] = {};
+    int64_t col[kLanes] = {};
+    for (int64_t s = s0; s < s1; ++s) {
+      const uint8_t* dp = L.delta.data() + s * kLanes;
+      const float* vp = L.val.data() + s * kLanes;
+      for (int l = 0; l < kLanes; ++l) {
+        const float* zc = zt + (col[l] += dp[l]) * tile;
+        const float v = vp[l];
+        for (int64_t t = 0; t < tile; ++t) a[l][t] += v * zc[t];
+      }
+    }
+    for (int l = 0; l < kLanes; ++l) std::memcpy(out[l], a[l], sizeof(a[l]));
+#endif
+  }
+}
+
 // y[t, r] = base[t, r] + acc[r * tile + t] for t < tt and r0 <= r < r1: 8 tokens x 16 rows at a time (two 8 x 8
-// transposes), so each visit of a row of y and base covers a whole cache line.
+// transposes), so each visit of a row of y and base covers a whole cache line. The transposes always read 8
+// floats of each row (for tile 4, the next row's too: acc holds kSlack floats past its last row).
 void add_transposed(const float* acc, int64_t tile, const float* base, float* y, int64_t tt, int64_t d_out, int64_t r0,
                     int64_t r1) {
   alignas(64) float blk[8 * 16];
@@ -306,8 +451,8 @@ void add_transposed(const float* acc, int64_t tile, const float* base, float* y,
     const int64_t te = std::min<int64_t>(8, tt - t0);
     for (int64_t rb = r0; rb < r1; rb += 16) {
       const int64_t re = std::min<int64_t>(16, r1 - rb);
-      transpose8(acc + rb * tile + t0, tile, blk, 16, std::min<int64_t>(8, re), te);  // blk[t * 16 + r]
-      if (re > 8) transpose8(acc + (rb + 8) * tile + t0, tile, blk + 8, 16, re - 8, te);
+      transpose8(acc + rb * tile + t0, tile, blk, 16, std::min<int64_t>(8, re), 8);  // blk[t * 16 + r]
+      if (re > 8) transpose8(acc + (rb + 8) * tile + t0, tile, blk + 8, 16, re - 8, 8);
       for (int64_t t = 0; t < te; ++t) {
         const float* bp = base + (t0 + t) * d_out + rb;
         float* yp = y + (t0 + t) * d_out + rb;
@@ -325,10 +470,12 @@ void add_transposed(const float* acc, int64_t tile, const float* base, float* y,
   }
 }
 
+// tile 4, 8 or 16 (kFewTokens or fewer tokens): sparse_few; 8 * NV: sparse_tile
 void sparse_tile_any(int64_t tile, const SpectralLayout& L, const float* zt, float* acc, int64_t b0, int64_t b1) {
+  if (tile == 4) return sparse_few<2>(L, zt, acc, b0, b1);
+  if (tile == 8) return sparse_few<3>(L, zt, acc, b0, b1);
+  if (tile == 16) return sparse_few<4>(L, zt, acc, b0, b1);
   switch (tile / 8) {
-    case 1: return sparse_tile<1>(L, zt, acc, b0, b1);
-    case 2: return sparse_tile<2>(L, zt, acc, b0, b1);
     case 3: return sparse_tile<3>(L, zt, acc, b0, b1);
     case 4: return sparse_tile<4>(L, zt, acc, b0, b1);
     case 5: return sparse_tile<5>(L, zt, acc, b0, b1);
@@ -357,29 +504,36 @@ void run(const SpectralLayout& L, const float* x, const float* base, float* y, i
     });
     return;
   }
-  const int64_t tile = rows >= kTile ? kTile : rows >= 64 ? 64 : (rows + 7) / 8 * 8;
+  const int64_t tile = rows >= kTile            ? kTile
+                       : rows >= 64            ? 64
+                       : rows <= 4             ? 4
+                       : rows <= 8             ? 8
+                       : rows <= kFewTokens    ? 16
+                                               : (rows + 7) / 8 * 8;
   const int64_t tiles = (rows + tile - 1) / tile;
   if (tiles >= 2) {  // prompts: one task per tile, whose transform, product and write-back stay in one core's L2
     par(static_cast<size_t>(tiles), [&](size_t i) {
-      thread_local std::vector<float> w, zt, acc;
+      thread_local std::vector<float> w, zt, acc, pad;
       w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
       zt.resize(static_cast<size_t>(n * tile));
-      acc.resize(static_cast<size_t>(d_out * tile));
+      acc.resize(static_cast<size_t>(d_out * tile + kSlack));
+      pad.resize(static_cast<size_t>(8 * n));
       const int64_t t0 = static_cast<int64_t>(i) * tile, tt = std::min(tile, rows - t0);
-      wht_tile(L, x + t0 * n, tt, tile, w.data(), zt.data());
+      wht_tile(L, x + t0 * n, tt, tile, w.data(), zt.data(), pad.data());
       sparse_tile_any(tile, L, zt.data(), acc.data(), 0, nb);
       add_transposed(acc.data(), tile, base + t0 * d_out, y + t0 * d_out, tt, d_out, 0, d_out);
     });
     return;
   }
   // one tile (2..64 tokens, e.g. a batched decode step): the transform once, then row blocks in parallel
-  thread_local std::vector<float> w, zt_buf, acc_buf;
+  thread_local std::vector<float> w, zt_buf, acc_buf, pad;
   w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
   zt_buf.resize(static_cast<size_t>(n * tile));
-  acc_buf.resize(static_cast<size_t>(d_out * tile));
+  acc_buf.resize(static_cast<size_t>(d_out * tile + kSlack));
+  pad.resize(static_cast<size_t>(8 * n));
   float* zt = zt_buf.data();
   float* acc = acc_buf.data();
-  wht_tile(L, x, rows, tile, w.data(), zt);
+  wht_tile(L, x, rows, tile, w.data(), zt, pad.data());
   par(static_cast<size_t>(chunks), [&](size_t c) {
     const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
     sparse_tile_any(tile, L, zt, acc, b0, std::min(nb, b0 + kBlockChunk));
