@@ -3,6 +3,7 @@
 // (AVX-512 where it pays); QWHA_NS names the namespace. Products by number of rows: 1 (sparse_token: 8 rows per
 // gather), 2..16 (sparse_few: a tile of 4, 8 or 16 tokens per register, 8 rows at a time), more (sparse_tile).
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "spectral.h"
@@ -488,6 +489,13 @@ void sparse_tile_any(int64_t tile, const SpectralLayout& L, const float* zt, flo
   }
 }
 
+// `count` floats of `buf` from a 64-byte boundary (a tile's row of zt or acc then never straddles two cache lines)
+float* aligned_floats(std::vector<float>& buf, int64_t count) {
+  buf.resize(static_cast<size_t>(count + 16));
+  const uintptr_t a = reinterpret_cast<uintptr_t>(buf.data());
+  return buf.data() + ((64 - a % 64) % 64) / sizeof(float);
+}
+
 void run(const SpectralLayout& L, const float* x, const float* base, float* y, int64_t rows,
          const qwha::ParallelFor& par) {
   const int64_t n = L.n, d_out = L.d_out, nb = L.n_blocks;
@@ -515,24 +523,22 @@ void run(const SpectralLayout& L, const float* x, const float* base, float* y, i
     par(static_cast<size_t>(tiles), [&](size_t i) {
       thread_local std::vector<float> w, zt, acc, pad;
       w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
-      zt.resize(static_cast<size_t>(n * tile));
-      acc.resize(static_cast<size_t>(d_out * tile + kSlack));
+      float* ztp = aligned_floats(zt, n * tile);
+      float* accp = aligned_floats(acc, d_out * tile + kSlack);
       pad.resize(static_cast<size_t>(8 * n));
       const int64_t t0 = static_cast<int64_t>(i) * tile, tt = std::min(tile, rows - t0);
-      wht_tile(L, x + t0 * n, tt, tile, w.data(), zt.data(), pad.data());
-      sparse_tile_any(tile, L, zt.data(), acc.data(), 0, nb);
-      add_transposed(acc.data(), tile, base + t0 * d_out, y + t0 * d_out, tt, d_out, 0, d_out);
+      wht_tile(L, x + t0 * n, tt, tile, w.data(), ztp, pad.data());
+      sparse_tile_any(tile, L, ztp, accp, 0, nb);
+      add_transposed(accp, tile, base + t0 * d_out, y + t0 * d_out, tt, d_out, 0, d_out);
     });
     return;
   }
   // one tile (2..64 tokens, e.g. a batched decode step): the transform once, then row blocks in parallel
   thread_local std::vector<float> w, zt_buf, acc_buf, pad;
   w.resize(static_cast<size_t>(L.k * wht_block_stride(L, tile)));
-  zt_buf.resize(static_cast<size_t>(n * tile));
-  acc_buf.resize(static_cast<size_t>(d_out * tile + kSlack));
   pad.resize(static_cast<size_t>(8 * n));
-  float* zt = zt_buf.data();
-  float* acc = acc_buf.data();
+  float* zt = aligned_floats(zt_buf, n * tile);
+  float* acc = aligned_floats(acc_buf, d_out * tile + kSlack);
   wht_tile(L, x, rows, tile, w.data(), zt, pad.data());
   par(static_cast<size_t>(chunks), [&](size_t c) {
     const int64_t b0 = static_cast<int64_t>(c) * kBlockChunk;
