@@ -331,7 +331,7 @@ def case_8b(args, tmp_root: Path) -> list[dict]:
 def case_smollm2(args, tmp_root: Path) -> list[dict]:
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
-    from qwha_export.pipeline import InitJob, init_qwha
+    from qwha_export.initialise import InitJob, init_qwha
 
     root = Path(tempfile.mkdtemp(prefix="smollm2-", dir=tmp_root))
     adir = Path(args.smollm2_adapter) if args.smollm2_adapter else root / "adapter"

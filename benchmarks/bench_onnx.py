@@ -102,8 +102,9 @@ def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builde
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
     from qwha_export.fused import write_fused
+    from qwha_export.initialise import InitJob, init_qwha
     from qwha_export.models import smollm2_path
-    from qwha_export.pipeline import InitJob, MergeJob, init_qwha, merge_qwha
+    from qwha_export.pipeline import MergeJob, merge_qwha
 
     hf = smollm2_path()
     paths: dict[str, Path] = {"hf": hf}

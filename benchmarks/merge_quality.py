@@ -71,7 +71,7 @@ def _bf16_floor(chunks: torch.Tensor) -> dict[str, float]:
 def _make_adapter(root: Path) -> Path:
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
-    from qwha_export.pipeline import InitJob, init_qwha
+    from qwha_export.initialise import InitJob, init_qwha
 
     out = root / "adapter"
     init_qwha(

@@ -137,8 +137,8 @@ def qwha_dir(out: Path, bits: int, method: str, s: Settings) -> Path:
     """``qwha-export init`` output for (bits, method), cached in ``out/init``."""
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
+    from qwha_export.initialise import InitJob, init_qwha
     from qwha_export.models import smollm2_path
-    from qwha_export.pipeline import InitJob, init_qwha
 
     d = out / "init" / f"qwha-{method}-{bits}bit"
     if not (d / "adapter_model.safetensors").is_file():

@@ -8,6 +8,8 @@ Layout::
     quantized_base.safetensors  per quantized linear <name>.codes|scales|zeros|bits|group_size[|g_idx] (BASE_FILE)
     qwha_base.json              base model path, base_hash {file: SHA-256}, quantization settings, quantized
                                 layers (BASE_META)
+    init_report.json            per layer: shape, budget, relative output error before/after the init on
+                                calibration and held-out activations; totals (REPORT_FILE)
 
 :func:`base_fingerprint` is the SHA-256 of the base's ``config.json`` and every ``*.safetensors`` file;
 :func:`check_base_hash` refuses a base that no longer matches it. :class:`atomic_output_dir` writes a folder into a
@@ -30,6 +32,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "BASE_FILE",
     "BASE_META",
+    "REPORT_FILE",
     "atomic_output_dir",
     "base_fingerprint",
     "check_base_hash",
@@ -38,6 +41,7 @@ __all__ = [
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REPORT_FILE = "init_report.json"
 BASE_FILE = "quantized_base.safetensors"
 BASE_META = "qwha_base.json"
 

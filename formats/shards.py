@@ -40,6 +40,7 @@ __all__ = [
     "SAFE_WEIGHTS_INDEX_NAME",
     "ShardWriter",
     "checkpoint_files",
+    "concat_safetensors",
     "save_safetensors",
     "validate_checkpoint",
     "iter_checkpoint_tensors",
@@ -332,6 +333,57 @@ def validate_checkpoint(model_dir: str | os.PathLike[str]) -> dict[str, dict[str
     for p in files:
         entries.update((k, v) for k, v in validate_safetensors_file(p).items() if k != "__metadata__")
     return entries
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+
+
+def concat_safetensors(
+    parts: list[str | os.PathLike[str]], out: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> int:
+    """Write the tensors of the safetensors files ``parts`` into the one file ``out``, copying bytes in 16 MiB chunks
+    (memory: one chunk, whatever the sizes): what a writer that produces a single file piece by piece (``init``'s
+    quantized base and adapter, one decoder block at a time) needs. Tensors are laid out as ``save_file`` does
+    (widest dtype first, then by name, header padded to 8 bytes, so every tensor stays aligned); a name in two
+    parts is a ``ValueError``. Returns the number of tensors."""
+    entries: dict[str, tuple[Path, dict[str, Any], int]] = {}  # name -> (part, header entry, part's data start)
+    for part in parts:
+        header = validate_safetensors_file(part)
+        with open(part, "rb") as f:
+            data_start = 8 + struct.unpack("<Q", f.read(8))[0]
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            if name in entries:
+                raise ValueError(f"tensor {name!r} is in two parts ({entries[name][0]} and {part})")
+            entries[name] = (Path(part), info, data_start)
+    order = sorted(entries, key=lambda n: (-_DTYPE_BYTES.get(entries[n][1]["dtype"], 1), n))
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name in order:
+        info = entries[name][1]
+        size = info["data_offsets"][1] - info["data_offsets"][0]
+        header[name] = {"dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:
+            part, info, data_start = entries[name]
+            start, stop = info["data_offsets"]
+            with open(part, "rb") as src:
+                src.seek(data_start + start)
+                left = stop - start
+                while left:
+                    chunk = src.read(min(left, 1 << 24))
+                    if not chunk:
+                        raise ValueError(f"{part}: truncated while copying {name!r}; {REDOWNLOAD_HINT}")
+                    f.write(chunk)
+                    left -= len(chunk)
+    return len(order)
 
 
 def natural_key(name: str) -> tuple[tuple[int, str], ...]:

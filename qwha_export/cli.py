@@ -103,7 +103,7 @@ def init_cmd(
     """
     from .converters.quantize import QuantConfig
     from .converters.qwha_init import InitConfig
-    from .pipeline import InitJob, init_qwha
+    from .initialise import InitJob, init_qwha
 
     job = InitJob(
         model=model,

@@ -112,9 +112,10 @@ def run_demo(config: DemoConfig = DemoConfig()) -> dict[str, Any]:
     from .converters.qwha_init import InitConfig
     from .data import mmlu_cot_records
     from .fused import write_fused
+    from .initialise import InitJob, init_qwha
     from .metrics import perplexity
     from .models import load_causal_lm, smollm2_path
-    from .pipeline import InitJob, MergeJob, check_output_dir, init_qwha, load_qwha_model, merge_qwha
+    from .pipeline import MergeJob, check_output_dir, load_qwha_model, merge_qwha
     from .training import TrainConfig, train_qwha
 
     out = Path(config.out)

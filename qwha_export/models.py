@@ -41,7 +41,9 @@ __all__ = [
     "check_embedded_available",
     "default_cache_dir",
     "embedded_path",
+    "check_weights_match",
     "load_causal_lm",
+    "read_model_config",
     "smollm2_gguf_file",
     "smollm2_path",
 ]
@@ -257,18 +259,14 @@ def _weights_disagreement(folder: Path, info: dict) -> str | None:
     )
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a local Hugging Face folder; safetensors only, never pickled weights.
-
-    The model is returned in eval mode.  Raises a one-line ``ValueError`` when the folder, its ``config.json`` or
-    its ``*.safetensors`` weights are missing, when its ``model_type`` is not in the architecture registry
-    (:mod:`qwha_export.converters.architectures`, listing the supported ones), or when the weights disagree with
-    ``config.json`` (missing, unexpected or differently shaped tensors).
-    """
+def read_model_config(path: str | Path):
+    """The transformers config of a local model folder, after the checks every loader makes first; one-line
+    ``ValueError`` when the folder, its ``config.json`` or its ``*.safetensors`` weights are missing, when the JSON
+    is invalid, when its ``model_type`` is not in the architecture registry
+    (:mod:`qwha_export.converters.architectures`, listing the supported ones) or transformers refuses the config."""
     import json
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from transformers import AutoConfig
 
     from .converters.architectures import architecture_for
 
@@ -291,13 +289,62 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
     except ImportError:  # older huggingface_hub: configs are not validated
         ConfigInvalid = ValueError  # noqa: N806
     try:
-        hf_config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        return AutoConfig.from_pretrained(str(p), local_files_only=True)
     except (ValueError, TypeError, KeyError, ConfigInvalid) as exc:  # transformers' validation, often multi-line
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
         reason = " ".join(str(cause).split())
         raise ValueError(f"config.json of {p} is invalid: {reason}") from None
+
+
+def check_weights_match(path: str | Path, model: torch.nn.Module) -> None:
+    """The weights of ``path`` against ``model`` (its skeleton from config.json, parameters on the meta device),
+    from the safetensors headers alone: the one-line ``ValueError`` of :func:`load_causal_lm` for missing,
+    unexpected or differently shaped tensors. A tied head needs no tensor of its own."""
+    import re
+
+    from .formats.shards import checkpoint_files, validate_safetensors_file
+
+    p = Path(path)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in checkpoint_files(p)[0]:
+        shapes.update((k, tuple(v["shape"])) for k, v in validate_safetensors_file(file).items() if k != "__metadata__")
+    expected = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    optional: set[str] = set()
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if head is not None and getattr(config, "tie_word_embeddings", False):
+        optional |= {f"{n}.weight" for n, m in model.named_modules() if m is head}
+    ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None) or []
+    ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    info = {
+        "mismatched_keys": [(k, shapes[k], v) for k, v in expected.items() if k in shapes and shapes[k] != v],
+        "missing_keys": [
+            k
+            for k in expected
+            if k not in shapes and k not in optional and not any(re.search(r, k) for r in ignore_missing)
+        ],
+        "unexpected_keys": [
+            k for k in shapes if k not in expected and not any(re.search(r, k) for r in ignore_unexpected)
+        ],
+    }
+    problem = _weights_disagreement(p, info)
+    if problem:
+        raise ValueError(problem)
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a local Hugging Face folder; safetensors only, never pickled weights.
+
+    The model is returned in eval mode.  Raises a one-line ``ValueError`` for what :func:`read_model_config`
+    refuses, and when the weights disagree with ``config.json`` (missing, unexpected or differently shaped tensors).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    p = Path(path).expanduser()
+    hf_config = read_model_config(p)
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # the load report is replaced by our own one-line error below
     hf_logging.disable_progress_bar()  # nor does a bar precede that line

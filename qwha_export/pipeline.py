@@ -1,37 +1,26 @@
-"""Pipeline stage ``init``: quantize a causal LM and initialise QWHA adapters, writing an adapter directory.
+"""The stages after ``init`` (:mod:`qwha_export.initialise`): the training-time model of an adapter directory
+(:func:`load_quantized_base`, :func:`load_qwha_model`), the import of published adapters, and the ``merge`` and
+``fuse`` jobs with their streamed calibration Grams and built-in parity check.
 
-Directory layout written by :func:`init_qwha` (everything later stages need):
-
-* ``adapter_config.json`` + ``adapter_model.safetensors`` -- the peft QWHA adapter (``PeftModel.from_pretrained``).
-* ``quantized_base.safetensors`` -- per quantized linear ``<name>.codes|scales|zeros|bits|group_size[|g_idx]``
-  (see :class:`~qwha_export.converters.quantize.QuantizedWeight`).
-* ``qwha_base.json`` -- base model path and SHA-256 of its config and weights, quantization settings, target
-  modules, layers skipped (no supported Hadamard size).
-* ``init_report.json`` -- per layer: name, shape, budget, relative output error before/after init on calibration
-  and held-out activations; totals.
+The adapter directory's layout is owned by :mod:`qwha_export.formats.adapter_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import shutil
 import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from . import __version__
-from .converters.calibration import default_targets, iter_block_grams
-from .converters.quantize import QuantConfig, QuantizedWeight, quantize_weight
-from .converters.qwha_init import InitConfig, init_layer
+from .converters.quantize import QuantConfig, QuantizedWeight
 from .formats.adapter_dir import (  # noqa: F401 - re-exported: pipeline.BASE_FILE etc. predate formats.adapter_dir
     BASE_FILE,
     BASE_META,
@@ -41,12 +30,9 @@ from .formats.adapter_dir import (  # noqa: F401 - re-exported: pipeline.BASE_FI
     check_output_dir,
 )
 from .formats.shards import DEFAULT_MAX_SHARD_BYTES, validate_checkpoint, validate_safetensors_file
-from .kernels import is_supported_size
 from .quant_linear import QuantLinear, replace_linear
 
 __all__ = [
-    "InitJob",
-    "init_qwha",
     "import_published",
     "load_quantized_base",
     "load_qwha_model",
@@ -56,214 +42,7 @@ __all__ = [
     "merge_qwha",
     "fuse_qwha",
     "atomic_output_dir",
-    "resolve_model",
 ]
-
-REPORT_FILE = "init_report.json"
-
-
-@dataclass(frozen=True)
-class InitJob:
-    """Inputs of ``qwha-export init``."""
-
-    model: str
-    out: str
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    init: InitConfig = field(default_factory=InitConfig)
-    calib: str | None = None  # text or JSONL file; None = gensim's Lee corpus
-    calib_tokens: int = 4096
-    heldout_tokens: int = 2048
-    seq_len: int = 512
-    target_modules: tuple[str, ...] | None = None  # None: the architecture's (converters.architectures)
-    batch_size: int = 4
-    overwrite: bool = False
-    quiet: bool = False
-    device: str = "cpu"  # where calibration, quantization and init run ("cuda", "cuda:1"); the files are the same
-
-    def __post_init__(self) -> None:
-        for name in ("calib_tokens", "heldout_tokens", "seq_len", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} but no CUDA device is available")
-
-
-def resolve_model(model: str) -> str:
-    """A local model folder; ``"smollm2"`` / ``"gemma3-270m"`` name the embedded SmolLM2-135M-Instruct / Gemma 3
-    270M (built once from their PyPI packages, :data:`qwha_export.models.EMBEDDED`)."""
-    from .models import EMBEDDED, check_embedded_available, embedded_path
-
-    if model in EMBEDDED:
-        check_embedded_available(model)  # a missing package: one line naming its install command, before any work
-        return str(embedded_path(model))
-    return model
-
-
-def _check_model_config(model_dir: str) -> None:
-    """Before any work: the folder's ``model_type`` is in the architecture registry and its hidden size has a
-    Hadamard transform (one-line ``ValueError`` saying which sizes work)."""
-    from .converters.architectures import architecture_for, check_hadamard_sizes
-
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        return  # load_causal_lm names the missing file
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
-    architecture_for(config)
-    check_hadamard_sizes(config)
-
-
-def _read_calibration_text(path: str | None) -> str | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"calibration file {p} does not exist")
-    if p.suffix == ".jsonl":
-        from .data import read_jsonl
-
-        recs = read_jsonl(p)
-        text = "\n\n".join(r.get("text") or f"{r.get('prompt', '')}\n{r.get('response', '')}" for r in recs)
-    else:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise ValueError(f"calibration file {p} is empty; give a text or JSONL file with some text in it")
-    return text
-
-
-def init_qwha(job: InitJob) -> dict[str, Any]:
-    """Quantize ``job.model`` and initialise QWHA adapters; write the adapter directory ``job.out``.
-
-    Streams calibration text through the full-precision model one decoder block at a time (float64 Gram matrices),
-    quantizes each target linear (RTN or GPTQ on those activations) and fits its spectrum (AdaAlloc + refinement,
-    or a baseline). Held-out activations from a disjoint part of the text measure the error reduction. Returns the
-    report that is also written to ``init_report.json``.
-    """
-    from .data import calibration_and_heldout
-    from .models import load_causal_lm
-    from .tuner import QWHAConfig, set_spectrum
-
-    t0 = time.time()
-    check_output_dir(job.out, job.overwrite)
-    text = _read_calibration_text(job.calib)
-    model_dir = resolve_model(job.model)
-    _check_model_config(model_dir)
-    model, tokenizer = load_causal_lm(model_dir)
-    model.to(job.device)
-    targets = tuple(job.target_modules or default_targets(model))
-    calib, heldout = calibration_and_heldout(tokenizer, job.seq_len, job.calib_tokens, job.heldout_tokens, text=text)
-
-    quantized: dict[str, QuantizedWeight] = {}
-    inits: dict[str, Any] = {}
-    layers: list[dict[str, Any]] = []
-    skipped: list[str] = []
-    calib_iter = iter_block_grams(model, calib, targets, job.batch_size, sequential=False)
-    held_iter = iter_block_grams(model, heldout, targets, job.batch_size, sequential=False)
-    n_blocks = model.config.num_hidden_layers
-    bar = tqdm(total=n_blocks, desc="quantize + init", unit="block", disable=job.quiet)
-    for (_, _, grams), (_, _, held) in zip(calib_iter, held_iter, strict=True):
-        for name, gram in grams.items():
-            linear = model.get_submodule(name)
-            w = linear.weight.detach()
-            qw = quantize_weight(w, job.quant, hessian=gram)
-            quantized[name] = qw
-            if not is_supported_size(w.shape[1]):
-                skipped.append(name)
-            else:
-                res = init_layer(w, qw.dequantize(), gram, job.init, eval_gram=held[name])
-                inits[name] = res
-                layers.append({"name": name, "shape": list(w.shape), **res.report})
-            replace_linear(model, name, QuantLinear.from_linear(linear, qw))
-        bar.update(1)
-    bar.close()
-
-    peft_model = _attach_adapters(model, job, targets, inits, QWHAConfig, set_spectrum)
-    report = _summarise(layers, skipped, job, time.time() - t0)
-    with atomic_output_dir(job.out, job.overwrite) as tmp:
-        peft_model.save_pretrained(str(tmp))
-        save_file(_flatten_quantized(quantized), str(tmp / BASE_FILE))
-        meta = {
-            "tool": "qwha-export",
-            "tool_version": __version__,
-            "base_model": str(Path(model_dir).resolve()),
-            "base_hash": base_fingerprint(model_dir),
-            "quantization": {
-                "bits": job.quant.bits,
-                "group_size": job.quant.group_size,
-                "method": str(job.quant.method),
-                "act_order": job.quant.act_order,
-                "static_groups": job.quant.static_groups,
-            },
-            "init": asdict(job.init),
-            "model_type": model.config.model_type,
-            "target_modules": list(targets),
-            "quantized_layers": sorted(quantized),
-            "skipped_layers": skipped,
-        }
-        (tmp / BASE_META).write_text(json.dumps(meta, indent=2))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
-    return report
-
-
-def _attach_adapters(model, job: InitJob, targets, inits, config_cls, set_spectrum):
-    from peft import get_peft_model
-
-    config = config_cls(
-        target_modules=list(targets),
-        rank=job.init.rank,
-        scale=job.init.scale,
-        seed=job.init.seed,
-        init=job.init.method,  # "adaalloc"/"random": empty placeholders filled below; "zeros": random support
-    )
-    peft_model = get_peft_model(model, config)
-    if job.init.method != "zeros":
-        for name, res in inits.items():
-            set_spectrum(peft_model, name, res.values, res.rows, res.cols)
-    return peft_model
-
-
-def _flatten_quantized(quantized: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, qw in quantized.items():
-        out.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{name}.").items()})
-    return out
-
-
-def _summarise(layers: list[dict[str, Any]], skipped: list[str], job: InitJob, seconds: float) -> dict[str, Any]:
-    def total(key: str) -> float | None:
-        vals = [layer[key] for layer in layers if key in layer]
-        return math.sqrt(sum(v * v for v in vals) / len(vals)) if vals else None
-
-    return {
-        "layers": layers,
-        "skipped": skipped,
-        "total": {
-            "n_layers": len(layers),
-            "budget": sum(layer["budget"] for layer in layers),
-            **{
-                f"rms_{k}": total(k)
-                for k in (
-                    "rel_err_before_calib",
-                    "rel_err_after_calib",
-                    "rel_err_before_heldout",
-                    "rel_err_after_heldout",
-                )
-            },
-            "layers_improved_heldout": sum(
-                1 for layer in layers if layer["rel_err_after_heldout"] < layer["rel_err_before_heldout"]
-            ),
-        },
-        "settings": {"quant": str(job.quant), "init": asdict(job.init), "calib_tokens": job.calib_tokens},
-        "seconds": seconds,
-    }
-
 
 def load_quantized_base(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, check_hash: bool = True):
     """The base model of an adapter directory with its target linears replaced by :class:`QuantLinear`.

@@ -57,8 +57,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .data import encode_records, read_jsonl
-from .formats.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META
-from .pipeline import REPORT_FILE, load_qwha_model
+from .formats.adapter_dir import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BASE_FILE, BASE_META, REPORT_FILE
+from .pipeline import load_qwha_model
 
 __all__ = [
     "PadCollator",

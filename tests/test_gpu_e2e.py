@@ -91,8 +91,9 @@ def flow(tmp_path_factory):
     """init (on CUDA) -> train 5 steps (CUDA) -> fuse, on a tiny Llama; returns the folders and in-memory objects."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from qwha_export.initialise import InitJob, init_qwha
     from qwha_export.kernels import triton_spectral
-    from qwha_export.pipeline import InitJob, fuse_qwha, init_qwha
+    from qwha_export.pipeline import fuse_qwha
     from qwha_export.training import TrainConfig, train_qwha_model
 
     root = tmp_path_factory.mktemp("gpu_flow")

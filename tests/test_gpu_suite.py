@@ -47,7 +47,7 @@ def test_gpu_grid_covers_every_supported_order():
 
 
 def test_init_device_option_is_checked():
-    from qwha_export.pipeline import InitJob
+    from qwha_export.initialise import InitJob
 
     with pytest.raises(ValueError, match="device must be a torch device"):
         InitJob(model="m", out="o", device="nope")

@@ -9,7 +9,8 @@ import torch
 
 from qwha_export.converters.quantize import QuantConfig
 from qwha_export.converters.qwha_init import InitConfig
-from qwha_export.pipeline import InitJob, init_qwha, load_qwha_model
+from qwha_export.initialise import InitJob, init_qwha
+from qwha_export.pipeline import load_qwha_model
 
 pytestmark = pytest.mark.slow
 SMALL = dict(calib_tokens=256, heldout_tokens=256, seq_len=128, target_modules=("q_proj", "down_proj"))

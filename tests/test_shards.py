@@ -168,3 +168,28 @@ def test_read_json_object_one_line_errors(tmp_path):
         read_json_object(p)
     p.write_text('{"a": 1}')
     assert read_json_object(p) == {"a": 1}
+
+
+def test_concat_safetensors_joins_parts_in_bounded_chunks(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from qwha_export.formats.shards import concat_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    a = {"x.codes": torch.randint(0, 15, (7, 5), dtype=torch.uint8, generator=gen), "x.scales": torch.randn(7, 2)}
+    a["x.scales"] = a["x.scales"].half()
+    b = {"y.idx": torch.arange(6).reshape(2, 3), "y.v": torch.randn(3, generator=gen), "y.b": torch.tensor([True])}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(b, str(tmp_path / "b.safetensors"))
+    save_file({}, str(tmp_path / "empty.safetensors"))
+    parts = [tmp_path / n for n in ("a.safetensors", "empty.safetensors", "b.safetensors")]
+    assert concat_safetensors(parts, tmp_path / "out.safetensors") == 5
+    header = validate_safetensors_file(tmp_path / "out.safetensors")
+    out = load_file(str(tmp_path / "out.safetensors"))
+    assert sorted(out) == sorted({**a, **b})
+    for k, v in {**a, **b}.items():
+        assert out[k].dtype == v.dtype and torch.equal(out[k], v), k
+    starts = {k: h["data_offsets"][0] for k, h in header.items() if k != "__metadata__"}
+    assert starts["y.idx"] % 8 == 0 and min(starts, key=starts.get) == "y.idx"  # widest dtype first: aligned
+    with pytest.raises(ValueError, match=r"tensor 'x\.\w+' is in two parts"):
+        concat_safetensors([parts[0], parts[0]], tmp_path / "dup.safetensors")

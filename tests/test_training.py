@@ -34,7 +34,7 @@ def adapter_dir(work: Path) -> Path:
 
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
-    from qwha_export.pipeline import InitJob, init_qwha
+    from qwha_export.initialise import InitJob, init_qwha
 
     base = write_tiny_base(work / "base")
     out = work / "adapter"

@@ -35,7 +35,7 @@ from .config import (
     PREFIX,
     QWHAConfig,
 )
-from .layer import QWHALayer, QWHALinear
+from .layer import QWHALayer, QWHALinear, random_init_support
 from .model import (
     QWHAModel,
     Spectrum,
@@ -63,6 +63,7 @@ __all__ = [
     "check_adapter_files",
     "load_qwha_adapter",
     "qwha_layers",
+    "random_init_support",
     "register_qwha",
     "set_spectrum",
     "skipped_layers",

@@ -18,7 +18,7 @@ from ..layer import adapter_coefficient, delta_weight, validate_spectrum
 from ..quant_linear import QuantLinear
 from .config import QWHAConfig, _is_finite_number
 
-__all__ = ["QWHALayer", "QWHALinear"]
+__all__ = ["QWHALayer", "QWHALinear", "random_init_support"]
 
 # ----------------------------------------------------------------------------------------------------------------------
 # layer
@@ -45,6 +45,15 @@ def _random_support(d_out: int, d_in: int, nnz: int, seed: int) -> tuple[torch.T
 
 def _layer_seed(seed: int, layer_name: str) -> int:
     return (int(seed) * 1_000_003 + zlib.crc32(layer_name.encode("utf-8"))) % (2**63 - 1)
+
+
+def random_init_support(
+    config: QWHAConfig, layer_name: str, d_out: int, d_in: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The support ``(rows, cols)`` that ``init="zeros"`` draws for layer ``layer_name``: ``min(r (d_in + d_out),
+    d_out d_in)`` distinct positions seeded by ``config.seed`` and the layer's name (the same in every process)."""
+    nnz = min(config.rank * (d_in + d_out), d_out * d_in)
+    return _random_support(d_out, d_in, nnz, _layer_seed(config.seed, layer_name))
 
 
 class QWHALayer(BaseTunerLayer):
@@ -83,8 +92,7 @@ class QWHALayer(BaseTunerLayer):
             raise ValueError(f"{self.qwha_layer_name}: d_in={d_in} has no supported Walsh-Hadamard size")
         s = float(config.scale if scale is None else scale)
         if config.init == "zeros":
-            nnz = min(config.rank * (d_in + d_out), d_out * d_in)
-            rows, cols = _random_support(d_out, d_in, nnz, _layer_seed(config.seed, self.qwha_layer_name))
+            rows, cols = random_init_support(config, self.qwha_layer_name, d_out, d_in)
         else:
             rows = cols = torch.zeros(0, dtype=torch.int64)
         self._install(adapter_name, torch.zeros(rows.numel(), dtype=torch.float32), rows, cols, s)
@@ -93,7 +101,9 @@ class QWHALayer(BaseTunerLayer):
     def _adapter_device(self) -> torch.device:
         base = self.get_base_layer()
         for t in (*base.parameters(recurse=False), *base.buffers(recurse=False)):
-            return t.device
+            # a base on the meta device is a skeleton (init writes its adapter files without loading the model):
+            # the adapter itself is real and lives on the CPU
+            return torch.device("cpu") if t.is_meta else t.device
         return torch.device("cpu")
 
     def _install(
