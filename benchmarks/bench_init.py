@@ -1,12 +1,16 @@
-"""QWHA initialisation time and peak memory, side by side in one run: our vectorised refinement against the
-per-channel Python-loop formulation of the published code.
+"""QWHA initialisation time and peak memory, side by side in one run: the shipped streamed ``init_layer`` against
+the one-shot whole-layer formulation it replaced and the per-channel Python loop of the published code.
 
-Both variants run the SAME selection (the ``adaalloc`` path of ``init_layer``, step for step: damped gram,
-``E G``, AdaAlloc budgets, ``G_hat = M G M^T``, full error spectrum, top-k per channel, ``E G M^T``) and then refine
-the values: **vectorised** = :func:`refine_values` (channels with equal budgets solved together, batched Cholesky),
-**loop** = :func:`refine_values_loop` (one ``torch.linalg.solve`` per output channel). Only this init math is timed
-(per layer, summed); the dense delta and the error report that ``init_layer`` adds afterwards are not (the parent
-checks that the timed steps give exactly ``init_layer``'s values on the real model).
+Variants (same budgets, supports and values; the parent prints their differences):
+
+* **streamed** = what ``init_layer`` runs: :func:`select_support` (everything over output-channel blocks in the
+  transformed basis: one ``G_hat = M G_d M^T`` buffer, ``E G_d M^T = Ê G_hat / n``), :func:`refine_values`
+  (channels with equal budgets solved together, batched Cholesky) and :func:`report_errors` (block by block);
+* **whole** = the former one-shot formulation, kept here as the baseline: damped ``G``, ``E G``, AdaAlloc budgets,
+  ``G_hat``, the full error spectrum and its sort order, ``E G M^T``, then the same :func:`refine_values` and an
+  error report on dense ``W``, ``E`` and ``Delta W``;
+* **loop** = the whole selection, then :func:`refine_values_loop` (one ``torch.linalg.solve`` per output channel),
+  no report.
 
 Cases:
 
@@ -22,14 +26,14 @@ Cases:
 Memory: each variant runs in its own worker subprocess (this script with ``--worker``) that first loads the
 prepared layers, so the variants cannot contaminate each other. Around each phase of each layer the worker resets
 the kernel's peak-RSS mark (``/proc/self/clear_refs``; it also resets ``ru_maxrss``) and reads ``VmHWM`` after:
-'peak RSS' is the worker's peak (loaded layers included), 'init +' the largest peak above the RSS at the start of
-a layer, 'select +' / 'refine +' the same per phase. glibc keeps freed blocks below its dynamic mmap threshold
-(at most 32 MiB) for reuse, so for small layers (SmolLM2) these increments can be understated by up to a few tens
-of MiB; for the 4096 x 14336 layer every big buffer is mmapped and the numbers are exact to the page.
+'peak RSS' is the worker's peak (loaded layers and their grams included), 'init +' the largest peak above the RSS
+at the start of a layer (what one layer's initialisation adds to its inputs), 'select +' / 'refine +' / 'report +'
+the same per phase. glibc keeps freed blocks below its dynamic mmap threshold (at most 32 MiB) for reuse, so for
+small layers (SmolLM2) these increments can be understated by up to a few tens of MiB; for the 4096 x 14336 layer
+every big buffer is mmapped and the numbers are exact to the page.
 
-Timing is interleaved: the parent hands the layers to the two workers alternately (variant order swapped every
-layer), so load from other processes hits both alike. Values: the parent prints the max abs difference between
-the variants' values on what both computed. ``--threads 1`` gives steadier numbers on a loaded 2-core machine
+Timing is interleaved: the parent hands the layers to the workers in turn (variant order rotated every layer), so
+load from other processes hits all alike. ``--threads 1`` gives steadier numbers on a loaded 2-core machine
 (oversubscribed OpenMP threads make small ops erratic).
 
     python benchmarks/bench_init.py [--cases smollm2 synthetic] [--loop-blocks 1] [--loop-channels 512]
@@ -53,17 +57,19 @@ import torch
 from qwha_export.converters.quantize import quantize_rtn
 from qwha_export.converters.qwha_init import (
     InitConfig,
-    _damped,
-    _select_topk,
-    _transformed_gram,
+    Support,
     allocate_budget,
     init_layer,
+    output_error,
     refine_values,
     refine_values_loop,
+    report_errors,
+    select_support,
+    spectral_delta_rows,
 )
-from qwha_export.kernels import hadamard_transform
+from qwha_export.kernels import dense_delta, hadamard_transform
 
-VARIANTS = ("vectorised", "loop")
+VARIANTS = ("streamed", "whole", "loop")
 
 
 def _proc_status_mib(field: str) -> float:
@@ -109,49 +115,86 @@ class MemProbe:
 # the timed math (identical to init_layer's adaalloc path up to the refinement)
 
 
-def select(weight: torch.Tensor, w_deq: torch.Tensor, gram: torch.Tensor, config: InitConfig):
+def whole_select(weight: torch.Tensor, w_deq: torch.Tensor, gram: torch.Tensor, config: InitConfig) -> Support:
+    """The one-shot formulation (the baseline ``select_support`` replaced): every float64 matrix at once."""
     w = weight.detach().to(torch.float64)
     e = w - w_deq.detach().to(torch.float64)
     d_out, d_in = e.shape
-    g = _damped(gram, config.damp_ratio)
+    g = gram.to(torch.float64)
+    g = 0.5 * (g + g.T)
+    g = g + config.damp_ratio * float(g.diagonal().mean()) * torch.eye(d_in, dtype=torch.float64)
     coefficient = config.scale / (d_in * math.sqrt(d_out))
-    total = config.budget(d_out, d_in)
     eg = e @ g
     norms = ((eg * e).sum(1)).clamp_min(0).sqrt()
-    budgets = allocate_budget(norms, total, d_in, config.temperature)
-    g_hat = _transformed_gram(g)
+    budgets = allocate_budget(norms, config.budget(d_out, d_in), d_in, config.temperature)
+    g_hat = hadamard_transform(hadamard_transform(g).T.contiguous())
     spectrum = hadamard_transform(e) / (d_in * coefficient)
     importance = spectrum.abs() * g_hat.diagonal().clamp_min(0).sqrt()[None, :]
-    rows, cols = _select_topk(importance, budgets)
-    del spectrum, importance, e, w, g
-    e_hat = hadamard_transform(eg)
-    return rows, cols, e_hat, g_hat, coefficient
+    order = torch.argsort(importance, dim=1, descending=True, stable=True)
+    keep = torch.arange(d_in)[None, :] < budgets[:, None]
+    rows = torch.arange(d_out)[:, None].expand_as(order)[keep]
+    cols = order[keep]
+    key = torch.argsort(rows * d_in + cols)
+    del spectrum, importance, order, keep, e, w, g
+    return Support(rows[key], cols[key], budgets, hadamard_transform(eg), g_hat, coefficient)
+
+
+def whole_report(weight: torch.Tensor, w_deq: torch.Tensor, support: Support, values: torch.Tensor,
+                 gram: torch.Tensor) -> dict[str, float]:
+    """The former report: dense float64 ``W``, ``E`` and ``Delta W``, three whole output errors."""
+    w = weight.detach().to(torch.float64)
+    e = w - w_deq.detach().to(torch.float64)
+    delta = dense_delta(values, support.rows, support.cols, *e.shape, support.coefficient)
+    ref = output_error(w, gram)
+    before, after = output_error(e, gram), output_error(e - delta, gram)
+    return {"rel_err_before_calib": before / ref, "rel_err_after_calib": after / ref}
 
 
 def run_unit(
     variant: str, unit: dict, grams: dict, config: InitConfig, channels: int | None, mem: MemProbe | None = None
-) -> tuple[torch.Tensor, float, float, dict]:
-    """Selection then refinement of one layer: ``(values, select_s, refine_s, memory)`` (memory in MiB when
-    ``mem`` is given: ``select``/``refine`` = peak above the RSS at the start of that phase, ``unit`` = peak above the
-    RSS at the start of the layer, ``peak`` = absolute peak RSS of the process during the layer)."""
-    r0 = mem.start() if mem else math.nan
-    t0 = time.perf_counter()
-    rows, cols, e_hat, g_hat, coefficient = select(unit["weight"], unit["w_deq"], grams[unit["gram"]], config)
-    t1 = time.perf_counter()
-    h_sel = mem.peak() if mem else math.nan
-    r1 = mem.start() if mem else math.nan
-    t1b = time.perf_counter()
-    if variant == "vectorised":
-        values = refine_values(rows, cols, e_hat, g_hat, coefficient, config.ridge, config.max_solve_bytes)
-    else:
+) -> tuple[torch.Tensor, dict, dict]:
+    """Selection, refinement and (streamed, whole) report of one layer: ``(values, seconds, memory)``, seconds per
+    phase ``select``/``refine``/``report``; memory in MiB when ``mem`` is given: per phase the peak above the RSS
+    at its start, ``unit`` = peak above the RSS at the start of the layer, ``peak`` = absolute peak RSS."""
+    gram = grams[unit["gram"]]
+    times: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    r_unit = mem.start() if mem else math.nan
+    peaks: list[float] = []
+
+    def phase(name: str, fn):
+        r0 = mem.start() if mem else math.nan
+        t0 = time.perf_counter()
+        out = fn()
+        times[name] = time.perf_counter() - t0
+        h = mem.peak() if mem else math.nan
+        peaks.append(h)
+        memory[name] = h - r0
+        return out
+
+    select = select_support if variant == "streamed" else whole_select
+    support = phase("select", lambda: select(unit["weight"], unit["w_deq"], gram, config))
+    if variant == "loop":
+        rows, cols, e_hat = support.rows, support.cols, support.e_hat
         if channels is not None and channels < e_hat.shape[0]:
             keep = rows < channels  # rows are sorted: these are the first entries
             rows, cols, e_hat = rows[keep], cols[keep], e_hat[:channels]
-        values = refine_values_loop(rows, cols, e_hat, g_hat, coefficient, config.ridge)
-    t2 = time.perf_counter()
-    h_ref = mem.peak() if mem else math.nan
-    memory = {"select": h_sel - r0, "refine": h_ref - r1, "unit": max(h_sel, h_ref) - r0, "peak": max(h_sel, h_ref)}
-    return values, t1 - t0, t2 - t1b, memory
+        values = phase("refine", lambda: refine_values_loop(rows, cols, e_hat, support.g_hat, support.coefficient,
+                                                            config.ridge))
+        times["report"] = memory["report"] = 0.0
+    else:
+        values = phase("refine", lambda: refine_values(support.rows, support.cols, support.e_hat, support.g_hat,
+                                                       support.coefficient, config.ridge, config.max_solve_bytes))
+        support.e_hat = support.g_hat = None
+        if variant == "streamed":
+            delta_rows = spectral_delta_rows(support, values)
+            phase("report", lambda: report_errors(unit["weight"], unit["w_deq"], delta_rows, {"calib": gram},
+                                                  config.block_bytes))
+        else:
+            phase("report", lambda: whole_report(unit["weight"], unit["w_deq"], support, values, gram))
+    memory["unit"] = max(peaks) - r_unit
+    memory["peak"] = max(peaks)
+    return values, times, memory
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -177,9 +220,9 @@ def worker(args: argparse.Namespace) -> None:
         if line == "quit":
             break
         i = int(line)
-        values, t_sel, t_ref, memory = run_unit(args.variant, units[i], grams, config, args.loop_channels, mem)
+        values, times, memory = run_unit(args.variant, units[i], grams, config, args.loop_channels, mem)
         torch.save(values, out / f"{args.variant}_{i}.pt")
-        reply = {"unit": i, "select_s": t_sel, "refine_s": t_ref, "entries": values.numel(), "mem": memory}
+        reply = {"unit": i, "times": times, "entries": values.numel(), "mem": memory}
         print(json.dumps(reply), flush=True)
     print(json.dumps({"base_mib": base, "probe": mem.ok}), flush=True)
 
@@ -274,103 +317,86 @@ def run_case(case: str, args: argparse.Namespace, config: InitConfig, tmp: Path)
 
     full_check = ""
     if case == "smollm2":  # the timed steps must give exactly init_layer's values (checked on block 0)
-        diffs, t_full = [], 0.0
-        block0 = [u for u in units if u["block"] == 0]
-        for u in block0:
-            t = time.perf_counter()
+        diffs = []
+        for u in (u for u in units if u["block"] == 0):
             ref = init_layer(u["weight"], u["w_deq"], data["grams"][u["gram"]], config)
-            t_full += time.perf_counter() - t
-            values, _, _, _ = run_unit("vectorised", u, data["grams"], config, None)
+            values, _, _ = run_unit("streamed", u, data["grams"], config, None)
             diffs.append(float((values.float() - ref.values).abs().max()))
-        full_check = (
-            f"timed steps vs init_layer on block 0: max abs value diff {max(diffs):.1e}; the full init_layer calls "
-            f"(incl. dense delta + error report) took {t_full:.2f} s for {len(block0)} layers"
-        )
+        full_check = f"timed streamed steps vs init_layer on block 0: max abs value diff {max(diffs):.1e}"
     shapes = [(u["block"], tuple(u["weight"].shape)) for u in units]
     del data, units
 
     out = tmp / case
     out.mkdir()
-    workers = {
-        "vectorised": Worker("vectorised", path, out, list(range(n_units)), args),
-        "loop": Worker("loop", path, out, loop_units, args),
-    }
+    scope_units = {"streamed": list(range(n_units)), "whole": list(range(n_units)), "loop": loop_units}
+    workers = {v: Worker(v, path, out, scope_units[v], args) for v in VARIANTS}
     res: dict[str, dict[int, dict]] = {v: {} for v in VARIANTS}
     for i in range(n_units):
-        order = VARIANTS if i % 2 == 0 else VARIANTS[::-1]
-        for v in order:
-            if v == "loop" and i not in loop_units:
-                continue
-            res[v][i] = workers[v].ask(str(i))
+        shift = i % len(VARIANTS)
+        for v in VARIANTS[shift:] + VARIANTS[:shift]:
+            if i in scope_units[v]:
+                res[v][i] = workers[v].ask(str(i))
     for w in workers.values():
         w.finish()
     path.unlink()
 
-    # values on what both computed (the loop may cover only the first --loop-channels channels)
-    max_diff, max_val = 0.0, 0.0
-    for i in loop_units:
-        a = torch.load(out / f"vectorised_{i}.pt", weights_only=True)
-        b = torch.load(out / f"loop_{i}.pt", weights_only=True)
-        a = a[: b.numel()]
-        max_diff = max(max_diff, float((a - b).abs().max()))
-        max_val = max(max_val, float(a.abs().max()))
+    def values_diff(a: str, b: str, idx: list[int]) -> tuple[float, float]:
+        """max |a - b| and max |a| on what both computed (the loop may cover only the first channels)."""
+        diff, top = 0.0, 0.0
+        for i in idx:
+            x = torch.load(out / f"{a}_{i}.pt", weights_only=True)
+            y = torch.load(out / f"{b}_{i}.pt", weights_only=True)
+            x = x[: y.numel()]
+            diff, top = max(diff, float((x - y).abs().max())), max(top, float(x.abs().max()))
+        return diff, top
 
     def tot(v: str, key: str, idx: list[int]) -> float:
-        return sum(res[v][i][key] for i in idx)
+        return sum(res[v][i]["times"][key] for i in idx)
 
     all_units = list(range(n_units))
-    sel_v, ref_v = tot("vectorised", "select_s", all_units), tot("vectorised", "refine_s", all_units)
-    sel_l, ref_l = tot("loop", "select_s", loop_units), tot("loop", "refine_s", loop_units)
-    ref_v_common = tot("vectorised", "refine_s", loop_units)
-    sel_v_common = tot("vectorised", "select_s", loop_units)
-    # extrapolation: layers (blocks) for smollm2, channels for the synthetic layer
-    if case == "smollm2":
+    if case == "smollm2":  # extrapolate the loop in layers (blocks)
         factor = n_blocks / loop_blocks
-        scope = f"{len(loop_units)} layers (blocks 0..{loop_blocks - 1})"
+        scope = f"{len(loop_units)} layers"
         extrap = f"x{factor:g} (blocks)" if factor != 1 else "none (all layers timed)"
-    else:
+        loop_total = (tot("loop", "select", loop_units) + tot("loop", "refine", loop_units)) * factor
+    else:  # extrapolate the loop's refinement in channels
         d_out = shapes[0][1][0]
         ch = min(args.loop_channels or d_out, d_out)
         factor = d_out / ch
-        scope = f"1 layer, {ch} of {d_out} channels"
+        scope = f"{ch} of {d_out} channels"
         extrap = f"refine time x{factor:g} (channels)" if factor != 1 else "none (all channels timed)"
-    if case == "smollm2":
-        sel_l_full, ref_l_full = sel_l * factor, ref_l * factor
-    else:
-        sel_l_full, ref_l_full = sel_l, ref_l * factor
+        loop_total = tot("loop", "select", loop_units) + tot("loop", "refine", loop_units) * factor
 
     def mem_cols(v: str) -> str:
         m = [r["mem"] for r in res[v].values()]
-        cols = [max(x["peak"] for x in m), max(x["unit"] for x in m), max(x["select"] for x in m),
-                max(x["refine"] for x in m)]
-        return " ".join(f"{c:>9.0f}" for c in cols)
+        return " ".join(f"{max(x[k] for x in m):>9.0f}" for k in ("peak", "unit", "select", "refine", "report"))
 
     lines = [f"=== {case}: {n_units} layer(s) {sorted({s for _, s in shapes})}, rank {config.rank}, 4-bit g64 RTN, "
              f"{data_tokens_desc(case, args)} ==="]
-    header = (f"{'variant':10} {'timed on':>30} | {'select s':>9} {'refine s':>9} {'total s':>9} | "
-              f"{'all layers s':>12} | {'peak RSS':>9} {'init +':>9} {'select +':>9} {'refine +':>9}")
+    header = (f"{'variant':9} {'timed on':>22} | {'select s':>9} {'refine s':>9} {'report s':>9} | "
+              f"{'all layers s':>12} | {'peak RSS':>9} {'init +':>9} {'select +':>9} {'refine +':>9} {'report +':>9}")
     lines += [header, "-" * len(header)]
+    totals = {}
+    for v in VARIANTS:
+        idx = all_units if v != "loop" else loop_units
+        sel, ref, rep = tot(v, "select", idx), tot(v, "refine", idx), tot(v, "report", idx)
+        totals[v] = loop_total if v == "loop" else sel + ref + rep
+        where = f"{n_units} layers" if v != "loop" else scope
+        lines.append(f"{v:9} {where:>22} | {sel:>9.2f} {ref:>9.2f} {rep:>9.2f} | {totals[v]:>12.2f} | {mem_cols(v)}")
+    peak_of = {v: max(r["mem"]["unit"] for r in res[v].values()) for v in VARIANTS}
     lines.append(
-        f"{'vectorised':10} {f'{n_units} layers':>30} | {sel_v:>9.2f} {ref_v:>9.2f} {sel_v + ref_v:>9.2f} | "
-        f"{sel_v + ref_v:>12.2f} | {mem_cols('vectorised')}"
+        "memory in MiB: peak RSS = of the worker, loaded layers and grams included; 'init +' = largest peak above\n"
+        "  the RSS at the start of a layer; 'select +' / 'refine +' / 'report +' = the same per phase"
     )
+    lines.append(f"extrapolation of the loop to all layers: {extrap} (the loop has no report)")
     lines.append(
-        f"{'loop':10} {scope:>30} | {sel_l:>9.2f} {ref_l:>9.2f} {sel_l + ref_l:>9.2f} | "
-        f"{sel_l_full + ref_l_full:>12.2f} | {mem_cols('loop')}"
+        f"whole/streamed: time {totals['whole'] / totals['streamed']:.2f}x, 'init +' "
+        f"{peak_of['whole'] / peak_of['streamed']:.2f}x; loop/streamed select+refine (extrapolated) "
+        f"{totals['loop'] / (tot('streamed', 'select', all_units) + tot('streamed', 'refine', all_units)):.2f}x"
     )
-    lines.append(
-        "memory in MiB: peak RSS = of the worker, loaded layers included; 'init +' = largest peak above the RSS at\n"
-        "  the start of a layer; 'select +' / 'refine +' = the same per phase (refine: above the selection's outputs)"
-    )
-    lines.append(f"extrapolation of the loop to all layers: {extrap}")
-    ref_common_l = ref_l * (factor if case == "synthetic" else 1.0)
-    lines.append(
-        f"loop/vectorised on the same layers: refine {ref_common_l / ref_v_common:.1f}x, "
-        f"select+refine {(sel_l + ref_common_l) / (sel_v_common + ref_v_common):.2f}x; "
-        f"extrapolated totals {(sel_l_full + ref_l_full) / (sel_v + ref_v):.2f}x"
-    )
-    lines.append(f"values (loop vs vectorised, on what both computed): max abs diff {max_diff:.2e} "
-                 f"(max |value| {max_val:.2e})")
+    for a, b, idx in (("streamed", "whole", all_units), ("streamed", "loop", loop_units)):
+        diff, top = values_diff(a, b, idx)
+        lines.append(f"values {a} vs {b}: max abs diff {diff:.2e} (max |value| {top:.2e})")
     if full_check:
         lines.append(full_check)
     lines.append(f"case wall time {time.perf_counter() - t0:.0f} s")

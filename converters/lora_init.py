@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .calibration import gram_to_root
-from .qwha_init import relative_errors
+from .qwha_init import report_errors
 
 __all__ = ["LoraInit", "lora_from_error"]
 
@@ -79,5 +79,5 @@ def lora_from_error(
         b = torch.cat([b, torch.zeros(d_out, rank - r, dtype=b.dtype, device=b.device)], dim=1)
     delta = scaling * (b @ a)
     report: dict[str, float] = {"d_out": d_out, "d_in": d_in, "rank": rank}
-    report.update(relative_errors(w, e, delta, {"calib": gram, "heldout": eval_gram}))
+    report.update(report_errors(w, w_deq, lambda rows, _: delta[rows], {"calib": gram, "heldout": eval_gram}))
     return LoraInit(a.float().cpu(), b.float().cpu(), float(scaling), report)

@@ -15,6 +15,11 @@ fitted to cancel the error ``E = W - W_q`` in the layer's output, i.e. to minimi
    ``c * f (G_hat[S, S] + ridge) = (E G M^T)[i, S]``. Channels with equal budgets are solved together as one batched
    Cholesky solve (chunked to bound memory); no Python loop over channels.
 
+Memory: everything is streamed over blocks of output channels (``InitConfig.block_bytes`` of float64 rows) and
+done in the transformed basis (``Ê = E M^T``; ``M^T M = n I``), so besides its inputs a layer holds ``G_hat`` and
+``E G M^T`` in float64 plus a few blocks: ~2.3 GB for a 4096 x 14336 layer, not the ~10 GB of forming ``G``,
+``E G``, ``G_hat``, the full spectrum and its sort order at once.
+
 Baselines: ``method="random"`` (uniform budgets, random indices, then the same refinement) and ``method="zeros"``
 (plain WHA: random indices, zero values).
 """
@@ -22,6 +27,7 @@ Baselines: ``method="random"`` (uniform budgets, random indices, then the same r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +37,17 @@ from ..kernels import dense_delta, hadamard_transform
 __all__ = [
     "InitConfig",
     "LayerInit",
+    "Support",
     "allocate_budget",
     "init_layer",
     "output_error",
     "refine_values",
     "refine_values_loop",
-    "relative_errors",
+    "report_errors",
+    "row_blocks",
+    "select_support",
+    "spectral_delta_rows",
+    "transformed_gram",
 ]
 
 _METHODS = ("adaalloc", "random", "zeros")
@@ -53,7 +64,8 @@ class InitConfig:
     ridge: float = 1e-8
     scale: float = 1.0
     seed: int = 0
-    max_solve_bytes: int = 256 * 2**20
+    max_solve_bytes: int = 128 * 2**20
+    block_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -66,6 +78,9 @@ class InitConfig:
             raise ValueError(f"damp_ratio and ridge must be >= 0, got {self.damp_ratio!r}, {self.ridge!r}")
         if not self.scale > 0:
             raise ValueError(f"scale must be > 0, got {self.scale!r}")
+        for name in ("max_solve_bytes", "block_bytes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive number of bytes, got {getattr(self, name)!r}")
 
     def budget(self, d_out: int, d_in: int) -> int:
         return min(self.rank * (d_in + d_out), d_out * d_in)
@@ -83,34 +98,10 @@ class LayerInit:
     report: dict[str, float] = field(default_factory=dict)
 
 
-def _damped(gram: torch.Tensor, damp_ratio: float) -> torch.Tensor:
-    g = gram.to(torch.float64)
-    g = 0.5 * (g + g.T)
-    mean = float(g.diagonal().mean())
-    damp = damp_ratio * mean if mean > 0 else damp_ratio
-    return g + damp * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-
-
 def output_error(err: torch.Tensor, gram: torch.Tensor) -> float:
     """``||err X^T||_F = sqrt(trace(err G err^T))`` in float64."""
     e = err.to(torch.float64)
     return math.sqrt(max(float(((e @ gram.to(torch.float64)) * e).sum()), 0.0))
-
-
-def relative_errors(
-    w: torch.Tensor, err: torch.Tensor, delta: torch.Tensor, grams: dict[str, torch.Tensor | None]
-) -> dict[str, float]:
-    """``rel_err_before_<tag>`` = ``||err X^T|| / ||W X^T||`` and ``rel_err_after_<tag>`` (``err - delta``) for each
-    ``{tag: gram}`` (``None`` grams skipped), float64."""
-    out: dict[str, float] = {}
-    for tag, gm in grams.items():
-        if gm is None:
-            continue
-        gm = gm.to(device=w.device, dtype=torch.float64)
-        ref = output_error(w, gm)
-        out[f"rel_err_before_{tag}"] = output_error(err, gm) / ref
-        out[f"rel_err_after_{tag}"] = output_error(err - delta, gm) / ref
-    return out
 
 
 def allocate_budget(norms: torch.Tensor, total: int, d_in: int, temperature: float = 1.0) -> torch.Tensor:
@@ -143,9 +134,37 @@ def allocate_budget(norms: torch.Tensor, total: int, d_in: int, temperature: flo
     return p
 
 
-def _transformed_gram(g: torch.Tensor) -> torch.Tensor:
-    """``G_hat = M G M^T`` (G symmetric): transform rows, then columns."""
-    return hadamard_transform(hadamard_transform(g).T.contiguous())
+def row_blocks(n_rows: int, row_bytes: int, block_bytes: int) -> list[slice]:
+    """Consecutive row slices of at most ``block_bytes // row_bytes`` rows (at least one) covering ``n_rows``."""
+    step = max(1, block_bytes // max(1, row_bytes))
+    return [slice(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
+
+
+def transformed_gram(gram: torch.Tensor, damp_ratio: float, block_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """``G_hat = M G_d M^T`` in one float64 buffer, ``G_d = (G + G^T) / 2 + damp I`` the damped Gram.
+
+    ``damp = damp_ratio * mean(diag G)`` (``damp_ratio`` when that mean is not positive). Rows of ``gram`` are
+    transformed block by block into the buffer (``G M^T``), then its columns in place (``M G M^T``: the transform
+    along dim 0 acts on every column alone), then it is symmetrised in place; the damping lands on the diagonal as
+    ``n * damp`` (``M M^T = n I``). Peak memory: the ``n x n`` float64 result plus ``O(block_bytes)``; ``gram`` is
+    read, never copied whole.
+    """
+    n = gram.shape[0]
+    mean = float(gram.diagonal().to(torch.float64).mean())
+    damp = damp_ratio * mean if mean > 0 else damp_ratio
+    out = torch.empty(n, n, dtype=torch.float64, device=gram.device)
+    blocks = row_blocks(n, 8 * n, block_bytes)
+    for rows in blocks:
+        out[rows] = hadamard_transform(gram[rows].to(torch.float64))
+    for cols in blocks:
+        out[:, cols] = hadamard_transform(out[:, cols].T.contiguous()).T
+    for i, bi in enumerate(blocks):
+        for bj in blocks[i:]:
+            mean_block = 0.5 * (out[bi, bj] + out[bj, bi].T)
+            out[bi, bj] = mean_block
+            out[bj, bi] = mean_block.T
+    out.diagonal().add_(n * damp)
+    return out
 
 
 def _select_topk(importance: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +184,7 @@ def refine_values(
     g_hat: torch.Tensor,
     coefficient: float,
     ridge: float = 1e-8,
-    max_solve_bytes: int = 256 * 2**20,
+    max_solve_bytes: int = 128 * 2**20,
 ) -> torch.Tensor:
     """Least-squares values for a fixed support, batched over channels with equal budgets.
 
@@ -221,10 +240,123 @@ def refine_values_loop(
     return values
 
 
-def _random_support(d_out: int, d_in: int, budgets: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_support(
+    d_out: int, d_in: int, budgets: torch.Tensor, seed: int, blocks: list[slice]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, ``budgets[i]`` columns at random: the top-k of ``torch.rand(d_out, d_in)`` (seeded), drawn one
+    row block at a time (the same stream as one whole draw)."""
     gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(d_out, d_in, generator=gen, dtype=torch.float64)
-    return _select_topk(scores, budgets)
+    parts = []
+    for rows in blocks:
+        scores = torch.rand(rows.stop - rows.start, d_in, generator=gen, dtype=torch.float64)
+        r, c = _select_topk(scores, budgets[rows])
+        parts.append((r + rows.start, c))
+    return torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts])
+
+
+@dataclass
+class Support:
+    """What the refinement needs of one layer: the support (sorted by row then column), per-channel budgets,
+    ``e_hat = E G_d M^T`` and ``g_hat = M G_d M^T`` (float64; both ``None`` for ``method="zeros"``) and the
+    coefficient ``c`` of ``Delta W = c F M``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    budgets: torch.Tensor
+    e_hat: torch.Tensor | None
+    g_hat: torch.Tensor | None
+    coefficient: float
+
+
+def _error_block(weight: torch.Tensor, w_deq: torch.Tensor, rows: slice) -> torch.Tensor:
+    """``E[rows] = W[rows] - W_q[rows]`` in float64."""
+    w = weight[rows].detach().to(torch.float64)
+    return w - w_deq[rows].detach().to(device=w.device, dtype=torch.float64)
+
+
+def select_support(weight: torch.Tensor, w_deq: torch.Tensor, gram: torch.Tensor, config: InitConfig) -> Support:
+    """Budgets and support of one layer (steps 1–2 of the module docstring), streamed over output-channel blocks.
+
+    ``weight``/``w_deq``: ``(d_out, d_in)`` (any float dtype); ``gram``: ``X^T X`` (``d_in x d_in``). All float64
+    work is done in the transformed basis, so the only ``d_in x d_in`` buffer is ``G_hat``: with ``Ê = E M^T``,
+    ``E G_d M^T = Ê G_hat / n`` and ``||(E R)_i||^2 = (Ê G_hat Ê^T)_ii / n^2``. One pass over blocks of
+    ``config.block_bytes`` computes ``e_hat`` (kept, ``d_out x d_in``) and the channel norms; after the budgets, a
+    second pass re-forms ``Ê`` per block and selects its top-k. Peak memory: ``G_hat`` + ``e_hat`` + ``O(block)``.
+    """
+    d_out, d_in = weight.shape
+    if gram.shape != (d_in, d_in):
+        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected {(d_in, d_in)}")
+    coefficient = config.scale / (d_in * math.sqrt(d_out))
+    total = config.budget(d_out, d_in)
+    blocks = row_blocks(d_out, 8 * d_in, config.block_bytes)
+    device = weight.device
+    if config.method != "adaalloc":
+        budgets = allocate_budget(torch.ones(d_out, dtype=torch.float64), total, d_in)
+        rows, cols = _random_support(d_out, d_in, budgets, config.seed, blocks)
+        rows, cols = rows.to(device), cols.to(device)
+        if config.method == "zeros":
+            return Support(rows, cols, budgets, None, None, coefficient)
+    g_hat = transformed_gram(gram.to(device), config.damp_ratio, config.block_bytes)
+    e_hat = torch.empty(d_out, d_in, dtype=torch.float64, device=device)
+    norms = torch.empty(d_out, dtype=torch.float64, device=device)
+    for blk in blocks:
+        spec = hadamard_transform(_error_block(weight, w_deq, blk))  # Ê = E M^T
+        e_hat[blk] = spec @ g_hat / d_in
+        norms[blk] = ((e_hat[blk] * spec).sum(1) / d_in).clamp_min(0).sqrt()
+    if config.method == "adaalloc":
+        budgets = allocate_budget(norms, total, d_in, config.temperature)
+        weight_of_column = g_hat.diagonal().clamp_min(0).sqrt()[None, :] / (d_in * coefficient)
+        parts = []
+        for blk in blocks:
+            importance = hadamard_transform(_error_block(weight, w_deq, blk)).abs_() * weight_of_column
+            r, c = _select_topk(importance, budgets[blk.start : blk.stop].to(device))
+            parts.append((r + blk.start, c))
+            del importance
+        rows, cols = torch.cat([r for r, _ in parts]), torch.cat([c for _, c in parts])
+    return Support(rows, cols, budgets.cpu(), e_hat, g_hat, coefficient)
+
+
+def spectral_delta_rows(support: Support, values: torch.Tensor) -> Callable[[slice, int], torch.Tensor]:
+    """``(rows, d_in) -> Delta W[rows]`` (float64) of the spectrum ``values`` on ``support`` (sorted by row)."""
+    bounds = torch.searchsorted(support.rows, torch.arange(0, int(support.budgets.numel()) + 1).to(support.rows))
+
+    def rows_of(blk: slice, width: int) -> torch.Tensor:
+        lo, hi = int(bounds[blk.start]), int(bounds[blk.stop])
+        n = blk.stop - blk.start
+        r, c = support.rows[lo:hi] - blk.start, support.cols[lo:hi]
+        return dense_delta(values[lo:hi], r, c, n, width, support.coefficient)
+
+    return rows_of
+
+
+def report_errors(
+    weight: torch.Tensor,
+    w_deq: torch.Tensor,
+    delta_rows: Callable[[slice, int], torch.Tensor],
+    grams: dict[str, torch.Tensor | None],
+    block_bytes: int = 64 * 2**20,
+) -> dict[str, float]:
+    """Relative output errors over output-channel blocks: ``rel_err_before_<tag>`` = ``||E X^T|| / ||W X^T||`` and
+    ``rel_err_after_<tag>`` (``E - Delta W``) for each ``{tag: gram}`` (``None`` skipped), in float64.
+
+    ``delta_rows(rows, d_in)`` gives ``Delta W[rows]`` (e.g. :func:`spectral_delta_rows`); only a block of rows of
+    ``W``, ``E`` and ``Delta W`` is formed at a time, and each Gram is read as it is (no copy when float64)."""
+    d_out, d_in = weight.shape
+    grams = {tag: g for tag, g in grams.items() if g is not None}
+    sums = {tag: torch.zeros(3, dtype=torch.float64) for tag in grams}
+    for blk in row_blocks(d_out, 8 * d_in, block_bytes):
+        e = _error_block(weight, w_deq, blk)
+        delta = delta_rows(blk, d_in).to(e)
+        stack = torch.stack([weight[blk].detach().to(e), e, e - delta])  # (3, rows, d_in)
+        for tag, gm in grams.items():
+            prod = stack @ gm.to(device=e.device, dtype=torch.float64)
+            sums[tag] += (prod * stack).sum((1, 2)).cpu()
+    out: dict[str, float] = {}
+    for tag, total in sums.items():
+        ref, before, after = total.clamp_min(0).sqrt().tolist()
+        out[f"rel_err_before_{tag}"] = before / ref
+        out[f"rel_err_after_{tag}"] = after / ref
+    return out
 
 
 def init_layer(
@@ -240,39 +372,27 @@ def init_layer(
     ``weight``/``w_deq``: ``(d_out, d_in)``; ``gram``: ``X^T X`` (``d_in x d_in``) of the layer's calibration input.
     The report holds relative output errors ``||(.) X^T|| / ||W X^T||`` before and after, on ``gram`` and (when
     given) on ``eval_gram`` (held-out activations); ``report_calibration=False`` skips the calibration figures.
+    Streamed over output-channel blocks (:func:`select_support`, :func:`refine_values`, :func:`report_errors`):
+    besides its inputs, one layer holds ``G_hat`` and ``e_hat`` in float64 plus ``O(config.block_bytes)``.
     """
-    w = weight.detach().to(torch.float64)
-    e = w - w_deq.detach().to(device=w.device, dtype=torch.float64)
-    d_out, d_in = e.shape
-    if gram.shape != (d_in, d_in):
-        raise ValueError(f"gram has shape {tuple(gram.shape)}, expected {(d_in, d_in)}")
-    g = _damped(gram.to(w.device), config.damp_ratio)
-    coefficient = config.scale / (d_in * math.sqrt(d_out))
-    total = config.budget(d_out, d_in)
-
-    if config.method == "adaalloc":
-        eg = e @ g
-        norms = ((eg * e).sum(1)).clamp_min(0).sqrt()  # ||(E R)_i||
-        budgets = allocate_budget(norms, total, d_in, config.temperature)
-        g_hat = _transformed_gram(g)
-        spectrum = hadamard_transform(e) / (d_in * coefficient)  # E = c * C @ M
-        importance = spectrum.abs() * g_hat.diagonal().clamp_min(0).sqrt()[None, :]
-        rows, cols = _select_topk(importance, budgets)
-        del spectrum, importance
-    else:
-        budgets = allocate_budget(torch.ones(d_out, dtype=torch.float64), total, d_in)
-        rows, cols = _random_support(d_out, d_in, budgets.cpu(), config.seed)
-        rows, cols = rows.to(w.device), cols.to(w.device)
-        eg = e @ g if config.method == "random" else None
-        g_hat = _transformed_gram(g) if config.method == "random" else None
-
+    support = select_support(weight, w_deq, gram, config)
     if config.method == "zeros":
-        values = torch.zeros(rows.numel(), dtype=torch.float64, device=w.device)
+        values = torch.zeros(support.rows.numel(), dtype=torch.float64, device=weight.device)
     else:
-        e_hat = hadamard_transform(eg)  # E G M^T
-        values = refine_values(rows, cols, e_hat, g_hat, coefficient, config.ridge, config.max_solve_bytes)
-
-    delta = dense_delta(values, rows, cols, d_out, d_in, coefficient)
-    report = {"d_out": d_out, "d_in": d_in, "budget": int(rows.numel())}
-    report.update(relative_errors(w, e, delta, {"calib": gram if report_calibration else None, "heldout": eval_gram}))
-    return LayerInit(values.float().cpu(), rows.cpu(), cols.cpu(), config.scale, budgets.cpu(), report)
+        values = refine_values(
+            support.rows,
+            support.cols,
+            support.e_hat,
+            support.g_hat,
+            support.coefficient,
+            config.ridge,
+            config.max_solve_bytes,
+        )
+    support.e_hat = support.g_hat = None  # free the float64 buffers before the report
+    d_out, d_in = weight.shape
+    report = {"d_out": d_out, "d_in": d_in, "budget": int(support.rows.numel())}
+    grams = {"calib": gram if report_calibration else None, "heldout": eval_gram}
+    report.update(report_errors(weight, w_deq, spectral_delta_rows(support, values), grams, config.block_bytes))
+    return LayerInit(
+        values.float().cpu(), support.rows.cpu(), support.cols.cpu(), config.scale, support.budgets.cpu(), report
+    )

@@ -6,14 +6,14 @@ import torch
 from qwha_export.converters.quantize import quantize_rtn
 from qwha_export.converters.qwha_init import (
     InitConfig,
-    _transformed_gram,
     allocate_budget,
     init_layer,
     output_error,
     refine_values,
     refine_values_loop,
+    transformed_gram,
 )
-from qwha_export.kernels import hadamard_transform
+from qwha_export.kernels import dense_delta, hadamard_matrix, hadamard_transform
 
 
 def _problem(d_out=96, d_in=192, n=1024, seed=0):
@@ -49,15 +49,13 @@ def test_refinement_vectorised_equals_loop_and_is_optimal():
     e = w.double() - qw.dequantize(torch.float64)
     g = gram + 1e-4 * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=torch.float64)
     res = init_layer(w, qw.dequantize(), gram, InitConfig(rank=4))
-    g_hat = _transformed_gram(g)
+    g_hat = transformed_gram(gram, 1e-4)
     e_hat = hadamard_transform(e @ g)
     coef = 1.0 / (192 * 96**0.5)
     vec = refine_values(res.rows, res.cols, e_hat, g_hat, coef)
     loop = refine_values_loop(res.rows, res.cols, e_hat, g_hat, coef)
     torch.testing.assert_close(vec, loop, rtol=1e-8, atol=1e-8)
     # optimality: perturbing the refined values increases the calibration output error
-    from qwha_export.kernels import dense_delta
-
     base = output_error(e - dense_delta(vec, res.rows, res.cols, 96, 192, coef), g)
     pert = vec + 1e-2 * vec.abs().mean() * torch.randn_like(vec)
     assert output_error(e - dense_delta(pert, res.rows, res.cols, 96, 192, coef), g) > base
@@ -91,3 +89,89 @@ def test_init_config_validation():
         InitConfig(rank=0)
     with pytest.raises(ValueError, match="'bogus'"):
         InitConfig(method="bogus")
+
+
+def _whole_layer_reference(w, w_deq, gram, held, config):
+    """The init written with explicit dense matrices (``M`` = hadamard_matrix), every float64 matrix at once."""
+    e = w.double() - w_deq.double()
+    d_out, d_in = e.shape
+    m = hadamard_matrix(d_in).double()
+    g = 0.5 * (gram + gram.T) + config.damp_ratio * gram.diagonal().mean() * torch.eye(d_in, dtype=torch.float64)
+    c = config.scale / (d_in * d_out**0.5)
+    g_hat, e_hat = m @ g @ m.T, e @ g @ m.T
+    if config.method == "adaalloc":
+        budgets = allocate_budget(((e @ g) * e).sum(1).sqrt(), config.budget(d_out, d_in), d_in)
+        importance = (e @ m.T / (d_in * c)).abs() * g_hat.diagonal().sqrt()
+    else:
+        budgets = allocate_budget(torch.ones(d_out, dtype=torch.float64), config.budget(d_out, d_in), d_in)
+        importance = torch.rand(d_out, d_in, generator=torch.Generator().manual_seed(config.seed), dtype=torch.float64)
+    order = torch.argsort(importance, dim=1, descending=True, stable=True)
+    f = torch.zeros(d_out, d_in, dtype=torch.float64)
+    for i in range(d_out):
+        s = order[i, : budgets[i]].sort().values
+        if config.method != "zeros":
+            a = g_hat[s][:, s] + config.ridge * g_hat.diagonal().mean() * torch.eye(s.numel(), dtype=torch.float64)
+            f[i, s] = torch.linalg.solve(a, e_hat[i, s]) / c
+        else:
+            f[i, s] = 1.0  # marks the support
+    delta = c * f @ m if config.method != "zeros" else torch.zeros_like(e)
+
+    def rel(x, gm):
+        return float(((x @ gm) * x).sum().sqrt() / ((w.double() @ gm) * w.double()).sum().sqrt())
+
+    report = {f"rel_err_{k}_{t}": rel(x, gm) for t, gm in (("calib", gram), ("heldout", held))
+              for k, x in (("before", e), ("after", e - delta))}
+    return f, budgets, report
+
+
+@pytest.mark.parametrize("method", ["adaalloc", "random", "zeros"])
+@pytest.mark.parametrize("d_out,d_in,bits", [(96, 192, 3), (50, 40, 4), (130, 576, 2), (33, 20, 4)])
+@pytest.mark.parametrize("block_rows", [None, 7])
+def test_streamed_init_equals_whole_layer_formulation(method, d_out, d_in, bits, block_rows):
+    """Blocks of output channels in the transformed basis give the support, values and report of the one-shot
+    dense formulation, for any block size (7 rows: a ragged last block) and Hadamard size (192 = 12·16, 40, 20)."""
+    w, gram, held = _problem(d_out, d_in)
+    w_deq = quantize_rtn(w, bits, -1).dequantize()
+    config = InitConfig(rank=3, method=method, block_bytes=8 * d_in * block_rows if block_rows else 64 * 2**20)
+    res = init_layer(w, w_deq, gram, config, eval_gram=held)
+    f, budgets, report = _whole_layer_reference(w, w_deq, gram, held, config)
+    assert torch.equal(res.budgets, budgets)
+    got = torch.zeros(d_out, d_in, dtype=torch.float64)
+    got[res.rows, res.cols] = res.values.double() if method != "zeros" else 1.0
+    assert torch.equal(got != 0, f != 0), "support differs from the whole-layer selection"
+    err = float((got - f).abs().max() / f.abs().max())
+    assert err < 1e-5, f"values: max rel err {err:.2e}"
+    for key, want in report.items():
+        assert res.report[key] == pytest.approx(want, rel=1e-9, abs=1e-12), key
+
+
+def _vm_kib(field):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith(field + ":"))
+
+
+def test_init_layer_memory_is_one_transformed_gram_plus_blocks():
+    """Besides its inputs, init_layer holds G_hat and E G M^T in float64 plus a few blocks: for a 128 x 4096 layer
+    (G_hat 128 MiB) the peak increment stays under 1.6 x G_hat; the one-shot formulation (G, its symmetrised and
+    damped copies, G_hat and its transposed temporaries) took over 4x."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pytest.skip("needs /proc/self/clear_refs (Linux) to reset the peak-RSS mark")
+    d_out, d_in = 128, 4096
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(d_out, d_in, generator=gen) * 0.02
+    w_deq = quantize_rtn(w, 4, 64).dequantize()
+    x = torch.randn(1024, d_in, generator=gen, dtype=torch.float64)
+    gram, held = x.T @ x, x[:512].T @ x[:512]
+    del x
+    config = InitConfig(rank=8, block_bytes=4 * 2**20, max_solve_bytes=8 * 2**20)
+    init_layer(w, w_deq, gram, config, eval_gram=held)  # warm-up: allocator pools, lazy imports
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    start = _vm_kib("VmRSS")
+    init_layer(w, w_deq, gram, config, eval_gram=held)
+    extra = (_vm_kib("VmHWM") - start) * 1024
+    g_hat = 8 * d_in * d_in
+    assert extra < 1.6 * g_hat, f"peak above the inputs {extra / 2**20:.0f} MiB, bound {1.6 * g_hat / 2**20:.0f} MiB"
