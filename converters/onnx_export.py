@@ -24,7 +24,10 @@ RoPE per layer type and embedding scale) as the project's loaders build it (``Qu
   ``local_window_size = window`` (measured: ``window - 1`` drops the oldest key, tests/test_onnx_architectures.py);
 * an unquantized ``lm_head`` whose float32 weight lies exactly on a symmetric 8-bit grid with block 32..128 (e.g. a
   GGUF ``Q8_0`` embedding, as in SmolLM2) is written as an 8-bit MatMulNBits whose dequantized weight is
-  bit-identical; otherwise it stays a float32 MatMul.
+  bit-identical; otherwise it stays a float32 MatMul;
+* ``head_bits`` (8 or 4): the embedding and the head are RTN-quantized (:func:`~.quantize.quantize_rtn`, groups of
+  :data:`HEAD_BLOCK` along the hidden axis) into a GatherBlockQuantized embedding and a MatMulNBits head, as the
+  onnxruntime-genai builder writes them for large vocabularies; a tied head reads the same codes.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from ..formats.onnx_graph import (
 )
 from ..kernels import hadamard_k, hadamard_matrix, hadamard_order
 from .architectures import FULL, SUPPORTED_MODEL_TYPES, ModelLayout, architecture_for, decoder_layers, describe
-from .quantize import n_groups_of
+from .quantize import n_groups_of, quantize_rtn
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -56,6 +59,9 @@ __all__ = [
     "split_projection",
     "decoder_from_model",
     "exact_grid_linear",
+    "HEAD_BITS",
+    "HEAD_BLOCK",
+    "quantized_table",
     "nbits_linear",
     "wht_factor_sizes",
     "wht_factors",
@@ -166,6 +172,22 @@ def exact_grid_linear(weight: torch.Tensor, bits: int = 8) -> NBitsLinear | None
         zeros = np.full((n, k // block), zero, np.uint8)
         return NBitsLinear(codes, zeros, scale.numpy().astype(np.float32), bits, block)
     return None
+
+
+HEAD_BITS = (8, 4)
+HEAD_BLOCK = 32  # the builder's block for its int4 / int8 head and embedding
+
+
+def quantized_table(weight: torch.Tensor, bits: int) -> NBitsLinear:
+    """RTN ``bits``-bit groups of :data:`HEAD_BLOCK` columns of a ``(rows, hidden)`` embedding or head weight."""
+    if bits not in HEAD_BITS:
+        raise ValueError(f"head_bits={bits!r} must be one of {HEAD_BITS} (or None: float32)")
+    hidden = weight.shape[1]
+    if hidden % HEAD_BLOCK:
+        raise ValueError(f"hidden size {hidden} is not a multiple of {HEAD_BLOCK}: the head cannot be quantized")
+    q = quantize_rtn(weight.detach().cpu(), bits, HEAD_BLOCK)
+    scales = q.scales.float().numpy()  # float16 -> float32 is exact
+    return NBitsLinear(q.codes.numpy(), q.zeros.numpy(), scales, bits, HEAD_BLOCK)
 
 
 def _linear(module: nn.Module) -> NBitsLinear | DenseLinear:
@@ -285,9 +307,12 @@ def _block_weights(block: nn.Module, layout: ModelLayout) -> LayerWeights:
 
 
 def decoder_from_model(
-    model: nn.Module, accuracy_level: int = 0, exact_lm_head: bool = True
+    model: nn.Module, accuracy_level: int = 0, exact_lm_head: bool = True, head_bits: int | None = None
 ) -> tuple[DecoderSpec, DecoderWeights, dict[str, Any]]:
-    """``(spec, weights, info)`` of ``model`` (see the module docstring); ``info`` summarises what was written."""
+    """``(spec, weights, info)`` of ``model`` (see the module docstring); ``info`` summarises what was written.
+    ``head_bits`` (None, 8 or 4): quantize the embedding and the head (see the module docstring)."""
+    if head_bits is not None and head_bits not in HEAD_BITS:
+        raise ValueError(f"head_bits={head_bits!r} must be one of {HEAD_BITS} (or None: float32)")
     cfg = model.config
     layout = check_config(cfg.to_dict())
     arch, head_dim = layout.architecture, layout.head_dim
@@ -313,11 +338,15 @@ def decoder_from_model(
         if isinstance(p.linear, NBitsLinear):
             bits.add((p.linear.bits, p.linear.block_size))
     windows = tuple(layout.window if layout.sliding(i) else -1 for i in range(len(blocks)))
-    embed = model.get_input_embeddings().weight.detach().cpu().float()
+    embed_w = model.get_input_embeddings().weight.detach().cpu().float()
     head = model.get_output_embeddings()
     tied = head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    embed: np.ndarray | NBitsLinear = embed_w.numpy()
     lm_head: NBitsLinear | DenseLinear | None
-    if exact_lm_head and hasattr(head, "weight") and not hasattr(head, "codes"):
+    if head_bits is not None:
+        embed = quantized_table(embed_w, head_bits)
+        lm_head = None if tied else quantized_table(head.weight, head_bits)
+    elif exact_lm_head and hasattr(head, "weight") and not hasattr(head, "codes"):
         lm_head = exact_grid_linear(head.weight) or (None if tied else _linear(head))
     else:
         lm_head = None if tied else _linear(head)
@@ -345,14 +374,20 @@ def decoder_from_model(
     )
     root = getattr(model, "model", model)
     rope_types = {t: p.get("rope_type", "default") for t, p in layout.rope.items()}
-    weights = DecoderWeights(embed.numpy(), layers, _norm(root.norm, layout.norm_offset), lm_head)
+    weights = DecoderWeights(embed, layers, _norm(root.norm, layout.norm_offset), lm_head)
+    if head_bits is not None:
+        table = f"{head_bits}-bit RTN/block {HEAD_BLOCK}"
+        head_info = f"{'tied ' if tied else ''}{table} MatMulNBits"
+    elif lm_head is None:
+        head_info = "tied float32"
+    else:
+        head_info = "exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"
     info = {
         "model_type": cfg.model_type,
         "quantized": sorted({f"{b}-bit/block {s}" for b, s in bits}),
         "adapted_sizes": sorted(sizes),
-        "lm_head": "tied float32"
-        if lm_head is None
-        else ("exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"),
+        "lm_head": head_info,
+        "embedding": f"{table} GatherBlockQuantized" if head_bits is not None else "float32",
         "rope_type": rope_types if len(set(rope_types.values())) > 1 else next(iter(rope_types.values()), "default"),
         "window": spec.window if spec.layer_windows is None else list(spec.layer_windows),
         "layer_types": list(layout.layer_types),

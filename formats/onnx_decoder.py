@@ -21,7 +21,8 @@ import numpy as np
 from onnx import TensorProto
 
 from .onnx_layers import MS, Graph, Layers, layer_prefix
-from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights
+from .onnx_ops import pack_le
+from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights, NBitsLinear
 
 __all__ = ["DecoderWriter"]
 
@@ -35,7 +36,13 @@ class DecoderWriter(Layers):
 
     def shared_inits(self) -> None:
         s, w, root = self.spec, self.w, self.root
-        root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
+        if isinstance(w.embed, NBitsLinear):  # GatherBlockQuantized: codes packed along hidden, low nibble first
+            e = w.embed
+            root.init("model.embed_tokens.qweight", pack_le(e.codes, e.bits))
+            root.init("model.embed_tokens.scales", np.ascontiguousarray(e.scales, dtype=np.float32))
+            root.init("model.embed_tokens.qzeros", pack_le(e.zeros, e.bits))
+        else:
+            root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
         root.init("cos_cache", s.cos_cache.astype(np.float32))
         root.init("sin_cache", s.sin_cache.astype(np.float32))
         for key, (cos, sin) in s.rope_caches.items():
@@ -136,7 +143,20 @@ class DecoderWriter(Layers):
     def body(self, g: Graph, mode: str, out_names: Sequence[str]) -> None:
         """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
         s, w = self.spec, self.w
-        h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
+        if isinstance(w.embed, NBitsLinear):
+            e, qe = w.embed, "model.embed_tokens"
+            h = g.op(
+                "GatherBlockQuantized",
+                [f"{qe}.qweight", "input_ids", f"{qe}.scales", f"{qe}.qzeros"],
+                domain=MS,
+                name="embed",
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=e.block_size,
+                bits=e.bits,
+            )
+        else:
+            h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
         if s.embed_scale is not None:
             h = g.op("Mul", [h, g.const(s.embed_scale, np.float32)], name="embed_scale")
         masks = self.masks(g)
@@ -155,7 +175,9 @@ class DecoderWriter(Layers):
             norm_w = f"{layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < len(w.layers) else "model.norm.weight"
             x, residual = self.skip_rms(g, down, residual, norm_w)
         logits = [out_names[0]] if not s.final_softcap else None
-        if w.lm_head is None:  # tied: Gemm against the embedding (one copy of the matrix)
+        if w.lm_head is None and isinstance(w.embed, NBitsLinear):  # tied to a quantized embedding: same codes
+            lg = self.matmul(g, x, "lm_head", w.embed, outputs=logits)
+        elif w.lm_head is None:  # tied: Gemm against the embedding (one copy of the matrix)
             flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])])
             lg = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1, name="lm_head")
             shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([s.vocab_size])], axis=0)

@@ -141,10 +141,15 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    embed: np.ndarray  # float32 [vocab, hidden]
+    """The weights outside the blocks. ``embed``: float32 ``[vocab, hidden]`` (a Gather), or an ``NBitsLinear``
+    of the same shape (GatherBlockQuantized along the hidden axis, symmetric zero points packed as MatMulNBits').
+    ``lm_head`` None: tied to ``embed`` (a Gemm with ``transB`` against the float32 matrix, or a MatMulNBits on the
+    same codes when ``embed`` is quantized)."""
+
+    embed: np.ndarray | NBitsLinear
     layers: list[LayerWeights]
     final_norm: np.ndarray
-    lm_head: NBitsLinear | DenseLinear | None  # None: tied to ``embed`` (Gemm with transB)
+    lm_head: NBitsLinear | DenseLinear | None
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

@@ -328,10 +328,16 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, max_shard_bytes, over
 @ACCURACY_LEVEL
 @click.option("--parity-tokens", default=64, show_default=True, type=int, help="Parity check tokens (0: skip).")
 @click.option("--bundle-ops", is_flag=True, help="Copy the native qwha ops library into OUT (for onnxruntime-genai).")
+@click.option(
+    "--head-bits",
+    type=click.Choice(["8", "4"]),
+    default=None,
+    help="Quantize the embedding and the LM head (RTN, blocks of 32; for large vocabularies). Default: float32.",
+)
 @OVERWRITE
 @QUIET
 @friendly_errors
-def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwrite, quiet):
+def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, head_bits, overwrite, quiet):
     """Export SRC (a merged gptq/gptq_v2/compressed-tensors folder, a fused folder, or a dense HF folder) as an
     ONNX causal LM with a KV cache (model.onnx + model.onnx.data, genai_config.json, tokenizer)."""
     import warnings
@@ -348,6 +354,7 @@ def export_onnx_cmd(src, out, accuracy_level, parity_tokens, bundle_ops, overwri
             quiet=quiet,
             parity_tokens=parity_tokens,
             bundle_ops=bundle_ops,
+            head_bits=None if head_bits is None else int(head_bits),
         )
     for w in caught:
         if "accuracy_level" in str(w.message):

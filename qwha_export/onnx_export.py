@@ -79,13 +79,16 @@ def export_onnx(
     parity_tokens: int = 64,
     exact_lm_head: bool = True,
     bundle_ops: bool = False,
+    head_bits: int | None = None,
 ) -> dict[str, Any]:
     """Export ``src`` (merged gptq/gptq_v2/compressed-tensors, fused, or dense HF folder) to ``out``; returns the
     manifest. ``accuracy_level`` (0-4) is MatMulNBits' attribute (4 warns). ``parity_tokens`` 0 skips the parity
     run. ``exact_lm_head``: with ``accuracy_level=4``, write an unquantized lm_head as a bit-identical 8-bit MatMulNBits
     when its weights lie on such a grid (quantized variants only; the dense variant stays float32 throughout).
     ``bundle_ops`` (fused exports): copy the native qwha ops library into ``out`` and name it in ``genai_config.json``
-    (``model.decoder.session_options.custom_ops_library``), so onnxruntime-genai runs the native kernels."""
+    (``model.decoder.session_options.custom_ops_library``), so onnxruntime-genai runs the native kernels.
+    ``head_bits`` (8 or 4; None keeps them float32): RTN-quantize the embedding (GatherBlockQuantized) and the head
+    (MatMulNBits), for large vocabularies; the parity check then measures its cost against the float head."""
     import onnx
 
     from .converters.onnx_export import check_config, decoder_from_model
@@ -100,6 +103,8 @@ def export_onnx(
         raise ValueError(f"accuracy_level={accuracy_level!r} must be 0, 1, 2, 3 or 4")
     if accuracy_level == 4:
         warnings.warn(ACCURACY_LEVEL_4_WARNING, UserWarning, stacklevel=2)
+    if head_bits is not None and (isinstance(head_bits, bool) or head_bits not in (8, 4)):
+        raise ValueError(f"head_bits={head_bits!r} must be 8 or 4 (or None: float32)")
     if isinstance(parity_tokens, bool) or not isinstance(parity_tokens, int) or parity_tokens < 0:
         raise ValueError(f"parity_tokens={parity_tokens!r} must be a non-negative int")
     src = Path(src)
@@ -116,13 +121,14 @@ def export_onnx(
     # 8-bit MatMulNBits is fast only with int8 activations (accuracy_level 4); at levels 0-3 onnxruntime 1.32 runs it
     # ~20x slower than a float32 MatMul, so the exact 8-bit lm_head is used with level 4 only
     exact = exact_lm_head and variant != "dense" and accuracy_level == 4
-    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact)
+    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact, head_bits=head_bits)
     src_manifest = read_manifest(src) if (src / MANIFEST_FILE).is_file() else None
     settings = {
         "format": ExportFormat.ONNX.value,
         "variant": variant,
         **_bits_and_group(model),
         "accuracy_level": accuracy_level,
+        "head_bits": head_bits,
     }
     metadata = {
         "qwha_export.tool_version": _tool_version(),
