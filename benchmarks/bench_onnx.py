@@ -1,4 +1,5 @@
-"""ONNX serving on SmolLM2-135M, side by side in one run (onnxruntime, CPU): speed and perplexity.
+"""ONNX serving on SmolLM2-135M (or ``--model gemma3-270m``), side by side in one run (onnxruntime, CPU): speed and
+perplexity.
 
 Variants: fp32 ONNX (our exporter on the plain HF folder); merged int4 ONNX and fused int4 ONNX (from a QWHA
 adapter: RTN 4-bit at each group size, rank 16, merged with RTN re-quantization into gptq_v2 / kept beside the base
@@ -16,6 +17,11 @@ to, and the bytes of weights and adapter tables a decoded token reads (the memor
 export at accuracy level 4, where MatMulNBits is fast enough for decoding to be bound by memory).
 
     python benchmarks/bench_onnx.py [--group-sizes 64 128] [--quick] [--work runs/bench_onnx] [--threads 1]
+    python benchmarks/bench_onnx.py --model gemma3-270m --group-sizes 64 --accuracy-levels 4 --head-bits 4
+
+``--model`` names an embedded model (smollm2, gemma3-270m) or a HF folder; ``--head-bits 8|4`` exports our int4
+variants with a quantized embedding and head (``export-onnx --head-bits``), as the builder quantizes its head.
+A model without a chat template gets its prompts tokenized as plain text.
 
 --work keeps the exported folders, so a second run only measures.
 """
@@ -98,15 +104,21 @@ def _done(folder: Path, marker: str = "model.onnx") -> bool:
     return (folder / marker).is_file()
 
 
-def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builder: bool) -> dict[str, Path]:
+def build_all(
+    work: Path,
+    group_sizes: list[int],
+    levels: list[int],
+    with_builder: bool,
+    model: str = "smollm2",
+    head_bits: int | None = None,
+) -> dict[str, Path]:
     from qwha_export.converters.quantize import QuantConfig
     from qwha_export.converters.qwha_init import InitConfig
     from qwha_export.fused import write_fused
-    from qwha_export.initialise import InitJob, init_qwha
-    from qwha_export.models import smollm2_path
+    from qwha_export.initialise import InitJob, init_qwha, resolve_model
     from qwha_export.pipeline import MergeJob, merge_qwha
 
-    hf = smollm2_path()
+    hf = Path(resolve_model(model))
     paths: dict[str, Path] = {"hf": hf}
     try:
         from qwha_export.onnx_export import export_onnx
@@ -136,7 +148,7 @@ def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builde
             root / "adapter",
             lambda g=g, root=root: init_qwha(
                 InitJob(
-                    model="smollm2",
+                    model=str(hf),
                     out=str(root / "adapter"),
                     quant=QuantConfig(bits=4, group_size=g),
                     init=InitConfig(rank=16),
@@ -174,7 +186,9 @@ def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builde
                 paths[f"{label}-a{lvl}-g{g}"] = step(
                     f"{label} int4 ONNX g{g} accuracy_level {lvl}",
                     out,
-                    lambda src=src, out=out, lvl=lvl: export_onnx(src, out, accuracy_level=lvl, quiet=True),
+                    lambda src=src, out=out, lvl=lvl: export_onnx(
+                        src, out, accuracy_level=lvl, quiet=True, head_bits=head_bits
+                    ),
                 )
     if with_builder:
         out = work / "builder_int4"
@@ -185,7 +199,11 @@ def build_all(work: Path, group_sizes: list[int], levels: list[int], with_builde
             if r.returncode != 0:
                 raise RuntimeError(f"the onnxruntime-genai builder failed:\n{r.stderr[-3000:]}")
 
-        paths["builder"] = step("onnxruntime-genai builder int4", out, run_builder)
+        try:
+            paths["builder"] = step("onnxruntime-genai builder int4", out, run_builder)
+        except RuntimeError as exc:  # e.g. a config layout the builder does not read: no anchor row, say why
+            last = [line for line in str(exc).splitlines() if line.strip()][-1]
+            print(f"  no builder row: the onnxruntime-genai builder failed on {hf.name} ({last})", flush=True)
     return paths
 
 
@@ -430,12 +448,16 @@ def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -
 
 
 def _chat_ids(tokenizer, text: str) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):  # a base model (Gemma 3 270M): the text as is
+        return list(tokenizer(text)["input_ids"])
     ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="embedded model name (smollm2, gemma3-270m) or a HF folder")
+    ap.add_argument("--head-bits", type=int, choices=[8, 4], default=None, help="quantized embedding + head")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--quick", action="store_true", help="2 rounds instead of 5; shorter WHT timing")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved speed rounds (median over them)")
@@ -467,7 +489,8 @@ def main() -> None:
             with_builder = False
     print(
         f"onnxruntime {ort.__version__}, torch {torch.__version__}, threads {args.threads or 'default'}, "
-        f"group sizes {args.group_sizes}, rounds {args.rounds}, our int4 accuracy levels {args.accuracy_levels}"
+        f"group sizes {args.group_sizes}, rounds {args.rounds}, our int4 accuracy levels {args.accuracy_levels}, "
+        f"model {args.model}, head {f'{args.head_bits}-bit' if args.head_bits else 'float32'}"
     )
     tmp = None
     if args.work is None:
@@ -475,7 +498,7 @@ def main() -> None:
         args.work = Path(tmp.name)
     args.work.mkdir(parents=True, exist_ok=True)
     print("building the exports (cached in --work):", flush=True)
-    paths = build_all(args.work, args.group_sizes, args.accuracy_levels, with_builder)
+    paths = build_all(args.work, args.group_sizes, args.accuracy_levels, with_builder, args.model, args.head_bits)
 
     variants = [Variant("fp32", "fp32 ONNX", "", "onnx", paths["fp32"])] if "fp32" in paths else []
     for g in args.group_sizes:
@@ -490,7 +513,7 @@ def main() -> None:
                     src = paths[f"src-{label.split('-')[0]}-g{g}"]
                     key = f"{label}-a{lvl}-g{g}"
                     variants.append(Variant(key, name, f"g{g}", "onnx", folder, level=str(lvl), source=src, ops=ops))
-    if with_builder:
+    if "builder" in paths:
         variants.append(Variant("builder", "builder int4 ONNX (ort-genai)", "g32", "onnx", paths["builder"], "4"))
     variants.append(Variant("torch", "PyTorch eager fp32", "", "torch", paths["hf"]))
     for v in variants:

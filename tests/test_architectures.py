@@ -229,7 +229,8 @@ def test_config_that_disagrees_with_weights_is_one_line(tmp_path, key, value, ne
 def test_gemma3_270m_real_init_fuse_verify(tmp_path):
     """The real Gemma 3 270M (gemma3_text: 5 local + 1 global layer pattern, q/k norm, 1 + w norms, GELU-tanh,
     sqrt(640) embedding scale, tied 262k head) at reduced sizes: init (RTN 4-bit g64, rank 4, q_proj and down_proj,
-    whose inputs need the K=20 and the power-of-two transform) -> fuse -> verify top-1 1.000 on real held-out text."""
+    whose inputs need the K=20 and the power-of-two transform) -> fuse -> verify top-1 1.000 on real held-out text
+    -> export-onnx -> verify the ONNX session (top-1 >= 0.999) -> generate."""
     from qwha_export.models import embedded_path
 
     assert describe(json.loads((embedded_path("gemma3-270m") / "config.json").read_text())).window == 512
@@ -242,3 +243,13 @@ def test_gemma3_270m_real_init_fuse_verify(tmp_path):
     printed = run_cli("verify", fused, "--against", adapter, "--tokens", 512, "--seq-len", 128, "--json")
     out = json.loads(printed[printed.index('{"tokens"') :].splitlines()[0])
     assert out["tokens"] >= 500 and out["top1_agreement"] == 1.0 and out["kl_per_token"] <= 1e-9, out
+    # the fused folder as ONNX (native qwha kernels when built, else the function bodies): same tokens, the ONNX
+    # session against the training-time model, then greedy generation through onnxruntime
+    run_cli("export-onnx", fused, "--out", tmp_path / "onnx", "--parity-tokens", 0, "--quiet")
+    printed = run_cli("verify", tmp_path / "onnx", "--against", adapter, "--tokens", 512, "--seq-len", 128, "--json")
+    out = json.loads(printed[printed.index('{"tokens"') :].splitlines()[0])
+    print("Gemma 3 fused ONNX against the training-time model:", out)
+    assert out["tokens"] >= 500 and out["top1_agreement"] >= 0.999 and out["kl_per_token"] <= 1e-6, out
+    text = run_cli("generate", tmp_path / "onnx", "--prompt", "The capital of France is", "--no-chat-template",
+                   "--max-new-tokens", 8, "--quiet")  # fmt: skip
+    assert len(text.split()) >= 2, text  # 8 new tokens of text
