@@ -87,9 +87,12 @@ class InitJob:
 
 def resolve_model(model: str) -> str:
     """A local model folder; ``"smollm2"`` / ``"gemma3-270m"`` name the embedded SmolLM2-135M-Instruct / Gemma 3
-    270M (built once from their PyPI packages, :data:`qwha_export.models.EMBEDDED`)."""
-    from .models import EMBEDDED, check_embedded_available, embedded_path
+    270M (built once from their PyPI packages, :data:`qwha_export.models.EMBEDDED`); a ``.gguf`` file is
+    de-quantized once into a cached folder (:func:`qwha_export.models.gguf_model_path`)."""
+    from .models import EMBEDDED, check_embedded_available, embedded_path, gguf_model_path
 
+    if model.endswith(".gguf") and Path(model).is_file():  # a GGUF file: de-quantized once into a cached folder
+        return str(gguf_model_path(model))
     if model in EMBEDDED:
         check_embedded_available(model)  # a missing package: one line naming its install command, before any work
         return str(embedded_path(model))

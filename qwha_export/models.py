@@ -45,6 +45,8 @@ __all__ = [
     "load_causal_lm",
     "read_model_config",
     "smollm2_gguf_file",
+    "gguf_architecture",
+    "gguf_model_path",
     "smollm2_path",
 ]
 
@@ -202,6 +204,48 @@ def check_embedded_available(name: str = "smollm2", cache_dir: str | Path | None
         raise MissingPackageError(f"building {spec.title} from its GGUF needs the package 'gguf'; run: {spec.install}")
 
 
+_GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}  # GGUF architecture -> the model_type transformers gives it
+
+
+def gguf_architecture(path: Path) -> str:
+    """``general.architecture`` of a GGUF file (read with the ``gguf`` package; ValueError for another file)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise MissingPackageError("reading a GGUF file needs the PyPI package 'gguf'; run: pip install gguf") from None
+    try:
+        field = GGUFReader(str(path), "r").fields["general.architecture"]
+        return bytes(field.parts[field.data[0]]).decode()
+    except (ValueError, KeyError, OSError, IndexError) as exc:
+        raise ValueError(f"{path} is not a readable GGUF file ({exc}); pass a GGUF model or a model folder") from None
+
+
+def gguf_model_path(path: str | Path, cache_root: str | Path | None = None) -> Path:
+    """A plain float32 Hugging Face folder built once from the GGUF file ``path`` (as the embedded models are),
+    under the cache root in ``gguf-<stem>-<hash>``. Before any work: a one-line ValueError when transformers cannot
+    load the file's architecture, or the architecture registry does not support it."""
+    import hashlib
+
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    from .converters.architectures import architecture_for
+
+    path = Path(path).expanduser().absolute()
+    arch = gguf_architecture(path)
+    readable = sorted(k for k in GGUF_CONFIG_MAPPING if k not in ("general", "tokenizer"))
+    if arch not in readable:
+        raise ValueError(
+            f"{path.name}: GGUF architecture {arch!r} cannot be loaded by transformers (it reads {', '.join(readable)})"
+            "; convert the model to a Hugging Face folder and pass that"
+        )
+    architecture_for({"model_type": _GGUF_MODEL_TYPES.get(arch, arch)})  # the registry's one-line refusal
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256(fh.read(1 << 20) + str(path.stat().st_size).encode()).hexdigest()[:12]
+    spec = EmbeddedModel(path.stem, path.name, f"gguf-{path.stem}-{digest}", "", lambda _scratch: path)
+    root = Path(cache_root).expanduser() if cache_root is not None else default_cache_dir(spec.folder).parent
+    return _cached_build(spec, root / spec.folder)
+
+
 def embedded_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Return a plain Hugging Face folder (float32 safetensors) of the embedded model ``name``, building it once.
 
@@ -213,6 +257,11 @@ def embedded_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """
     spec = _embedded(name)
     dest = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir(spec.folder)
+    return _cached_build(spec, dest)
+
+
+def _cached_build(spec: EmbeddedModel, dest: Path) -> Path:
+    """``dest`` built once from ``spec``'s GGUF under an exclusive lock (see :func:`embedded_path`)."""
     dest = dest.absolute()
     if _is_complete_model_dir(dest):
         return dest

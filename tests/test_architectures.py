@@ -253,3 +253,44 @@ def test_gemma3_270m_real_init_fuse_verify(tmp_path):
     text = run_cli("generate", tmp_path / "onnx", "--prompt", "The capital of France is", "--no-chat-template",
                    "--max-new-tokens", 8, "--quiet")  # fmt: skip
     assert len(text.split()) >= 2, text  # 8 new tokens of text
+
+
+def _tiny_gguf(path: Path, arch: str) -> Path:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_input_refused_before_any_work_in_one_line(tmp_path, monkeypatch):
+    """`init FILE.gguf`: an architecture transformers cannot read, one it reads but the registry does not support,
+    and a file that is no GGUF are each one `Error:` line (exit 2), with nothing built or written."""
+    monkeypatch.setenv("QWHA_CACHE", str(tmp_path / "cache"))
+    cases = {
+        "rwkv7": (_tiny_gguf(tmp_path / "m.gguf", "rwkv7"), "architecture 'rwkv7' cannot be loaded by transformers"),
+        "gpt2": (_tiny_gguf(tmp_path / "g.gguf", "gpt2"), "model_type 'gpt2' is not supported; supported: llama"),
+        "junk": (tmp_path / "junk.gguf", "is not a readable GGUF file"),
+    }
+    cases["junk"][0].write_bytes(b"not a gguf at all" * 10)
+    for name, (path, needle) in cases.items():
+        line = _one_error_line(_cli("init", path, "--out", tmp_path / f"out-{name}"), needle)
+        assert "llama" in line or name == "junk", line
+        assert not (tmp_path / f"out-{name}").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_gguf_file_becomes_a_cached_model_folder(tmp_path):
+    """A GGUF transformers reads (SmolLM2's Q4_1 file) is de-quantized once into a float32 folder, then reused."""
+    from qwha_export.models import gguf_model_path, smollm2_gguf_file
+
+    folder = gguf_model_path(smollm2_gguf_file(), cache_root=tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg, cfg
+    assert folder.parent == tmp_path and folder.name.startswith("gguf-SmolLM2-135M-Instruct.Q4_1-")
+    assert gguf_model_path(smollm2_gguf_file(), cache_root=tmp_path) == folder  # built once
+    assert describe(cfg).architecture is architecture_for("llama")
