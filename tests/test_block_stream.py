@@ -323,11 +323,6 @@ INIT_MEASURE = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="issue 13, open: streamed init still grows ~44 MiB per 67 MB block (measured 1465 -> 1732 MiB, 1.18x, "
-    "from 2 to 8 blocks on 2026-12-03; the whole-model init grew +400 MB); the goal below is kept",
-    strict=False,
-)
 def test_streamed_init_peak_rss_flat_in_depth(tmp_path):
     """`init` on random Llamas with 67 MB float32 blocks: 8 blocks peak within 15% of 2 blocks (the whole-model
     init held every block: +400 MB)."""
