@@ -41,16 +41,26 @@ def write_safetensors_stream(path: Path, specs: list[tuple[str, torch.dtype, tup
             del t
 
 
-def llama_shapes(layers: int) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
-    """Tensor names and shapes of a Llama-3-8B-shaped checkpoint with ``layers`` blocks, in checkpoint order."""
-    h, i, v = LLAMA3_8B["hidden"], LLAMA3_8B["intermediate"], LLAMA3_8B["vocab"]
-    kv = h // LLAMA3_8B["heads"] * LLAMA3_8B["kv_heads"]
-    proj = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+def llama_shapes(layers: int, dims: dict = LLAMA3_8B) -> list[tuple[str, tuple[int, int] | tuple[int]]]:
+    """Tensor names and shapes of a Llama checkpoint of ``dims`` (Llama-3-8B by default) with ``layers`` blocks, in
+    checkpoint order."""
+    h, i, v = dims["hidden"], dims["intermediate"], dims["vocab"]
+    kv = h // dims["heads"] * dims["kv_heads"]
+    proj = {
+        "self_attn.q_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, h),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
     out: list = [("model.embed_tokens.weight", (v, h))]
     for b in range(layers):
-        out += [(f"model.layers.{b}.input_layernorm.weight", (h,)),
-                (f"model.layers.{b}.post_attention_layernorm.weight", (h,))]
+        out += [
+            (f"model.layers.{b}.input_layernorm.weight", (h,)),
+            (f"model.layers.{b}.post_attention_layernorm.weight", (h,)),
+        ]
         out += [(f"model.layers.{b}.{k}.weight", s) for k, s in proj.items()]
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
@@ -87,21 +97,33 @@ def random_quantized(d_out: int, d_in: int, gen: torch.Generator, device: str = 
     )
 
 
-def write_synthetic_8b(root: Path, layers: int, rank: int, seed: int = 0) -> Path:
-    """Base HF folder ``root/base`` and adapter directory ``root/adapter`` (see the module docstring)."""
+def write_synthetic_base(
+    base: Path, layers: int, dims: dict = LLAMA3_8B, tokenizer_from: Path | None = None, seed: int = 0
+) -> None:
+    """A bf16 random Llama HF folder of ``dims`` at ``layers`` blocks in ``base`` (created), in <= 2 GB shards
+    written tensor by tensor; ``tokenizer_from``: a folder whose tokenizer files are copied in."""
+    import shutil
+
     from transformers import LlamaConfig
 
-    from qwha_export.pipeline import base_fingerprint
-
-    base, adir = root / "base", root / "adapter"
     base.mkdir(parents=True)
-    adir.mkdir()
-    c = LLAMA3_8B
-    LlamaConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], intermediate_size=c["intermediate"],
-                num_hidden_layers=layers, num_attention_heads=c["heads"], num_key_value_heads=c["kv_heads"],
-                max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False,
-                dtype="bfloat16").save_pretrained(str(base))
-    shapes = llama_shapes(layers)
+    LlamaConfig(
+        vocab_size=dims["vocab"],
+        hidden_size=dims["hidden"],
+        intermediate_size=dims["intermediate"],
+        num_hidden_layers=layers,
+        num_attention_heads=dims["heads"],
+        num_key_value_heads=dims["kv_heads"],
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).save_pretrained(str(base))
+    if tokenizer_from is not None:
+        for f in Path(tokenizer_from).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")):
+                shutil.copy(f, base / f.name)
+    shapes = llama_shapes(layers, dims)
     gen = torch.Generator().manual_seed(seed)
 
     def weights(items):
@@ -125,11 +147,28 @@ def write_synthetic_8b(root: Path, layers: int, rank: int, seed: int = 0) -> Pat
         weight_map.update({k: fname for k, _ in items})
     total = sum(math.prod(s) * 2 for _, s in shapes)
     (base / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+    )
+
+
+def write_synthetic_8b(
+    root: Path, layers: int, rank: int, seed: int = 0, dims: dict = LLAMA3_8B, tokenizer_from: Path | None = None
+) -> Path:
+    """Base HF folder ``root/base`` and adapter directory ``root/adapter`` (see the module docstring)."""
+    from qwha_export.pipeline import base_fingerprint
+
+    base, adir = root / "base", root / "adapter"
+    write_synthetic_base(base, layers, dims, tokenizer_from, seed)
+    adir.mkdir()
+    shapes = llama_shapes(layers, dims)
+    gen = torch.Generator().manual_seed(seed + 1)
 
     linears = [(k[: -len(".weight")], s) for k, s in shapes if k.rsplit(".", 2)[-2] in PROJ]
-    qspecs = [(k, v.dtype, tuple(v.shape)) for name, (d_out, d_in) in linears
-              for k, v in random_quantized(d_out, d_in, gen, "meta").to_dict(prefix=f"{name}.").items()]
+    qspecs = [
+        (k, v.dtype, tuple(v.shape))
+        for name, (d_out, d_in) in linears
+        for k, v in random_quantized(d_out, d_in, gen, "meta").to_dict(prefix=f"{name}.").items()
+    ]
 
     def qtensors():
         for name, (d_out, d_in) in linears:
@@ -140,8 +179,11 @@ def write_synthetic_8b(root: Path, layers: int, rank: int, seed: int = 0) -> Pat
     aspecs = []
     for name, (d_out, d_in) in linears:
         p, key = spectrum_size(d_out, d_in, rank), f"base_model.model.{name}"
-        aspecs += [(f"{key}.qwha_indices", torch.int64, (2, p)), (f"{key}.qwha_shape", torch.int64, (2,)),
-                   (f"{key}.qwha_spectrum", torch.float32, (p,))]
+        aspecs += [
+            (f"{key}.qwha_indices", torch.int64, (2, p)),
+            (f"{key}.qwha_shape", torch.int64, (2,)),
+            (f"{key}.qwha_spectrum", torch.float32, (p,)),
+        ]
 
     def atensors():
         for name, (d_out, d_in) in linears:
@@ -152,12 +194,32 @@ def write_synthetic_8b(root: Path, layers: int, rank: int, seed: int = 0) -> Pat
             yield f"{key}.qwha_spectrum", values
 
     write_safetensors_stream(adir / "adapter_model.safetensors", aspecs, atensors())
-    (adir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "QWHA", "rank": rank, "scale": 1.0, "init": "random", "scale_pattern": {},
-        "target_modules": list(PROJ), "base_model_name_or_path": str(base), "inference_mode": True}, indent=2))
-    (adir / "qwha_base.json").write_text(json.dumps({
-        "base_model": str(base), "base_hash": base_fingerprint(base),
-        "quantized_layers": [n for n, _ in linears], "quant": "4-bit g64 random codes (benchmark)"}, indent=2))
+    (adir / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "QWHA",
+                "rank": rank,
+                "scale": 1.0,
+                "init": "random",
+                "scale_pattern": {},
+                "target_modules": list(PROJ),
+                "base_model_name_or_path": str(base),
+                "inference_mode": True,
+            },
+            indent=2,
+        )
+    )
+    (adir / "qwha_base.json").write_text(
+        json.dumps(
+            {
+                "base_model": str(base),
+                "base_hash": base_fingerprint(base),
+                "quantized_layers": [n for n, _ in linears],
+                "quant": "4-bit g64 random codes (benchmark)",
+            },
+            indent=2,
+        )
+    )
     return adir
 
 
