@@ -405,6 +405,40 @@ def measure_step(s: Settings, out: Path, rounds: int) -> None:
     print(f"  QWHA / LoRA = {med['qwha'] / med['qlora']:.2f}x")
 
 
+def analysis(s: Settings, out: Path, rows: list[str], bits_list: list[int], parts) -> None:
+    """Why the rows rank as they do, from the cache: per (row, bits) the held-out layer error after init, the answer
+    loss on the validation slice before training (the init alone) and after it (each learning rate), and the mean
+    training loss of the first and last 5 steps. Computes only the untrained losses (cached in ``analysis.json``)."""
+    path = out / "analysis.json"
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    val = [it for _, va, _ in parts.values() for it in va]
+    lines = ["| method | bits | init held-out error | val loss untrained | val loss trained (lr) | train loss first 5 "
+             "-> last 5 steps |", "|---|---|---|---|---|---|"]
+    for bits in bits_list:
+        for row in rows:
+            b = FP_BITS if row in FP_ROWS else bits
+            if row in FP_ROWS and bits != bits_list[0]:
+                continue
+            key = f"{row}-{b}"
+            if key not in done:
+                log(f"{row} {b}-bit: validation answer loss before training")
+                model, tok = build(row, b, s, out)
+                done[key] = {"val_loss_untrained": answer_loss(model, tok, val, s)}
+                write_json(path, done)
+            trained, curves = [], []
+            for run in sorted((out / "runs" / key).glob("lr*.json")):
+                rec = json.loads(run.read_text())
+                lr = run.stem[2:]
+                trained.append(f"{rec['val_loss']:.3f} ({lr})")
+                ls = rec["losses"]
+                curves.append(f"{statistics.mean(ls[:5]):.2f} -> {statistics.mean(ls[-5:]):.2f} ({lr})")
+            err = init_error(row, b, out)
+            lines.append(f"| {LABELS[row]} | {b} | {'' if err is None else f'{err:.4f}'} | "
+                         f"{done[key]['val_loss_untrained']:.3f} | {'; '.join(trained)} | {'; '.join(curves)} |")
+    (out / "analysis.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -412,6 +446,7 @@ def main() -> None:
     ap.add_argument("--bits", nargs="+", type=int, default=[4, 2], choices=[2, 3, 4, 8])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--measure-step", type=int, default=0, metavar="ROUNDS", help="only time the train step")
+    ap.add_argument("--analysis", action="store_true", help="only the init / loss analysis of the cached rows")
     for f in ("rank", "steps", "batch", "n_test", "n_val", "seed", "max_len"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(Settings, f))
     ap.add_argument("--lrs", type=float, nargs="+", default=list(Settings.lrs))
@@ -426,6 +461,9 @@ def main() -> None:
     t0 = time.time()
     parts = task_data(s, args.out)
     log(f"settings {asdict(s)}; rows {args.rows}; bits {args.bits}; threads {args.threads}")
+    if args.analysis:
+        analysis(s, args.out, args.rows, args.bits, parts)
+        return
     for bits in args.bits:
         for row in args.rows:
             if row in FP_ROWS and bits != args.bits[0]:

@@ -104,13 +104,18 @@ def logits_for(model: Any, chunks: torch.Tensor, batch_size: int = 4) -> torch.T
     return torch.cat([logits.float().cpu() for _, logits in _batches(model, chunks, batch_size)], dim=0)
 
 
+BLOCK_BYTES = 16 << 20  # float64 bytes of one row block of logits (a handful of such copies are live at once)
+
+
 class LogitComparison:
     """:func:`compare_logits` accumulated chunk by chunk: ``update(ref, test, input_ids)`` per batch of logits
-    (float64 sums over row blocks), ``result()`` the totals. With ``input_ids`` (the batch's token ids) both
+    (float64 sums over row blocks of ``block_rows`` tokens; by default as many as fit :data:`BLOCK_BYTES`, so the
+    memory does not grow with the vocabulary: 512 rows of a 128,256-token vocabulary were 0.5 GB a copy),
+    ``result()`` the totals. With ``input_ids`` (the batch's token ids) both
     perplexities are accumulated as :func:`perplexity` computes them (float32 log-softmax, float64 sums) and
     ``result()`` adds ``ppl_reference`` and ``ppl_test``."""
 
-    def __init__(self, block_rows: int = 512) -> None:
+    def __init__(self, block_rows: int | None = None) -> None:
         self.block_rows = block_rows
         self.n = self.vocab = self.agree = self.nll_count = 0
         self.max_abs = self.sum_abs = self.sum_kl = 0.0
@@ -125,9 +130,10 @@ class LogitComparison:
             raise ValueError("compare_logits needs non-empty logits")
         self.vocab = vocab = logits_ref.shape[-1]
         ref, test = logits_ref.reshape(-1, vocab), logits_test.reshape(-1, vocab)
-        for s in range(0, ref.shape[0], self.block_rows):
-            r = ref[s : s + self.block_rows].double()
-            t = test[s : s + self.block_rows].to(device=r.device).double()
+        rows = self.block_rows or max(1, BLOCK_BYTES // (8 * vocab))
+        for s in range(0, ref.shape[0], rows):
+            r = ref[s : s + rows].double()
+            t = test[s : s + rows].to(device=r.device).double()
             diff = (r - t).abs()
             self.max_abs = max(self.max_abs, diff.max().item())
             self.sum_abs += diff.sum().item()
@@ -170,7 +176,9 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float
     return float(nll.double().sum().cpu()), int(target.numel())
 
 
-def compare_logits(logits_ref: torch.Tensor, logits_test: torch.Tensor, block_rows: int = 512) -> dict[str, float]:
+def compare_logits(
+    logits_ref: torch.Tensor, logits_test: torch.Tensor, block_rows: int | None = None
+) -> dict[str, float]:
     """Compare two sets of logits for the same tokens (all leading dims are flattened into tokens).
 
     Returns ``tokens`` (int), ``max_abs_logit_diff``, ``mean_abs_logit_diff``, ``kl_per_token`` (mean over tokens
