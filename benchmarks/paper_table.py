@@ -133,6 +133,24 @@ def collate(batch: list[dict[str, list[int]]], pad: int) -> dict[str, torch.Tens
 # models
 
 
+QWHA_ROWS = ("qwha", "qwha_random")
+
+
+def scale_suffix(s: Settings) -> str:
+    """Cache-key suffix of QWHA's scale ``s`` (none for 1: the results cached before the setting existed)."""
+    return "" if s.qwha_scale == 1 else f"-s{s.qwha_scale:g}"
+
+
+def run_key(row: str, bits: int, s: Settings) -> str:
+    """``<row>-<bits>`` (+ the QWHA scale for QWHA rows): the name of a row's runs and result in the cache."""
+    return f"{row}-{bits}" + (scale_suffix(s) if row in QWHA_ROWS else "")
+
+
+def label(r: dict) -> str:
+    extra = f", s = {r.get('qwha_scale', 1.0):g}" if r["row"] in QWHA_ROWS else ""
+    return LABELS[r["row"]] + extra
+
+
 def qwha_dir(out: Path, bits: int, method: str, s: Settings) -> Path:
     """``qwha-export init`` output for (bits, method), cached in ``out/init``."""
     from qwha_export.converters.quantize import QuantConfig
@@ -140,7 +158,7 @@ def qwha_dir(out: Path, bits: int, method: str, s: Settings) -> Path:
     from qwha_export.initialise import InitJob, init_qwha
     from qwha_export.models import smollm2_path
 
-    d = out / "init" / f"qwha-{method}-{bits}bit"
+    d = out / "init" / f"qwha-{method}-{bits}bit{scale_suffix(s)}"
     if not (d / "adapter_model.safetensors").is_file():
         log(f"init {method} {bits}-bit (rank {s.rank}, g{s.group_size})")
         init_qwha(InitJob(model=str(smollm2_path()), out=str(d), overwrite=True, quiet=True,
@@ -218,15 +236,20 @@ def build(row: str, bits: int, s: Settings, out: Path):
     return model, tok
 
 
-def init_error(row: str, bits: int, out: Path) -> float | None:
-    """RMS over layers of the held-out relative output error after init (before = the quantized base)."""
-    if row in ("qwha", "qwha_random"):
-        path = out / "init" / f"qwha-{'adaalloc' if row == 'qwha' else 'random'}-{bits}bit" / "init_report.json"
+def init_error(row: str, bits: int, out: Path, s: Settings) -> float | None:
+    """RMS over layers of the held-out relative output error after init (before = the quantized base, the same at
+    every QWHA scale)."""
+    if row in QWHA_ROWS:
+        method = "adaalloc" if row == "qwha" else "random"
+        path = out / "init" / f"qwha-{method}-{bits}bit{scale_suffix(s)}" / "init_report.json"
         key = "rel_err_after_heldout"
     elif row == "cloq":
         path, key = out / "init" / f"cloq-{bits}bit.json", "rel_err_after_heldout"
     elif row in ("qlora", "quant"):
-        path, key = out / "init" / f"qwha-adaalloc-{bits}bit" / "init_report.json", "rel_err_before_heldout"
+        found = sorted((out / "init").glob(f"qwha-adaalloc-{bits}bit*/init_report.json"))
+        if not found:
+            return None
+        path, key = found[0], "rel_err_before_heldout"
     else:
         return None
     if not path.is_file():
@@ -285,7 +308,8 @@ def train(model, examples, lr: float, s: Settings, pad: int) -> dict:
 def run_row(row: str, bits: int, s: Settings, out: Path, parts) -> dict:
     from safetensors.torch import load_file, save_file
 
-    res_path = out / "results" / f"{row}-{bits}.json"
+    key = run_key(row, bits, s)
+    res_path = out / "results" / f"{key}.json"
     if res_path.is_file():
         return json.loads(res_path.read_text())
     t0 = time.time()
@@ -294,7 +318,7 @@ def run_row(row: str, bits: int, s: Settings, out: Path, parts) -> dict:
     runs = {}
     if row in ADAPTER_ROWS:
         for lr in s.lrs:
-            rpath = out / "runs" / f"{row}-{bits}" / f"lr{lr:g}.json"
+            rpath = out / "runs" / key / f"lr{lr:g}.json"
             if not rpath.is_file():
                 log(f"{row} {bits}-bit: train lr {lr:g}")
                 model, tok = build(row, bits, s, out)
@@ -309,7 +333,7 @@ def run_row(row: str, bits: int, s: Settings, out: Path, parts) -> dict:
             runs[f"{lr:g}"] = json.loads(rpath.read_text())
         best = min(runs, key=lambda k: runs[k]["val_loss"])
         model, tok = build(row, bits, s, out)
-        state = load_file(str(out / "runs" / f"{row}-{bits}" / f"lr{best}.safetensors"))
+        state = load_file(str(out / "runs" / key / f"lr{best}.safetensors"))
         missing = set(state) - {n for n, _ in model.named_parameters()}
         if missing:
             raise SystemExit(f"cached weights do not fit the {row} model: {sorted(missing)[:2]}")
@@ -321,8 +345,10 @@ def run_row(row: str, bits: int, s: Settings, out: Path, parts) -> dict:
     rep = evaluate_model(model, tok, test, batch_tokens=s.batch_tokens, quiet=True)
     result = {"row": row, "bits": bits, "lr": best, "runs": runs, "tasks": rep["tasks"], "average": rep["average"],
               "average_stderr": rep["average_stderr"], "predictions": rep["predictions"],
-              "init_rel_err_heldout": init_error(row, bits, out), "seconds": time.time() - t0,
+              "init_rel_err_heldout": init_error(row, bits, out, s), "seconds": time.time() - t0,
               "threads": torch.get_num_threads()}
+    if row in QWHA_ROWS:
+        result["qwha_scale"] = s.qwha_scale
     write_json(res_path, result)
     log(f"{row} {bits}-bit: average {100 * result['average']:.2f} ± {100 * result['average_stderr']:.2f} "
         f"({result['seconds']:.0f} s)")
@@ -342,13 +368,13 @@ def table(results: list[dict]) -> str:
     head = "| method | bits | " + " | ".join(tasks) + " | average | lr | init err | train loss first→last |"
     lines = [head, "|" + "---|" * (len(tasks) + 6)]
     order = {r: i for i, r in enumerate(ROWS)}
-    for r in sorted(results, key=lambda r: (-r["bits"], order[r["row"]])):
+    for r in sorted(results, key=lambda r: (-r["bits"], order[r["row"]], r.get("qwha_scale", 1.0))):
         cells = [f"{100 * r['tasks'][t]['score']:.1f}" if t in r["tasks"] else "" for t in tasks]
         run = r["runs"].get(r["lr"]) if r["lr"] else None
         loss = f"{run['losses'][0]:.3f}→{statistics.mean(run['losses'][-5:]):.3f}" if run else ""
         err = f"{r['init_rel_err_heldout']:.4f}" if r.get("init_rel_err_heldout") is not None else ""
         bits = "16 (fp)" if r["bits"] == FP_BITS else str(r["bits"])
-        lines.append(f"| {LABELS[r['row']]} | {bits} | " + " | ".join(cells) +
+        lines.append(f"| {label(r)} | {bits} | " + " | ".join(cells) +
                      f" | **{100 * r['average']:.2f}** ± {100 * r['average_stderr']:.2f} | {r['lr'] or ''} | {err} |"
                      f" {loss} |")
     if results:
@@ -366,11 +392,10 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for row in ROWS:
-        pts = sorted((r["bits"], 100 * r["average"], 100 * r["average_stderr"]) for r in results if r["row"] == row)
-        if pts:
-            xs, ys, es = zip(*pts, strict=True)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=LABELS[row])
+    for name in dict.fromkeys(label(r) for r in sorted(results, key=lambda r: ROWS.index(r["row"]))):
+        pts = sorted((r["bits"], 100 * r["average"], 100 * r["average_stderr"]) for r in results if label(r) == name)
+        xs, ys, es = zip(*pts, strict=True)
+        ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
     ax.set_xlabel("weight bits (16 = full precision)")
     ax.set_ylabel("average accuracy over 8 tasks (%)")
     ax.set_title("SmolLM2-135M, commonsense QA, equal trainable parameters")
@@ -419,7 +444,7 @@ def analysis(s: Settings, out: Path, rows: list[str], bits_list: list[int], part
             b = FP_BITS if row in FP_ROWS else bits
             if row in FP_ROWS and bits != bits_list[0]:
                 continue
-            key = f"{row}-{b}"
+            key = run_key(row, b, s)
             if key not in done:
                 log(f"{row} {b}-bit: validation answer loss before training")
                 model, tok = build(row, b, s, out)
@@ -432,8 +457,9 @@ def analysis(s: Settings, out: Path, rows: list[str], bits_list: list[int], part
                 trained.append(f"{rec['val_loss']:.3f} ({lr})")
                 ls = rec["losses"]
                 curves.append(f"{statistics.mean(ls[:5]):.2f} -> {statistics.mean(ls[-5:]):.2f} ({lr})")
-            err = init_error(row, b, out)
-            lines.append(f"| {LABELS[row]} | {b} | {'' if err is None else f'{err:.4f}'} | "
+            err = init_error(row, b, out, s)
+            name = label({"row": row, "qwha_scale": s.qwha_scale})
+            lines.append(f"| {name} | {b} | {'' if err is None else f'{err:.4f}'} | "
                          f"{done[key]['val_loss_untrained']:.3f} | {'; '.join(trained)} | {'; '.join(curves)} |")
     (out / "analysis.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -450,9 +476,12 @@ def main() -> None:
     for f in ("rank", "steps", "batch", "n_test", "n_val", "seed", "max_len"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=getattr(Settings, f))
     ap.add_argument("--lrs", type=float, nargs="+", default=list(Settings.lrs))
+    ap.add_argument("--qwha-scale", type=float, default=Settings.qwha_scale,
+                    help="QWHA's scale s (its coefficient is s / (d_in sqrt(d_out)); see the module docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    s = Settings(rank=args.rank, lora_alpha=2 * args.rank, steps=args.steps, batch=args.batch, n_test=args.n_test,
+    s = Settings(rank=args.rank, lora_alpha=2 * args.rank, qwha_scale=args.qwha_scale, steps=args.steps,
+                 batch=args.batch, n_test=args.n_test,
                  n_val=args.n_val, seed=args.seed, max_len=args.max_len, lrs=tuple(args.lrs))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.measure_step:
