@@ -20,6 +20,13 @@ cosine schedule, once per learning rate of ``--lrs``; the rate with the lowest a
 (``--n-val`` questions per task, carved from the training part) is kept, then the test part (first ``--n-test``
 questions of each task's test part) is scored the way lm-eval scores it (qwha_export.mc_eval).
 
+QWHA's scale ``--qwha-scale`` (its parameterisation constant, as ``lora_alpha`` is LoRA's): the adapter computes
+``s / (d_in sqrt(d_out)) * wht(x) @ F.T``, so at ``s = 1`` the initialised spectrum values are O(10-100) and an Adam
+step of size ``lr`` moves ``Delta W`` some 800x less than the same step moves LoRA's (zero-B) product on SmolLM2's
+widths: on the shared grid QWHA did not train (validation answer loss 3.557 -> 3.546 at lr 2e-3, LoRA 3.807 ->
+3.352). A power-of-two ``s`` divides the stored values exactly (``Delta W`` and the init errors are unchanged) and
+multiplies the effect of each step by ``s``; ``--analysis`` prints the losses behind the choice.
+
 Caching and resume: everything lands in ``--out``: ``split.json`` (question ids of each part), ``init/`` (adapter
 directories and LoRA-from-error factors per bit width), ``runs/<row>-<bits>/lr<lr>.json`` (+ trained weights),
 ``results/<row>-<bits>.json``. A rerun skips whatever is there, so ``--rows``/``--bits`` run the table in parts and
