@@ -20,7 +20,8 @@ cosine schedule, once per learning rate of ``--lrs``; the rate with the lowest a
 (``--n-val`` questions per task, carved from the training part) is kept, then the test part (first ``--n-test``
 questions of each task's test part) is scored the way lm-eval scores it (qwha_export.mc_eval).
 
-QWHA's scale ``--qwha-scale`` (its parameterisation constant, as ``lora_alpha`` is LoRA's): the adapter computes
+QWHA's scale ``--qwha-scale`` (its parameterisation constant, as ``lora_alpha`` is LoRA's; default 256, the tool's
+default ``qwha_export.kernels.DEFAULT_SCALE``): the adapter computes
 ``s / (d_in sqrt(d_out)) * wht(x) @ F.T``, so at ``s = 1`` the initialised spectrum values are O(10-100) and an Adam
 step of size ``lr`` moves ``Delta W`` some 800x less than the same step moves LoRA's (zero-B) product on SmolLM2's
 widths: on the shared grid QWHA did not train (validation answer loss 3.557 -> 3.546 at lr 2e-3, LoRA 3.807 ->
@@ -50,6 +51,7 @@ from pathlib import Path
 
 import torch
 
+from qwha_export.kernels import DEFAULT_SCALE
 from qwha_export.mc_eval import encode_example, evaluate_model
 from qwha_export.tasks import Task, load_task, split_items, training_pair
 
@@ -69,7 +71,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class Settings:
     rank: int = 16
     lora_alpha: int = 32
-    qwha_scale: float = 1.0
+    qwha_scale: float = DEFAULT_SCALE
     group_size: int = 64
     steps: int = 60
     batch: int = 8

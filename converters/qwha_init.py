@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..kernels import dense_delta, hadamard_transform
+from ..kernels import DEFAULT_SCALE, dense_delta, hadamard_transform
 
 __all__ = [
     "InitConfig",
@@ -62,7 +62,7 @@ class InitConfig:
     temperature: float = 1.0
     damp_ratio: float = 1e-4
     ridge: float = 1e-8
-    scale: float = 1.0
+    scale: float = DEFAULT_SCALE
     seed: int = 0
     max_solve_bytes: int = 128 * 2**20
     block_bytes: int = 64 * 2**20

@@ -68,7 +68,8 @@ def refit_adapter(
     missing = sorted(layer for layer in spectra if layer not in grams)
     if missing:
         raise ValueError(f"refit needs calibration activations for every adapted layer; missing for {missing[0]}")
-    init_cfg = InitConfig(rank=rank, scale=1.0)
+    # keep the source's s (a missing key is the old default, 1), so that training after a refit steps as before
+    init_cfg = InitConfig(rank=rank, scale=float(cfg.get("scale", 1.0)))
     new_base: dict[str, torch.Tensor] = {}
     new_adapter: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
@@ -97,7 +98,7 @@ def refit_adapter(
         layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
     save_file(new_base, str(out_dir / BASE_FILE))
     save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
-    cfg.update({"rank": rank, "scale": 1.0, "scale_pattern": {}, "init": "adaalloc"})
+    cfg.update({"rank": rank, "scale": init_cfg.scale, "scale_pattern": {}, "init": "adaalloc"})
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     meta = dict(meta)
     meta["quantization"] = {**meta.get("quantization", {}), "bits": bits, "method": quantizer, "refit": True}

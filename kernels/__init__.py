@@ -12,11 +12,12 @@ from .reference import (
     spectral_linear_reference,
     wht_reference,
 )
-from .spectral import SpectralLayout, dense_delta, spectral_adapter
+from .spectral import DEFAULT_SCALE, SpectralLayout, dense_delta, spectral_adapter
 from .spectral_linear import choose_form, spectral_linear
 from .transform import hadamard_transform, iwht, wht, wht_torch
 
 __all__ = [
+    "DEFAULT_SCALE",
     "PUBLISHED_ORDERS",
     "SUPPORTED_ORDERS",
     "hadamard_k",

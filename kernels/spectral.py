@@ -20,6 +20,7 @@ from .reference import spectral_dense
 from .transform import hadamard_transform, wht_torch
 
 __all__ = [
+    "DEFAULT_SCALE",
     "SpectralLayout",
     "adapter_coefficient",
     "dense_delta",
@@ -27,6 +28,15 @@ __all__ = [
     "spectral_adapter_torch",
     "validate_spectrum",
 ]
+
+
+DEFAULT_SCALE = 256.0
+"""Default ``s`` of new adapters (init, the peft tuner). At ``s = 1`` the initialised spectrum values are O(10-100)
+on SmolLM2's widths, so an Adam step at the usual LoRA learning rates (1e-4..1e-3) moves ``Delta W`` some 800x less
+than the same step moves a LoRA product and training does next to nothing (validation answer loss 3.557 -> 3.546
+at lr 2e-3, LoRA 3.807 -> 3.352; benchmarks/paper_table.py). ``s = 256`` divides the values by a power of two, so
+``Delta W`` and every init error are unchanged bit for bit, and puts QWHA on LoRA's learning-rate grid. The step's
+effect still shrinks as ``1 / (d_in sqrt(d_out))`` on wider models: tune ``s`` or the learning rate there."""
 
 
 def adapter_coefficient(scale: float, d_in: int, d_out: int) -> float:

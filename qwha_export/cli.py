@@ -63,7 +63,9 @@ def main() -> None:
     type=click.Choice(["adaalloc", "random", "zeros"]),
     help="adaalloc (QWHA), random support + refinement, or zeros (plain WHA).",
 )
-@click.option("--scale", default=1.0, show_default=True, type=float, help="Adapter scale s.")
+@click.option(
+    "--scale", default=None, type=float, help="Adapter scale s (default 256: on LoRA's learning-rate grid; README)."
+)
 @click.option("--calib", type=click.Path(), default=None, help="Calibration text or JSONL (default: Lee corpus).")
 @click.option("--calib-tokens", default=4096, show_default=True, type=int)
 @click.option("--heldout-tokens", default=2048, show_default=True, type=int)
@@ -109,7 +111,7 @@ def init_cmd(
         model=model,
         out=out,
         quant=QuantConfig(bits=bits, group_size=group_size, method=quantizer),
-        init=InitConfig(rank=rank, method=init_method, scale=scale),
+        init=InitConfig(rank=rank, method=init_method, **({} if scale is None else {"scale": scale})),
         calib=calib,
         calib_tokens=calib_tokens,
         heldout_tokens=heldout_tokens,

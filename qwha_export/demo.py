@@ -43,7 +43,9 @@ class DemoConfig:
     train_steps: int = 8
     train_batch_size: int = 2
     train_max_len: int = 256
-    lr: float = 2e-3
+    # 8 steps at the training default 2e-3 take the MMLU-CoT loss from 3.19 to ~2.0 and teach the answer format
+    # ("The answer is 3." to the demo's question); 2e-4 adapts gently and keeps the answer right
+    lr: float = 2e-4
     eval_tokens: int = 2048
     eval_seq_len: int = 256
     prompt: str = DEFAULT_PROMPT

@@ -175,3 +175,19 @@ def test_init_layer_memory_is_one_transformed_gram_plus_blocks():
     extra = (_vm_kib("VmHWM") - start) * 1024
     g_hat = 8 * d_in * d_in
     assert extra < 1.6 * g_hat, f"peak above the inputs {extra / 2**20:.0f} MiB, bound {1.6 * g_hat / 2**20:.0f} MiB"
+
+
+def test_default_scale_is_an_exact_rescale_of_s1():
+    """The default s (256, so that QWHA trains on LoRA's learning rates) divides the s = 1 values by a power of two:
+    the same support, the same ``Delta W`` and the same init errors bit for bit."""
+    from qwha_export.kernels import DEFAULT_SCALE
+
+    assert DEFAULT_SCALE == 256.0 and InitConfig().scale == DEFAULT_SCALE
+    w, gram, held = _problem()
+    w_deq = quantize_rtn(w, 3, 64).dequantize()
+    one = init_layer(w, w_deq, gram, InitConfig(rank=4, scale=1.0), eval_gram=held)
+    default = init_layer(w, w_deq, gram, InitConfig(rank=4), eval_gram=held)
+    assert torch.equal(one.rows, default.rows) and torch.equal(one.cols, default.cols)
+    assert torch.equal(one.values, default.values * DEFAULT_SCALE), (one.values - default.values * 256).abs().max()
+    assert one.report == default.report
+    assert one.values.abs().mean() > 100 * default.values.abs().mean()  # what the optimizer's step is measured against

@@ -10,6 +10,8 @@ from typing import Any
 from peft import PeftConfig
 from peft.utils import PeftType
 
+from ..kernels import DEFAULT_SCALE
+
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
@@ -96,7 +98,7 @@ class QWHAConfig(PeftConfig):
         metadata={"help": "Module names (exact or suffix) or a regex of the linear layers to adapt."},
     )
     rank: int = field(default=64, metadata={"help": "r: budget p = r * (d_in + d_out) entries per layer."})
-    scale: float = field(default=1.0, metadata={"help": "s: coefficient s / (d_in * sqrt(d_out))."})
+    scale: float = field(default=DEFAULT_SCALE, metadata={"help": "s: coefficient s / (d_in * sqrt(d_out))."})
     scale_pattern: dict = field(default_factory=dict, metadata={"help": "Per-layer s overrides {layer_name: s}."})
     init: str = field(default="zeros", metadata={"help": f"Initialisation, one of {INIT_METHODS}."})
     seed: int = field(default=0, metadata={"help": "Seed of the random spectrum support."})
