@@ -33,6 +33,7 @@ __all__ = [
     "LazySpectra",
     "Spectrum",
     "open_adapter_source",
+    "read_adapter_scales",
     "read_adapter_spectra",
     "source_record",
 ]
@@ -55,7 +56,9 @@ def _layer_of(key: str) -> tuple[str, str] | None:
     return None
 
 
-def _read_adapter_config(adapter_dir: Path) -> tuple[float, dict[str, float]]:
+def read_adapter_scales(adapter_dir: Path) -> tuple[float, dict[str, float]]:
+    """The adapter's ``(s, scale_pattern)`` from its ``adapter_config.json``, checked (a missing ``scale`` is 1, the
+    default adapters were written with before ``kernels.DEFAULT_SCALE``)."""
     path = adapter_dir / ADAPTER_CONFIG
     cfg = read_json_object(path, missing=f"{adapter_dir}: no {ADAPTER_CONFIG}; not a peft adapter directory")
     if cfg.get("peft_type") not in (None, "QWHA"):
@@ -98,7 +101,7 @@ def read_adapter_spectra(adapter_dir: str | Path) -> dict[str, Spectrum]:
     finite values, indices inside the recorded ``(d_out, d_in)``.
     """
     d = Path(adapter_dir)
-    scale, pattern = _read_adapter_config(d)
+    scale, pattern = read_adapter_scales(d)
     path, keys = _adapter_keys(d)
     with safe_open(str(path), framework="pt") as f:
         parts = {layer: {s: f.get_tensor(k) for s, k in ks.items()} for layer, ks in keys.items()}
@@ -148,7 +151,7 @@ class LazySpectra(Mapping[str, Spectrum]):
 
     def __init__(self, adapter_dir: str | Path) -> None:
         d = Path(adapter_dir)
-        self._scale, self._pattern = _read_adapter_config(d)
+        self._scale, self._pattern = read_adapter_scales(d)
         self._path, self._keys = _adapter_keys(d)
         for layer in sorted(self._keys):
             self._load(layer, check_values=True)

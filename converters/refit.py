@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from ..formats.adapter_dir import BASE_FILE, BASE_META
 from ..formats.shards import natural_key
-from .adapter_source import read_quantized_layer
+from .adapter_source import read_adapter_scales, read_quantized_layer
 from .merge import merged_weight, open_adapter_source, requantize
 from .quantize import QuantizedWeight
 from .qwha_init import InitConfig, init_layer
@@ -68,8 +68,8 @@ def refit_adapter(
     missing = sorted(layer for layer in spectra if layer not in grams)
     if missing:
         raise ValueError(f"refit needs calibration activations for every adapted layer; missing for {missing[0]}")
-    # keep the source's s (a missing key is the old default, 1), so that training after a refit steps as before
-    init_cfg = InitConfig(rank=rank, scale=float(cfg.get("scale", 1.0)))
+    # keep the source's s, so that training after a refit steps as before
+    init_cfg = InitConfig(rank=rank, scale=read_adapter_scales(adapter_dir)[0])
     new_base: dict[str, torch.Tensor] = {}
     new_adapter: dict[str, torch.Tensor] = {}
     layers: list[dict[str, Any]] = []
