@@ -6,7 +6,9 @@ from the library prints the first line of its message and exits with code 2, no 
 command's flags (``overwrite=True`` -> ``--overwrite``, ``bits=5`` -> ``--bits 5``, ``max_len must`` ->
 ``--max-len must``), so one library serves Python callers and command-line users each in their own words.
 :func:`exit_cleanly_on_sigterm` makes SIGTERM unwind a command as Ctrl-C does, so an interrupted command leaves no
-output folder and no temporary files.
+output folder and no temporary files. Both signals are remembered: when one lands inside C code that turns the
+exception it raised into an error of its own (torch reading a sequence gives "could not determine the shape of
+object type ..."), the command still ends as interrupted (exit 1 for Ctrl-C, 143 for SIGTERM), not as bad input.
 """
 
 from __future__ import annotations
@@ -112,13 +114,27 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ValueError, KeyError, OSError, SafetensorError) as exc:
+            if _interrupted:  # the signal's own exception was swallowed and replaced on its way through C code
+                _end_interrupted(_interrupted[-1])
             click.echo(f"Error: {cli_words(_error_line(exc))}", err=True)
             sys.exit(2)
 
     return wrapper
 
 
-def _raise_exit(signum: int, _frame: object) -> None:
+_interrupted: list[int] = []  # the signals received, in order
+
+
+def _end_interrupted(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise click.Abort()  # click prints "Aborted!" and exits 1, as for a KeyboardInterrupt
+    sys.exit(128 + signum)
+
+
+def _on_signal(signum: int, _frame: object) -> None:
+    _interrupted.append(signum)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise SystemExit(128 + signum)
 
 
@@ -126,7 +142,11 @@ def exit_cleanly_on_sigterm() -> None:
     """SIGTERM raises ``SystemExit(143)`` in the main thread, as SIGINT raises ``KeyboardInterrupt``: the running
     command unwinds through its ``with`` blocks, so the temporary output folder (``atomic_output_dir``) and the
     activation spill folder are removed. Python's default action for SIGTERM would end the process with both left
-    behind. A no-op outside the main thread (signal handlers can only be set there)."""
+    behind. Both are recorded, so :func:`friendly_errors` ends an interrupted command as interrupted even when C code
+    replaced the signal's exception by an error of its own. A no-op outside the main thread (signal handlers can
+    only be set there)."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_exit)
+        _interrupted.clear()
+        signal.signal(signal.SIGTERM, _on_signal)
+        signal.signal(signal.SIGINT, _on_signal)
 

@@ -86,3 +86,34 @@ def test_bad_spill_setting_is_one_line(flow, tmp_path):
     assert run.returncode == 2 and run.stderr.strip().splitlines() == [
         "Error: QWHA_SPILL_BYTES='lots' must be a number of bytes >= 0 (0 spills every activation)"
     ], run.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 1), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_whose_exception_c_code_replaced_still_ends_as_interrupted(sig, code):
+    """A signal landing inside C code that swallows the handler's exception and raises its own (torch turning a
+    sequence into a tensor says "could not determine the shape of object type ...") must end the command as
+    interrupted, not as bad input with exit 2: seen once in CI on SIGTERM mid-merge."""
+    import click
+    from click.testing import CliRunner
+
+    from qwha_export.cli_errors import exit_cleanly_on_sigterm, friendly_errors
+
+    @click.command()
+    @friendly_errors
+    def cmd() -> None:
+        try:
+            os.kill(os.getpid(), sig)
+            time.sleep(5)
+        except BaseException:  # what the C code does with the handler's KeyboardInterrupt / SystemExit
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+        raise AssertionError("the signal was not delivered")
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        exit_cleanly_on_sigterm()
+        result = CliRunner().invoke(cmd, [])
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    assert result.exit_code == code, (result.exit_code, result.output)
+    assert "could not determine" not in result.output, result.output
