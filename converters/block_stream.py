@@ -277,6 +277,10 @@ class BlockStream:
     def close(self) -> None:
         self._tmp.cleanup()
 
+    @property
+    def n_blocks(self) -> int:
+        return len(decoder_layers(self.model))
+
     def _prefix(self, module: nn.Module) -> str:
         return f"{self._names[id(module)]}."
 

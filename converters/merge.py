@@ -215,6 +215,7 @@ def stream_merge(
     grams: Mapping[str, torch.Tensor] | None = None,
     check_hash: bool = True,
     on_written: Callable[[Path], Mapping[str, Any]] | None = None,
+    on_layer: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Merge the adapter of ``adapter_dir`` into its base, streaming tensor by tensor, and write ``out_dir``.
 
@@ -228,6 +229,7 @@ def stream_merge(
     ``report["adapter_gain"]`` holds the total ``kept_fraction`` and, for a same-bit merge that kept less than
     half, a one-line ``advice``. ``on_written(folder)`` is called on the complete temporary folder before it is
     renamed into place; the entries it returns are added to the report and the manifest (the parity check).
+    ``on_layer(done, total)`` is called after each layer is written (a progress bar).
     Returns the report (also in ``qwha_export.json``).
     """
     t0 = time.time()
@@ -296,6 +298,8 @@ def stream_merge(
                     base_bits.add(base_qw.bits)
                 layers.append(rec)
                 del tensor, base_qw, tensors, qw_out
+                if on_layer is not None:
+                    on_layer(len(layers), len(by_weight))
             index = shards.close()
 
         qconfig = None

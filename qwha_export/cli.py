@@ -307,8 +307,9 @@ def merge_cmd(
 @VERIFY_TOKENS
 @MAX_SHARD_SIZE
 @OVERWRITE
+@QUIET
 @friendly_errors
-def fuse_cmd(adapter_dir, out, base_format, verify_tokens, max_shard_bytes, overwrite):
+def fuse_cmd(adapter_dir, out, base_format, verify_tokens, max_shard_bytes, overwrite, quiet):
     """Keep the adapter: write the untouched quantized base plus the spectrum (qwha_adapter.safetensors)."""
     from .pipeline import fuse_qwha
 
@@ -319,6 +320,7 @@ def fuse_cmd(adapter_dir, out, base_format, verify_tokens, max_shard_bytes, over
         overwrite=overwrite,
         verify_tokens=verify_tokens,
         max_shard_bytes=max_shard_bytes,
+        quiet=quiet,
     )
     _echo_parity(report.get("parity"))
     click.echo(f"wrote {out}")
@@ -403,8 +405,9 @@ def build_ops_cmd(headers, force, quiet):
 @click.option("--tokens", default=2048, show_default=True, type=int)
 @click.option("--seq-len", default=256, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@QUIET
 @friendly_errors
-def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
+def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json, quiet):
     """Compare an exported model with its reference on the same tokens: the training-time QWHA model of an adapter
     directory, or another export folder (for example the merged folder an ONNX export was made from)."""
     from pathlib import Path
@@ -416,7 +419,7 @@ def verify_cmd(export_dir, adapter_dir, text, tokens, seq_len, as_json):
         if not Path(text).is_file():
             raise ValueError(f"text file {text} does not exist")
         body = Path(text).read_text(encoding="utf-8", errors="replace")
-    result = verify_export(export_dir, adapter_dir, text=body, tokens=tokens, seq_len=seq_len)
+    result = verify_export(export_dir, adapter_dir, text=body, tokens=tokens, seq_len=seq_len, quiet=quiet)
     if as_json:
         click.echo(json.dumps(result))
     else:

@@ -83,6 +83,7 @@ def write_fused(
     on_written: Callable[[Path], Mapping[str, Any]] | None = None,
     source: Source | None = None,
     settings_extra: Mapping[str, Any] | None = None,
+    on_layer: Callable[[int, int], Any] | None = None,
 ) -> dict[str, Any]:
     """Write the fused checkpoint of ``adapter_dir`` into ``out_dir``; returns the manifest (``qwha_export.json``).
 
@@ -91,7 +92,8 @@ def write_fused(
     ``on_written(folder)`` runs on the complete temporary folder before it is renamed into place; the entries it
     returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`). ``source``
     replaces the manifest's source record (``merge --requant refit`` names the original adapter directory, not its
-    temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``).
+    temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``). ``on_layer(done, total)``
+    is called after each quantized layer is written (a progress bar).
     """
     from . import __version__
     from .formats.adapter_dir import atomic_output_dir, check_output_dir
@@ -126,6 +128,8 @@ def write_fused(
                 settings.add((qw.bits, qw.group_size, qw.shape[1]))
                 qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
                 del tensor, qw
+                if on_layer is not None:
+                    on_layer(len(qrecords), len(by_weight))
             index = shards.close()
 
         for layer, (values, _rows, _cols, scale) in spectra.items():

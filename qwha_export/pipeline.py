@@ -191,7 +191,7 @@ def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quie
     return grams
 
 
-def _parity_hook(adapter_dir: str | Path, tokens: int, seq_len: int):
+def _parity_hook(adapter_dir: str | Path, tokens: int, seq_len: int, quiet: bool = True):
     """The ``on_written`` callback of :func:`stream_merge` / :func:`write_fused` that runs the short parity check
     (:func:`qwha_export.verify.heldout_parity`) on the finished temporary folder; None when ``tokens`` is 0."""
     if tokens <= 0:
@@ -200,9 +200,24 @@ def _parity_hook(adapter_dir: str | Path, tokens: int, seq_len: int):
     def run(folder: Path) -> dict[str, Any]:
         from .verify import heldout_parity
 
-        return {"parity": heldout_parity(folder, adapter_dir, tokens=tokens, seq_len=seq_len)}
+        return {"parity": heldout_parity(folder, adapter_dir, tokens=tokens, seq_len=seq_len, quiet=quiet)}
 
     return run
+
+
+def _layer_bar(desc: str, quiet: bool):
+    """The ``on_layer(done, total)`` callback of :func:`stream_merge` / :func:`write_fused`: a progress bar."""
+    bar = None
+
+    def advance(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="layer", disable=quiet)
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return advance
 
 
 def fuse_qwha(
@@ -213,10 +228,11 @@ def fuse_qwha(
     verify_tokens: int = 512,
     seq_len: int = 256,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """``qwha-export fuse``: :func:`qwha_export.fused.write_fused` plus the short parity check on held-out text
     (``verify_tokens`` tokens, 0 = none) stored under ``parity`` in the manifest before the folder is renamed into
-    place. Returns the manifest."""
+    place; progress bars unless ``quiet``. Returns the manifest."""
     from .fused import write_fused
 
     if isinstance(verify_tokens, bool) or not isinstance(verify_tokens, int) or verify_tokens < 0:
@@ -227,7 +243,8 @@ def fuse_qwha(
         base_format=base_format,
         overwrite=overwrite,
         max_shard_bytes=max_shard_bytes,
-        on_written=_parity_hook(adapter_dir, verify_tokens, seq_len),
+        on_written=_parity_hook(adapter_dir, verify_tokens, seq_len, quiet),
+        on_layer=_layer_bar("fuse", quiet),
     )
 
 
@@ -252,6 +269,7 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
             overwrite=job.overwrite,
             verify_tokens=job.verify_tokens,
             max_shard_bytes=job.max_shard_bytes,
+            quiet=job.quiet,
         )
     open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
     if job.requant == "refit":
@@ -273,7 +291,8 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
             grams=grams,
             max_shard_bytes=job.max_shard_bytes,
             check_hash=False,  # checked above
-            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),
+            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len, job.quiet),
+            on_layer=_layer_bar("merge", job.quiet),
         )
 
 
@@ -308,9 +327,10 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
             base_format=base,
             overwrite=job.overwrite,
             max_shard_bytes=job.max_shard_bytes,
-            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len),  # against the original
+            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len, job.quiet),  # the original's
             source=_original_source(job.adapter_dir),
             settings_extra={"requant": "refit", "bits": job.bits, "group_size": job.group_size},
+            on_layer=_layer_bar("fuse", job.quiet),
         )
     if manifest.get("parity") is not None:
         report["parity"] = manifest["parity"]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .formats import ExportFormat
 from .formats.fused import FUSED_CONFIG_NAME
@@ -252,6 +253,7 @@ def verify_export(
     batch_size: int = 4,
     chunks: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    quiet: bool = True,
     **stream_kw: Any,
 ) -> dict[str, Any]:
     """Logit / perplexity comparison of ``export_dir`` against the training-time model of ``adapter_dir``.
@@ -263,7 +265,7 @@ def verify_export(
     for SmolLM2), using the export's tokenizer, else the base model's (:class:`NoTokenizerError` when neither has
     one). Returns ``tokens``, ``max_abs_logit_diff``,
     ``mean_abs_logit_diff``, ``kl_per_token`` (KL(reference || export)), ``top1_agreement``, ``ppl_export``,
-    ``ppl_reference`` and ``format``.
+    ``ppl_reference`` and ``format``. Unless ``quiet``, a progress bar per block-by-block run.
     """
     for name, v, low in (("seq_len", seq_len, 2), ("tokens", tokens, 2)):
         if isinstance(v, bool) or not isinstance(v, int) or v < low:
@@ -274,7 +276,9 @@ def verify_export(
     reference, ref_tok = reference_stream(adapter_dir, dtype=dtype, **stream_kw)
     try:
         chunks = _evaluation_chunks(export_dir, ref_tok, text, tokens, seq_len, chunks)
-        comparison, qwha_ops = _compare_streams(reference, export_dir, fmt, chunks, batch_size, dtype, stream_kw)
+        comparison, qwha_ops = _compare_streams(
+            reference, export_dir, fmt, chunks, batch_size, dtype, stream_kw, quiet
+        )
     finally:
         reference.close()
     out: dict[str, Any] = comparison.result()
@@ -303,12 +307,24 @@ def _evaluation_chunks(export_dir, ref_tok, text: str | None, tokens: int, seq_l
     return chunks
 
 
-def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_size: int, dtype, stream_kw):
+def _block_bar(stream, desc: str, quiet: bool):
+    """``on_block`` of :meth:`BlockStream.run`: a progress bar over the stream's blocks."""
+    bar = tqdm(total=stream.n_blocks, desc=desc, unit="block", disable=quiet)
+
+    def advance(index: int, *_: Any) -> None:
+        bar.update()
+        if index == bar.total - 1:
+            bar.close()
+
+    return advance
+
+
+def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype, stream_kw, quiet: bool = True):
     """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
     way (ONNX: one onnxruntime call per batch), logits compared batch by batch. Returns the comparison and, for
     ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
     comparison = LogitComparison()
-    ref_hidden = reference.run(chunks, batch_size)
+    ref_hidden = reference.run(chunks, batch_size, on_block=_block_bar(reference, "parity: reference", quiet))
     try:
         if fmt == ExportFormat.ONNX:  # one onnxruntime graph: whole, but compared batch by batch
             from .onnx_runtime import OnnxLogits
@@ -319,7 +335,7 @@ def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_siz
                 comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
             return comparison, export.qwha_ops
         with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
-            exp_hidden = stream.run(chunks, batch_size)
+            exp_hidden = stream.run(chunks, batch_size, on_block=_block_bar(stream, "parity: export", quiet))
             try:
                 pairs = zip(
                     reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size), strict=True
@@ -334,7 +350,7 @@ def _compare_streams(reference, export_dir, fmt: ExportFormat, chunks, batch_siz
 
 
 def heldout_parity(
-    export_dir: str | Path, adapter_dir: str | Path, tokens: int = 512, seq_len: int = 256
+    export_dir: str | Path, adapter_dir: str | Path, tokens: int = 512, seq_len: int = 256, quiet: bool = True
 ) -> dict[str, Any]:
     """The short parity check that ``merge`` and ``fuse`` store in the manifest: :func:`verify_export` on ``tokens``
     held-out tokens (the end of the Lee corpus; ``seq_len`` capped at ``tokens``), plus ``seconds``. Returns
@@ -343,7 +359,7 @@ def heldout_parity(
 
     t0 = time.time()
     try:
-        out = verify_export(export_dir, adapter_dir, tokens=tokens, seq_len=max(2, min(seq_len, tokens)))
+        out = verify_export(export_dir, adapter_dir, tokens=tokens, seq_len=max(2, min(seq_len, tokens)), quiet=quiet)
     except NoTokenizerError:
         return {"skipped": "no tokenizer files in the base model folder to tokenize the held-out text with"}
     out["text"] = "lee-corpus-heldout-end"

@@ -254,3 +254,29 @@ def test_merge_default_format_stores_low_bit_models_packed(flow, tmp_path, bits,
     assert read_manifest(out).format == fmt
     config = json.loads((out / "config.json").read_text())
     assert ("quantization_config" in config) == (bits < 16)
+
+
+@pytest.mark.parametrize(
+    ("command", "bars"),
+    [
+        (["fuse", "{trained}", "--out", "{out}", "--verify-tokens", "64"], ["fuse", "parity: reference", "parity: export"]),
+        (["merge", "{trained}", "--out", "{out}", "--bits", "4", "--calib-tokens", "0", "--verify-tokens", "64"],
+         ["merge", "parity: reference", "parity: export"]),  # fmt: skip
+        (["verify", "{gptq_v2}", "--against", "{trained}", "--tokens", "64", "--seq-len", "32"],
+         ["parity: reference", "parity: export"]),  # fmt: skip
+    ],
+    ids=["fuse", "merge", "verify"],
+)
+def test_long_commands_show_progress_and_quiet_hides_it(flow, tmp_path, command, bars):
+    """fuse, merge and verify show a bar per layer loop and per block-by-block run on stderr; --quiet shows none
+    (stderr empty) and the command does the same work."""
+    stderr = {}
+    for quiet in (False, True):
+        out = tmp_path / f"out-{quiet}"
+        args = [a.format(trained=flow["trained"], gptq_v2=flow["gptq_v2"], out=out) for a in command]
+        r = _invoke(*args, *(["--quiet"] if quiet else []))
+        assert r.exit_code == 0, r.output
+        stderr[quiet] = r.stderr
+    for desc in bars:
+        assert re.search(rf"{re.escape(desc)}: +100%", stderr[False]), (desc, stderr[False][-1000:])
+    assert stderr[True].strip() == "", stderr[True][-1000:]
