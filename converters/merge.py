@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..formats import ExportFormat, get_writer, needs_desc_act
+from ..formats import ExportFormat, checkpoint_quantization_config, get_writer, needs_desc_act
 from ..formats.adapter_dir import atomic_output_dir, check_output_dir
 from ..formats.dense import DenseFormat
 from ..formats.manifest import Manifest, finish_manifest
@@ -51,7 +51,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     read_quantized_layer,
     source_record,
 )
-from .quantize import QuantConfig, QuantizedWeight, config_group_size, has_ragged_group, quantize_gptq, quantize_rtn
+from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
 
 __all__ = [
     "REQUANT_METHODS",
@@ -261,8 +261,7 @@ def stream_merge(
     by_weight = {f"{layer}.weight": layer for layer in quantized | set(spectra)}
     layers: list[dict[str, Any]] = []
     desc_act = False
-    group_sizes: set[tuple[int, int]] = set()  # (real group size, d_in) of the quantized layers written
-    out_bits: set[int] = set()
+    qsettings: set[tuple[int, int, int]] = set()  # (bits, real group size, d_in) of the quantized layers written
     base_bits: set[int] = set()  # bits of the quantized base of the adapted layers
     written: list[str] = []
     qpath = str(adapter_dir / BASE_FILE)
@@ -292,8 +291,7 @@ def stream_merge(
                 written.extend(tensors)
                 if qw_out is not None:
                     desc_act = desc_act or needs_desc_act(qw_out)
-                    group_sizes.add((qw_out.group_size, qw_out.shape[1]))
-                    out_bits.add(qw_out.bits)
+                    qsettings.add((qw_out.bits, qw_out.group_size, qw_out.shape[1]))
                 if base_qw is not None and layer in spectra:
                     base_bits.add(base_qw.bits)
                 layers.append(rec)
@@ -302,20 +300,13 @@ def stream_merge(
                     on_layer(len(layers), len(by_weight))
             index = shards.close()
 
-        qconfig = None
-        if fmt != ExportFormat.DENSE:
-            qgs = config_group_size(group_sizes) if group_sizes else (-1 if group_size is None else group_size)
-            if len(out_bits) > 1 or qgs is None:
-                raise ValueError(
-                    f"layers were quantized with mixed settings (bits {sorted(out_bits)}, group sizes "
-                    f"{sorted({g for g, _ in group_sizes})}); one quantization_config cannot describe them"
-                )
-            qbits = next(iter(out_bits), bits)
-            if fmt == ExportFormat.COMPRESSED_TENSORS:
-                qconfig = writer.quantization_config(qbits, qgs, targets=sorted(by_weight.values()))
-            else:
-                backend = "torch" if has_ragged_group(group_sizes) else None  # GPTQModel's padding kernel
-                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act, backend=backend)
+        qconfig = checkpoint_quantization_config(
+            fmt,
+            qsettings,
+            targets=by_weight.values(),
+            desc_act=desc_act,
+            empty=(bits, -1 if group_size is None else group_size),
+        )
         DenseFormat.write_config(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )

@@ -31,8 +31,7 @@ from .converters.merge import (
     open_adapter_source,
     source_record,
 )
-from .converters.quantize import config_group_size, has_ragged_group
-from .formats import ExportFormat, get_writer, needs_desc_act
+from .formats import ExportFormat, checkpoint_quantization_config, get_writer, needs_desc_act
 from .formats.dense import DenseFormat
 from .formats.fused import (
     FUSED_BASE_FORMATS,
@@ -142,22 +141,7 @@ def write_fused(
                 "coefficient": adapter_coefficient(scale, d_in, d_out),
                 "nnz": int(values.numel()),
             }
-        qconfig = None
-        if fmt != ExportFormat.DENSE and settings:
-            qbits = {b for b, _, _ in settings}
-            qgs = config_group_size((g, d_in) for _, g, d_in in settings)
-            if len(qbits) > 1 or qgs is None:
-                mixed = sorted({(b, g) for b, g, _ in settings})
-                raise ValueError(
-                    f"quantized layers use mixed (bits, group_size) settings {mixed}; one "
-                    "quantization_config cannot describe them"
-                )
-            qbits = qbits.pop()
-            if fmt == ExportFormat.COMPRESSED_TENSORS:
-                qconfig = writer.quantization_config(qbits, qgs, targets=sorted(quantized))
-            else:
-                backend = "torch" if has_ragged_group((g, d_in) for _, g, d_in in settings) else None
-                qconfig = writer.quantization_config(qbits, qgs, desc_act=desc_act, backend=backend)
+        qconfig = checkpoint_quantization_config(fmt, settings, targets=quantized, desc_act=desc_act)
         DenseFormat.write_config(
             tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
         )

@@ -259,7 +259,8 @@ def test_merge_default_format_stores_low_bit_models_packed(flow, tmp_path, bits,
 @pytest.mark.parametrize(
     ("command", "bars"),
     [
-        (["fuse", "{trained}", "--out", "{out}", "--verify-tokens", "64"], ["fuse", "parity: reference", "parity: export"]),
+        (["fuse", "{trained}", "--out", "{out}", "--verify-tokens", "64"],
+         ["fuse", "parity: reference", "parity: export"]),  # fmt: skip
         (["merge", "{trained}", "--out", "{out}", "--bits", "4", "--calib-tokens", "0", "--verify-tokens", "64"],
          ["merge", "parity: reference", "parity: export"]),  # fmt: skip
         (["verify", "{gptq_v2}", "--against", "{trained}", "--tokens", "64", "--seq-len", "32"],

@@ -496,3 +496,27 @@ def test_dense_format_config_and_aux_files(tmp_path):
     assert cfg["quantization_config"] == qc and cfg["hidden_size"] == 64
     with pytest.raises(ValueError, match="does not exist"):
         DenseFormat.copy_aux_files(tmp_path / "nope", out)
+
+
+def test_checkpoint_quantization_config_is_one_call_for_every_format():
+    """merge and fuse describe their quantized layers through formats.checkpoint_quantization_config: one group size
+    for all (a single-group layer fits any larger one), the GPTQ padding backend for a ragged last group, the
+    compressed-tensors targets, None for dense, and a ValueError naming the settings one config cannot hold."""
+    from qwha_export.formats import checkpoint_quantization_config
+
+    layers = {(4, 64, 576), (4, 64, 1536), (4, 64, 64)}
+    cfg = checkpoint_quantization_config("gptq_v2", layers, targets=["a.q_proj"])
+    assert (cfg["bits"], cfg["group_size"], cfg["checkpoint_format"]) == (4, 64, "gptq_v2")
+    assert "backend" not in cfg or cfg["backend"] is None
+    ragged = checkpoint_quantization_config("gptq", {(4, 128, 576)}, targets=["a.q_proj"])
+    assert ragged["group_size"] == 128 and ragged["backend"] == "torch"
+    ct = checkpoint_quantization_config("compressed-tensors", layers, targets=["b.down_proj", "a.q_proj"])
+    assert ct["config_groups"]["group_0"]["targets"] == ["a.q_proj", "b.down_proj"]
+    assert ct["config_groups"]["group_0"]["weights"]["group_size"] == 64
+    assert checkpoint_quantization_config("dense", layers, targets=[]) is None
+    assert checkpoint_quantization_config("gptq_v2", set(), targets=[]) is None
+    assert checkpoint_quantization_config("gptq_v2", set(), targets=[], empty=(8, -1))["bits"] == 8
+    with pytest.raises(ValueError, match=r"mixed \(bits, group_size\) settings \[\(3, 64\), \(4, 64\)\]"):
+        checkpoint_quantization_config("gptq_v2", {(4, 64, 576), (3, 64, 576)}, targets=[])
+    with pytest.raises(ValueError, match="mixed"):
+        checkpoint_quantization_config("gptq_v2", {(4, 64, 576), (4, 128, 576)}, targets=[])
