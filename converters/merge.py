@@ -29,14 +29,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..formats import ExportFormat, checkpoint_quantization_config, get_writer, needs_desc_act
+from ..formats import ExportFormat, get_writer
 from ..formats.adapter_dir import atomic_output_dir, check_output_dir
-from ..formats.dense import DenseFormat
 from ..formats.manifest import Manifest, finish_manifest
-from ..formats.shards import (
-    DEFAULT_MAX_SHARD_BYTES,
-    ShardWriter,
-)
+from ..formats.shards import DEFAULT_MAX_SHARD_BYTES
 from ..kernels.spectral import adapter_coefficient, dense_delta
 from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_source etc. predate the split
     ADAPTER_CONFIG,
@@ -51,6 +47,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     read_quantized_layer,
     source_record,
 )
+from .checkpoint_writer import LayerOutput, write_checkpoint
 from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
 
 __all__ = [
@@ -259,58 +256,35 @@ def stream_merge(
             )
 
     by_weight = {f"{layer}.weight": layer for layer in quantized | set(spectra)}
-    layers: list[dict[str, Any]] = []
-    desc_act = False
-    qsettings: set[tuple[int, int, int]] = set()  # (bits, real group size, d_in) of the quantized layers written
     base_bits: set[int] = set()  # bits of the quantized base of the adapted layers
-    written: list[str] = []
-    qpath = str(adapter_dir / BASE_FILE)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        with safe_open(qpath, framework="pt") as qf:
-            qkeys = set(qf.keys())
-            if fmt == ExportFormat.COMPRESSED_TENSORS and not dense_merge:
-                _check_ct_groups(qf, quantized, group_size)
-        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
-            # other tensors pass through, bit-identical
-            for layer, tensor, base_qw in iter_base_layers(base_dir, qpath, by_weight, quantized, qkeys, shards.add):
-                rec, tensors, qw_out = _merge_layer(
-                    layer,
-                    tensor,
-                    base_qw,
-                    spectra.get(layer),
-                    grams,
-                    dense_merge,
-                    method,
-                    bits,
-                    group_size,
-                    writer,
-                    fmt,
-                    dtype,
-                )
-                shards.add_many(tensors)
-                written.extend(tensors)
-                if qw_out is not None:
-                    desc_act = desc_act or needs_desc_act(qw_out)
-                    qsettings.add((qw_out.bits, qw_out.group_size, qw_out.shape[1]))
-                if base_qw is not None and layer in spectra:
-                    base_bits.add(base_qw.bits)
-                layers.append(rec)
-                del tensor, base_qw, tensors, qw_out
-                if on_layer is not None:
-                    on_layer(len(layers), len(by_weight))
-            index = shards.close()
+    qpath = adapter_dir / BASE_FILE
+    if fmt == ExportFormat.COMPRESSED_TENSORS and not dense_merge:
+        with safe_open(str(qpath), framework="pt") as qf:
+            _check_ct_groups(qf, quantized, group_size)
 
-        qconfig = checkpoint_quantization_config(
-            fmt,
-            qsettings,
-            targets=by_weight.values(),
-            desc_act=desc_act,
+    def merge_layer(layer: str, weight: torch.Tensor, base_qw: QuantizedWeight | None) -> LayerOutput:
+        if base_qw is not None and layer in spectra:
+            base_bits.add(base_qw.bits)
+        rec, tensors, qw_out = _merge_layer(
+            layer, weight, base_qw, spectra.get(layer), grams, dense_merge, method, bits, group_size, writer, fmt, dtype
+        )
+        return LayerOutput(tensors, qw_out, rec)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        written = write_checkpoint(
+            tmp,
+            base_dir,
+            qpath,
+            by_weight,
+            quantized,
+            merge_layer,
+            fmt=fmt,
+            max_shard_bytes=max_shard_bytes,
+            dtype=dtype,
             empty=(bits, -1 if group_size is None else group_size),
+            on_layer=on_layer,
         )
-        DenseFormat.write_config(
-            tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
-        )
-        aux = DenseFormat.copy_aux_files(base_dir, tmp)
+        qconfig, layers = written.quantization_config, written.records
         totals = _totals(layers)
         same_bit = not dense_merge and base_bits == {bits}
         manifest = Manifest(
@@ -325,11 +299,7 @@ def stream_merge(
             },
             source=source_record(adapter_dir, base_dir, meta),
             quantization_config=qconfig,
-            files={
-                "shards": sorted(set(index["weight_map"].values())),
-                "aux": aux,
-                "total_size": index["metadata"]["total_size"],
-            },
+            files=written.files(),
             seconds=time.time() - t0,
             sections={
                 "layers": layers,

@@ -25,13 +25,13 @@ import torch
 from safetensors import safe_open
 
 from .converters.block_stream import CheckpointSource, load_module
+from .converters.checkpoint_writer import LayerOutput, write_checkpoint
 from .converters.merge import (
     BASE_FILE,
-    iter_base_layers,
     open_adapter_source,
     source_record,
 )
-from .formats import ExportFormat, checkpoint_quantization_config, get_writer, needs_desc_act
+from .formats import ExportFormat, get_writer
 from .formats.dense import DenseFormat
 from .formats.fused import (
     FUSED_BASE_FORMATS,
@@ -42,7 +42,7 @@ from .formats.fused import (
     write_fused_config,
 )
 from .formats.manifest import Manifest, Source, finish_manifest
-from .formats.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, checkpoint_files, iter_checkpoint_tensors
+from .formats.shards import DEFAULT_MAX_SHARD_BYTES, checkpoint_files, iter_checkpoint_tensors
 from .layer import QWHALinear, adapter_coefficient
 from .quant_linear import QuantLinear, replace_linear
 
@@ -109,28 +109,25 @@ def write_fused(
     by_weight = {f"{layer}.weight": layer for layer in quantized}
     qrecords: dict[str, dict[str, int]] = {}
     layer_recs: dict[str, dict[str, Any]] = {}
-    desc_act = False
-    settings: set[tuple[int, int, int]] = set()  # (bits, real group size, d_in)
-    qpath = adapter_dir / BASE_FILE
-    with atomic_output_dir(out_dir, overwrite) as tmp:
-        with safe_open(str(qpath), framework="pt") as qf:
-            qkeys = set(qf.keys())
-        with ShardWriter(tmp, max_shard_bytes=max_shard_bytes) as shards:
-            # other tensors pass through, bit-identical
-            layers = iter_base_layers(base_dir, qpath, by_weight, set(by_weight.values()), qkeys, shards.add)
-            for layer, tensor, qw in layers:
-                if fmt == ExportFormat.DENSE:
-                    shards.add_many(writer.write_layer(qw, prefix=layer, dtype=dtype))
-                else:
-                    shards.add_many(writer.write_layer(qw, prefix=layer))
-                desc_act = desc_act or needs_desc_act(qw)
-                settings.add((qw.bits, qw.group_size, qw.shape[1]))
-                qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
-                del tensor, qw
-                if on_layer is not None:
-                    on_layer(len(qrecords), len(by_weight))
-            index = shards.close()
 
+    def keep_base(layer: str, _weight: torch.Tensor, qw) -> LayerOutput:  # the quantized base, untouched
+        qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
+        options = {"dtype": dtype} if fmt == ExportFormat.DENSE else {}
+        return LayerOutput(writer.write_layer(qw, prefix=layer, **options), qw)
+
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        written = write_checkpoint(
+            tmp,
+            base_dir,
+            adapter_dir / BASE_FILE,
+            by_weight,
+            by_weight.values(),
+            keep_base,
+            fmt=fmt,
+            max_shard_bytes=max_shard_bytes,
+            dtype=dtype,
+            on_layer=on_layer,
+        )
         for layer, (values, _rows, _cols, scale) in spectra.items():
             shape = _layer_shape(base_dir, layer)
             d_out, d_in = shape
@@ -141,11 +138,6 @@ def write_fused(
                 "coefficient": adapter_coefficient(scale, d_in, d_out),
                 "nnz": int(values.numel()),
             }
-        qconfig = checkpoint_quantization_config(fmt, settings, targets=quantized, desc_act=desc_act)
-        DenseFormat.write_config(
-            tmp, base_dir, quantization_config=qconfig, dtype=dtype if fmt == ExportFormat.DENSE else None
-        )
-        aux = DenseFormat.copy_aux_files(base_dir, tmp)
         write_fused_adapter(tmp, {k: (v, r, c) for k, (v, r, c, _s) in spectra.items()})
         cfg = make_fused_config(fmt.value, layer_recs, qrecords)
         write_fused_config(tmp, cfg)
@@ -158,12 +150,8 @@ def write_fused(
             },
             source=source if source is not None else source_record(adapter_dir, base_dir, meta),
             tool_version=__version__,
-            quantization_config=qconfig,
-            files={
-                "shards": sorted(set(index["weight_map"].values())),
-                "aux": aux,
-                "total_size": index["metadata"]["total_size"],
-            },
+            quantization_config=written.quantization_config,
+            files=written.files(),
             seconds=time.time() - t0,
             sections={"fused": cfg},
         )

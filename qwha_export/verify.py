@@ -22,6 +22,7 @@ from ``config.json``'s ``quantization_config`` (none = dense).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -307,9 +308,10 @@ def _evaluation_chunks(export_dir, ref_tok, text: str | None, tokens: int, seq_l
     return chunks
 
 
-def _block_bar(stream, desc: str, quiet: bool):
-    """``on_block`` of :meth:`BlockStream.run`: a progress bar over the stream's blocks."""
-    bar = tqdm(total=stream.n_blocks, desc=desc, unit="block", disable=quiet)
+def _block_bar(bars: contextlib.ExitStack, stream, desc: str, quiet: bool):
+    """``on_block`` of :meth:`BlockStream.run`: a progress bar over the stream's blocks, closed by ``bars`` (so an
+    error ends the bar's line before its own message)."""
+    bar = bars.enter_context(tqdm(total=stream.n_blocks, desc=desc, unit="block", disable=quiet))
 
     def advance(index: int, *_: Any) -> None:
         bar.update()
@@ -324,7 +326,8 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
     way (ONNX: one onnxruntime call per batch), logits compared batch by batch. Returns the comparison and, for
     ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
     comparison = LogitComparison()
-    ref_hidden = reference.run(chunks, batch_size, on_block=_block_bar(reference, "parity: reference", quiet))
+    with contextlib.ExitStack() as bars:
+        ref_hidden = reference.run(chunks, batch_size, on_block=_block_bar(bars, reference, "parity: reference", quiet))
     try:
         if fmt == ExportFormat.ONNX:  # one onnxruntime graph: whole, but compared batch by batch
             from .onnx_runtime import OnnxLogits
@@ -335,7 +338,8 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
                 comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
             return comparison, export.qwha_ops
         with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
-            exp_hidden = stream.run(chunks, batch_size, on_block=_block_bar(stream, "parity: export", quiet))
+            with contextlib.ExitStack() as bars:
+                exp_hidden = stream.run(chunks, batch_size, on_block=_block_bar(bars, stream, "parity: export", quiet))
             try:
                 pairs = zip(
                     reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size), strict=True

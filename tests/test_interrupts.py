@@ -57,20 +57,25 @@ def _no_big_files() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
 
-def test_spill_file_the_file_system_refuses_is_one_line(flow, tmp_path):
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet", "bars"])
+def test_spill_file_the_file_system_refuses_is_one_line(flow, tmp_path, quiet):
+    """One error line; with progress bars on, the bar that was running ends its line first (the error is not glued
+    to it) and nothing else is printed."""
     tmp = tmp_path / "tmp"
     run = subprocess.run(
         [sys.executable, "-m", "qwha_export.cli", "verify", str(flow["gptq"]), "--against", str(flow["trained"]),
-         "--tokens", "256", "--seq-len", "64"],  # fmt: skip
+         "--tokens", "256", "--seq-len", "64", *(["--quiet"] if quiet else [])],  # fmt: skip
         env=_env(tmp),
         capture_output=True,
         text=True,
         preexec_fn=_no_big_files,
     )
-    lines = [line for line in run.stderr.splitlines() if line.strip()]
+    lines = [line for line in run.stderr.replace("\r", "\n").splitlines() if line.strip()]
     assert run.returncode == 2, run.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("Error: cannot write the activation spill file"), lines
-    assert "TMPDIR" in lines[0] and "Traceback" not in run.stderr
+    bars, errors = lines[:-1], lines[-1:]
+    assert all(line.startswith("parity: reference:") for line in bars) and (quiet == (bars == [])), lines
+    assert errors[0].startswith("Error: cannot write the activation spill file"), lines
+    assert "TMPDIR" in errors[0] and "Traceback" not in run.stderr
     assert [p.name for p in tmp.glob("qwha-stream-*")] == []
 
 

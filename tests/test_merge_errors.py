@@ -215,7 +215,7 @@ def test_existing_output_folder_refused_and_untouched(work, tmp_path, cmd):
 @pytest.mark.parametrize("kind", ["oserror", "safetensors"])
 def test_disk_full_mid_write_leaves_nothing(work, tmp_path, monkeypatch, kind):
     """The second shard hits a full disk (half the file written): one line, exit 2, no output folder, no temp."""
-    real_save, real_writer = S.save_file, M.ShardWriter
+    real_save = S.save_file
     calls = []
 
     def full_disk(tensors, path, metadata=None):
@@ -229,9 +229,9 @@ def test_disk_full_mid_write_leaves_nothing(work, tmp_path, monkeypatch, kind):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(S, "save_file", full_disk)
-    monkeypatch.setattr(M, "ShardWriter", lambda out, max_shard_bytes: real_writer(out, max_shard_bytes=60_000))
     out = tmp_path / "out"
-    line = _error(_cli("merge", work[0], "--bits", "16", "--out", out, *FAST), "No space left on device")
+    args = ("merge", work[0], "--bits", "16", "--max-shard-size", "60KB", "--out", out, *FAST)
+    line = _error(_cli(*args), "No space left on device")
     assert "free some disk space or choose another --out" in line and f".{out.name}.tmp-" in line, line
     assert len(calls) == 2
     _no_output(out)
