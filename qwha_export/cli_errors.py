@@ -118,6 +118,10 @@ def friendly_errors(fn):
                 _end_interrupted(_interrupted[-1])
             click.echo(f"Error: {cli_words(_error_line(exc))}", err=True)
             sys.exit(2)
+        except Exception:
+            if _interrupted:  # replaced by some other error (torch raises RuntimeError from C++ too)
+                _end_interrupted(_interrupted[-1])
+            raise
 
     return wrapper
 
