@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from qwha_export.converters import checkpoint_writer as CW
 from qwha_export.converters import merge as M
 from qwha_export.converters.quantize import QuantizedWeight
 
@@ -79,14 +80,14 @@ def test_stream_merge_keeps_one_layer_of_the_adapter_dir_resident(tmp_path, monk
     adir, sizes = _adapter_dir(tmp_path, n_layers=16, d=2048, per_row=64)
     qfile, afile = adir / "quantized_base.safetensors", adir / "adapter_model.safetensors"
     seen: list[tuple[int, int]] = []
-    real = M.ShardWriter
+    real = CW.ShardWriter  # the engine's shard writer: add_many runs once per layer
 
     class Probe(real):
         def add_many(self, tensors):  # once per merged layer, while that layer's inputs are still alive
             seen.append((_resident_kib(qfile), _resident_kib(afile)))
             return super().add_many(tensors)
 
-    monkeypatch.setattr(M, "ShardWriter", Probe)
+    monkeypatch.setattr(CW, "ShardWriter", Probe)
     report = M.stream_merge(adir, tmp_path / "out", bits=16, group_size=None, requant="rtn", fmt="dense")
     assert report["total"]["n_adapted"] == len(sizes) == len(seen) == 16
 
