@@ -64,8 +64,9 @@ from pathlib import Path
 
 import torch
 
-from qwha_export.converters.merge import merged_weight, read_adapter_spectra, requantize, stream_merge
+from qwha_export.converters.merge import merged_weight, read_adapter_spectra, stream_merge
 from qwha_export.converters.quantize import QuantizedWeight
+from qwha_export.converters.quantizers import requantize
 from qwha_export.formats import ExportFormat, get_writer
 from qwha_export.formats.dense import DenseFormat
 from qwha_export.formats.shards import DEFAULT_MAX_SHARD_BYTES, checkpoint_files, validate_safetensors_file

@@ -194,7 +194,7 @@ def build_all(
         out = work / "builder_int4"
 
         def run_builder() -> None:
-            cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
+            cmd = [sys.executable, "-P", "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out)]
             r = subprocess.run([*cmd, "-p", "int4", "-e", "cpu"], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"the onnxruntime-genai builder failed:\n{r.stderr[-3000:]}")

@@ -5,7 +5,8 @@ the model is never instantiated. For each tensor:
 
 * ``<layer>.weight`` of an adapted layer: ``W = dequant(base) + coefficient * F @ M`` in float64
   (:func:`merged_weight`), then either cast once to ``dtype`` (``fmt="dense"``, ``bits=16``) or re-quantized
-  (:func:`requantize`: ``"rtn"``, ``"gptq"`` with a Gram matrix, or ``"grid"`` = the base layer's own grid) and
+  (:func:`~qwha_export.converters.quantizers.requantize`: any registered quantizer; ``"gptq"`` with a Gram
+  matrix, ``"grid"`` = the base layer's own grid, ``"auto"`` = the grid where the layer keeps it, else RTN) and
   written with the format's layer writer (:data:`qwha_export.formats.WRITERS`) under the layer prefix;
 * ``<layer>.weight`` of a quantized layer without adapter (e.g. skipped ``d_in``): written from its quantized base
   (dequantized for dense; as is when the target grid equals the base grid, else re-quantized);
@@ -48,20 +49,18 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     source_record,
 )
 from .checkpoint_writer import LayerOutput, write_checkpoint
-from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
+from .quant_methods import Quantizer
+from .quantize import QuantConfig, QuantizedWeight
+from .quantizers import requantize, resolve_quantizer
 
 __all__ = [
-    "REQUANT_METHODS",
     "read_adapter_spectra",
     "merged_weight",
-    "grid_requantize",
-    "requantize",
     "relative_output_error",
     "relative_output_errors",
     "stream_merge",
 ]
 
-REQUANT_METHODS: tuple[str, ...] = ("rtn", "gptq", "grid")
 _DENSE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -81,72 +80,6 @@ def merged_weight(
     coeff = adapter_coefficient(scale, d_in, d_out)
     delta = dense_delta(values, rows.long(), cols.long(), d_out, d_in, coeff)
     return base + delta.to(device=base.device, dtype=torch.float64)
-
-
-def grid_requantize(w_merged: torch.Tensor, qw: QuantizedWeight) -> QuantizedWeight:
-    """Re-quantize onto ``qw``'s own grid: scales, zeros, ``g_idx`` kept; codes = ``clamp(round(w / s) + z, 0,
-    maxq)`` in float64 (round half to even)."""
-    if tuple(w_merged.shape) != qw.shape:
-        raise ValueError(f"merged weight {tuple(w_merged.shape)} does not match quantized base {qw.shape}")
-    w = w_merged.detach().to(torch.float64)
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("merged weight contains non-finite values")
-    g = qw.group_index().to(w.device)
-    s = qw.scales.to(w.device).double().index_select(1, g)
-    z = qw.zeros.to(w.device).double().index_select(1, g)
-    codes = (torch.round(w / s) + z).clamp_(0, qw.maxq).to(torch.uint8)
-    return QuantizedWeight(
-        codes=codes.to(qw.codes.device),
-        scales=qw.scales.clone(),
-        zeros=qw.zeros.clone(),
-        bits=qw.bits,
-        group_size=qw.group_size,
-        g_idx=None if qw.g_idx is None else qw.g_idx.clone(),
-    )
-
-
-def _config_group_size(group_size: int | None, base_qw: QuantizedWeight | None, d_in: int) -> int:
-    """The :class:`QuantConfig` group size: explicit, else the base layer's (per-channel -> -1)."""
-    if group_size is not None:
-        return int(group_size)
-    if base_qw is None:
-        raise ValueError("group_size is required for a layer without a quantized base")
-    gs = base_qw.group_size
-    return -1 if gs == d_in and gs not in (32, 64, 128) else gs
-
-
-def requantize(
-    w_merged: torch.Tensor,
-    method: str,
-    bits: int,
-    group_size: int | None,
-    base_qw: QuantizedWeight | None,
-    hessian: torch.Tensor | None = None,
-) -> QuantizedWeight:
-    """Re-quantize a merged float64 weight: ``"rtn"``, ``"gptq"`` (needs ``hessian``) or ``"grid"`` (``base_qw``'s
-    grid; ``bits``/``group_size`` must match it or be None)."""
-    m = str(method).strip().lower()
-    if m not in REQUANT_METHODS:
-        raise ValueError(f"requant method {method!r} is not supported; choose one of {REQUANT_METHODS}")
-    d_in = int(w_merged.shape[1])
-    if m == "grid":
-        if base_qw is None:
-            raise ValueError("grid re-quantization needs the quantized base layer")
-        if bits is not None and bits != base_qw.bits:
-            raise ValueError(f"grid re-quantization keeps the base grid: bits={bits} != base bits={base_qw.bits}")
-        if group_size is not None:
-            gs = d_in if group_size == -1 else group_size
-            if gs != base_qw.group_size:
-                raise ValueError(
-                    f"grid re-quantization keeps the base grid: group_size={group_size} != base {base_qw.group_size}"
-                )
-        return grid_requantize(w_merged, base_qw)
-    gs = _config_group_size(group_size, base_qw, d_in)
-    if m == "rtn":
-        return quantize_rtn(w_merged, bits, gs)
-    if hessian is None:
-        raise ValueError("gptq re-quantization needs a Hessian (Gram matrix of the layer inputs); pass grams")
-    return quantize_gptq(w_merged, hessian, QuantConfig(bits=bits, group_size=gs, method="gptq"))
 
 
 def relative_output_error(w_ref: torch.Tensor, w_test: torch.Tensor, gram: torch.Tensor) -> float:
@@ -239,15 +172,13 @@ def stream_merge(
     dense_merge = bits == 16
     if dense_merge and fmt != ExportFormat.DENSE:
         raise ValueError(f"bits=16 writes merged float weights; use fmt='dense', not {fmt.value!r}")
-    method = str(requant).strip().lower()
+    method = Quantizer.parse(requant, option="requant method")
     if not dense_merge:
-        if method not in REQUANT_METHODS:
-            raise ValueError(f"requant method {requant!r} is not supported; choose one of {REQUANT_METHODS}")
         QuantConfig(bits=bits, group_size=-1 if group_size is None else group_size)  # validates both
     check_output_dir(out_dir, overwrite)
 
     meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash, lazy=True)  # one layer at a time
-    if not dense_merge and method == "gptq":
+    if not dense_merge and method.needs_hessian:
         lacking = sorted(layer for layer in spectra if grams is None or layer not in grams)
         if lacking:
             raise ValueError(
@@ -292,7 +223,7 @@ def stream_merge(
                 "format": fmt.value,
                 "bits": bits,
                 "group_size": group_size,
-                "requant": None if dense_merge else method,
+                "requant": None if dense_merge else method.value,
                 "dtype": str(dtype).removeprefix("torch."),
                 "max_shard_bytes": max_shard_bytes,
                 "grams": grams is not None,
@@ -330,7 +261,7 @@ def _merge_layer(
     spectrum: Spectrum | None,
     grams: Mapping[str, torch.Tensor] | None,
     dense_merge: bool,
-    method: str,
+    method: Quantizer,
     bits: int,
     group_size: int | None,
     writer,
@@ -363,6 +294,7 @@ def _merge_layer(
             _record_errors(rec, w_ref, w_out, base_qw if spectrum is not None else None, gram)
         return rec, {f"{layer}.weight": w_out}, None
 
+    method = resolve_quantizer(method, base_qw, bits, group_size, d_in)  # auto: grid or rtn for this layer
     real_gs = None if group_size is None else (d_in if group_size == -1 else group_size)
     keep_base = (
         spectrum is None

@@ -1,4 +1,7 @@
-"""Weight quantizers: group-wise asymmetric round-to-nearest (RTN) and GPTQ.
+"""Weight quantization algorithms: group-wise asymmetric round-to-nearest (RTN) and GPTQ, and their config.
+
+The registry that dispatches on :class:`~qwha_export.converters.quant_methods.Quantizer` (rtn, gptq, grid, auto) is
+:mod:`~qwha_export.converters.quantizers`.
 
 Every quantizer returns a :class:`~qwha_export.formats.quantized.QuantizedWeight` (its layout and exact
 dequantization formula are documented there).
@@ -23,7 +26,6 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import torch
@@ -38,11 +40,11 @@ from ..formats.quantized import (
     has_ragged_group,
     n_groups_of,
 )
+from .quant_methods import Quantizer
 
 __all__ = [
     "SUPPORTED_BITS",
     "SUPPORTED_GROUP_SIZES",
-    "QuantMethod",
     "QuantConfig",
     "QuantizedWeight",
     "n_groups_of",
@@ -50,19 +52,11 @@ __all__ = [
     "has_ragged_group",
     "quantize_rtn",
     "quantize_gptq",
-    "quantize_weight",
     "quantization_error",
 ]
 
 _FP16_MIN_NORMAL = 2.0**-14  # 6.103515625e-05
 _FP16_MAX = 65504.0
-
-
-class QuantMethod(StrEnum):
-    """Quantization algorithm (a ``str`` subclass: ``QuantMethod.GPTQ == "gptq"``)."""
-
-    RTN = "rtn"
-    GPTQ = "gptq"
 
 
 def _check_group_size(group_size: Any) -> int:
@@ -95,8 +89,10 @@ def _grouped(w: torch.Tensor, gs: int) -> torch.Tensor:
 class QuantConfig:
     """How to quantize a weight.
 
-    ``bits`` in {2, 3, 4, 8}; ``group_size`` in {32, 64, 128} or -1 (per output channel); ``method`` "rtn" or
-    "gptq" (normalised to :class:`QuantMethod`). The remaining fields only matter for GPTQ: ``damp`` is the
+    ``bits`` in {2, 3, 4, 8}; ``group_size`` in {32, 64, 128} or -1 (per output channel); ``method`` one of
+    :class:`~qwha_export.converters.quant_methods.Quantizer` (normalised to it; ``grid``/``auto`` need a quantized
+    base, ``gptq`` a Hessian: :func:`~qwha_export.converters.quantizers.quantize_weight`).
+    The remaining fields only matter for GPTQ: ``damp`` is the
     fraction of ``mean(diag(H))`` added to the Hessian diagonal, ``act_order`` processes columns by descending
     ``diag(H)``, ``static_groups`` computes every group's grid up front from the unquantized weight (in the
     original column order), ``block_size`` is the lazy-batch width.
@@ -104,7 +100,7 @@ class QuantConfig:
 
     bits: int = 4
     group_size: int = 64
-    method: QuantMethod | str = "rtn"
+    method: Quantizer | str = "rtn"
     damp: float = 0.01
     act_order: bool = False
     static_groups: bool = False
@@ -113,16 +109,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         _check_bits(self.bits)
         _check_group_size(self.group_size)
-        method = self.method
-        if isinstance(method, str) and not isinstance(method, QuantMethod):
-            try:
-                method = QuantMethod(method.strip().lower())
-            except ValueError:
-                raise ValueError(
-                    f"method={self.method!r} is not supported; choose one of {[m.value for m in QuantMethod]}"
-                ) from None
-        elif not isinstance(method, QuantMethod):
-            raise ValueError(f"method={self.method!r} is not supported; choose one of {[m.value for m in QuantMethod]}")
+        method = Quantizer.parse(self.method, option="method=")
         object.__setattr__(self, "method", method)
         if isinstance(self.damp, bool) or not isinstance(self.damp, int | float) or not math.isfinite(self.damp):
             raise ValueError(f"damp={self.damp!r} must be a finite number >= 0")
@@ -361,19 +348,8 @@ def quantize_gptq(weight: torch.Tensor, hessian: torch.Tensor, config: QuantConf
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# dispatch / helpers
+# helpers
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def quantize_weight(weight: torch.Tensor, config: QuantConfig, hessian: torch.Tensor | None = None) -> QuantizedWeight:
-    """Quantize ``weight`` with ``config.method``; GPTQ needs ``hessian`` (ValueError otherwise), RTN ignores it."""
-    if not isinstance(config, QuantConfig):
-        raise ValueError(f"config must be a QuantConfig, got {type(config).__name__}")
-    if config.method is QuantMethod.RTN:
-        return quantize_rtn(weight, config.bits, config.group_size)
-    if hessian is None:
-        raise ValueError(f"method={config.method.value!r} needs a hessian (X^T X of the layer inputs); got None")
-    return quantize_gptq(weight, hessian, config)
 
 
 def quantization_error(weight: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:

@@ -24,26 +24,13 @@ from safetensors.torch import save_file
 from ..formats.adapter_dir import BASE_FILE, BASE_META
 from ..formats.shards import natural_key
 from .adapter_source import read_adapter_scales, read_quantized_layer
-from .merge import merged_weight, open_adapter_source, requantize
-from .quantize import QuantizedWeight
+from .merge import merged_weight, open_adapter_source
+from .quant_methods import Quantizer
+from .quantizers import requantize, resolve_quantizer
 from .qwha_init import InitConfig, init_layer
 
 __all__ = ["refit_adapter"]
 
-
-
-def layer_quantizer(quantizer: str, base_qw: QuantizedWeight, bits: int, group_size: int | None) -> str:
-    """Resolve ``quantizer="auto"`` for one layer: ``grid`` (the base's scales and zeros) when the layer keeps its bits
-    and group size (and has no act-order permutation), else ``rtn``.
-
-    Measured on SmolLM2-135M (rank 16, RTN g64 base, 4096 calibration tokens, held-out perplexity): refit keeps 91% of
-    the fused model's gain over the plain base at 3 bits with the grid and 80% with RTN; GPTQ underneath kept only 32%
-    at 4 bits (its error is already minimised on the calibration activations, leaving the new adapter little to fit).
-    """
-    if quantizer != "auto":
-        return quantizer
-    same = base_qw.bits == bits and group_size in (None, base_qw.group_size) and base_qw.g_idx is None
-    return "grid" if same else "rtn"
 
 
 def refit_adapter(
@@ -52,7 +39,7 @@ def refit_adapter(
     *,
     bits: int,
     group_size: int | None,
-    quantizer: str,
+    quantizer: str | Quantizer,
     grams: dict[str, torch.Tensor],
     rank: int | None = None,
 ) -> dict[str, Any]:
@@ -62,6 +49,7 @@ def refit_adapter(
     defaults to the source adapter's.
     """
     adapter_dir = Path(adapter_dir)
+    quantizer = Quantizer.parse(quantizer)
     meta, _, quantized, spectra = open_adapter_source(adapter_dir)
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     rank = int(rank or cfg.get("rank", 64))
@@ -84,7 +72,7 @@ def refit_adapter(
         else:
             target = base_qw.dequantize(torch.float64)
         gram = grams.get(layer)
-        method = layer_quantizer(quantizer, base_qw, bits, group_size)
+        method = resolve_quantizer(quantizer, base_qw, bits, group_size, base_qw.shape[1])
         qw = requantize(target, method, bits, group_size, base_qw, hessian=gram)
         new_base.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()})
         if layer not in spectra:
@@ -95,13 +83,13 @@ def refit_adapter(
         new_adapter[key + "spectrum"] = res.values.float().contiguous()
         new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
         new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
-        layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method, **res.report})
+        layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method.value, **res.report})
     save_file(new_base, str(out_dir / BASE_FILE))
     save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
     cfg.update({"rank": rank, "scale": init_cfg.scale, "scale_pattern": {}, "init": "adaalloc"})
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     meta = dict(meta)
-    meta["quantization"] = {**meta.get("quantization", {}), "bits": bits, "method": quantizer, "refit": True}
+    meta["quantization"] = {**meta.get("quantization", {}), "bits": bits, "method": quantizer.value, "refit": True}
     if group_size is not None:
         meta["quantization"]["group_size"] = group_size
     (out_dir / BASE_META).write_text(json.dumps(meta, indent=2))

@@ -14,6 +14,7 @@ import click
 from . import __version__
 from .cli_errors import cli_words, exit_cleanly_on_sigterm, friendly_errors
 from .cli_options import ACCURACY_LEVEL, MAX_SHARD_SIZE, OVERWRITE, QUIET, VERIFY_TOKENS
+from .converters.quant_methods import BASE_QUANTIZERS, MERGE_REQUANT
 
 
 def _echo_parity(parity) -> None:
@@ -53,7 +54,13 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Adapter directory to write.")
 @click.option("--bits", default=4, show_default=True, type=int, help="Quantization bits: 2, 3, 4 or 8.")
 @click.option("--group-size", default=64, show_default=True, type=int, help="32, 64, 128, or -1 per channel.")
-@click.option("--quantizer", default="rtn", show_default=True, type=click.Choice(["rtn", "gptq"]))
+@click.option(
+    "--quantizer",
+    default="rtn",
+    show_default=True,
+    type=click.Choice(BASE_QUANTIZERS),
+    help="rtn: min/max grid per group; gptq: on the calibration activations.",
+)
 @click.option("--rank", default=64, show_default=True, type=int, help="Budget per layer p = rank*(d_in+d_out).")
 @click.option(
     "--init",
@@ -219,9 +226,10 @@ def import_cmd(src, base_dir, out):
     "--requant",
     default="rtn",
     show_default=True,
-    type=click.Choice(["rtn", "gptq", "grid", "refit"]),
-    help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros; "
-    "refit: re-quantization (the base's grid at its own bits, else RTN) plus a freshly fitted adapter, written as a "
+    type=click.Choice(MERGE_REQUANT),
+    help="rtn: min/max; gptq: on calibration activations; grid: keep the base's scales and zeros; auto: the base's "
+    "grid where a layer keeps its bits and group size, else rtn; "
+    "refit: auto re-quantization plus a freshly fitted adapter, written as a "
     "fused checkpoint.",
 )
 @click.option(

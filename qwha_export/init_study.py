@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .converters.calibration import TARGET_MODULES_DEFAULT, iter_block_grams
-from .converters.quantize import QuantConfig, quantize_weight
+from .converters.quantize import QuantConfig
+from .converters.quantizers import quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
 from .kernels import dense_delta, is_supported_size
 from .metrics import perplexity

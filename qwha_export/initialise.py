@@ -37,7 +37,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .converters.architectures import decoder_layers
 from .converters.calibration import default_targets
-from .converters.quantize import QuantConfig, quantize_weight
+from .converters.quant_methods import BASE_QUANTIZERS
+from .converters.quantize import QuantConfig
+from .converters.quantizers import quantize_weight
 from .converters.qwha_init import InitConfig, init_layer
 from .formats.adapter_dir import (
     ADAPTER_WEIGHTS,
@@ -73,6 +75,11 @@ class InitJob:
     device: str = "cpu"  # where calibration, quantization and init run ("cuda", "cuda:1"); the files are the same
 
     def __post_init__(self) -> None:
+        if self.quant.method.needs_base:
+            raise ValueError(
+                f"--quantizer {self.quant.method.value} re-quantizes onto a quantized base's grid; init quantizes a "
+                f"full-precision model: choose {' or '.join(BASE_QUANTIZERS)}"
+            )
         for name in ("calib_tokens", "heldout_tokens", "seq_len", "batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -205,7 +212,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
             "quantization": {
                 "bits": job.quant.bits,
                 "group_size": job.quant.group_size,
-                "method": str(job.quant.method),
+                "method": job.quant.method.value,
                 "act_order": job.quant.act_order,
                 "static_groups": job.quant.static_groups,
             },

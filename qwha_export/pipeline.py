@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from .converters.quant_methods import MERGE_REQUANT, Quantizer
 from .converters.quantize import QuantConfig, QuantizedWeight
 from .formats.adapter_dir import (  # noqa: F401 - re-exported: pipeline.BASE_FILE etc. predate formats.adapter_dir
     BASE_FILE,
@@ -132,8 +133,8 @@ class MergeJob:
             raise ValueError(
                 f"--bits {self.bits!r} is not supported; choose 2, 3, 4 or 8 (re-quantize) or 16 (dense merged model)"
             )
-        if self.requant not in (*MERGE_REQUANT, "refit"):
-            raise ValueError(f"--requant {self.requant!r} is not supported; choose rtn, gptq, grid or refit")
+        if self.requant not in MERGE_REQUANT:
+            raise ValueError(f"--requant {self.requant!r} is not supported; choose one of {', '.join(MERGE_REQUANT)}")
         fmt = ExportFormat.parse(self.format)
         if fmt.value not in MERGE_FORMATS:
             raise ValueError(
@@ -158,7 +159,6 @@ class MergeJob:
 
 
 MERGE_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
-MERGE_REQUANT: tuple[str, ...] = ("rtn", "gptq", "grid")
 MERGE_FORMATS: tuple[str, ...] = ("dense", "gptq", "gptq_v2", "compressed-tensors", "fused")
 
 
@@ -274,8 +274,8 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
     open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
     if job.requant == "refit":
         return _refit_and_fuse(job)
-    if job.requant == "gptq" and job.bits != 16 and job.calib_tokens <= 0:
-        raise ValueError("--requant gptq needs calibration activations; pass --calib-tokens > 0")
+    if job.requant != "refit" and Quantizer(job.requant).needs_hessian and job.bits != 16 and job.calib_tokens <= 0:
+        raise ValueError(f"--requant {job.requant} needs calibration activations; pass --calib-tokens > 0")
     use_grams = job.calib_tokens > 0 and job.bits != 16
     streamed = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) if use_grams else None
     with streamed if streamed is not None else contextlib.nullcontext() as grams:
@@ -318,7 +318,12 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=".refit-", dir=Path(job.out).resolve().parent) as tmp:
         with calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) as grams:
             report = refit_adapter(
-                job.adapter_dir, Path(tmp), bits=job.bits, group_size=job.group_size, quantizer="auto", grams=grams
+                job.adapter_dir,
+                Path(tmp),
+                bits=job.bits,
+                group_size=job.group_size,
+                quantizer=Quantizer.AUTO,
+                grams=grams,
             )
         base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
         manifest = write_fused(

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+# `python -m pytest` (the README's test command) puts the repository root on sys.path, where our top-level
+# `kernels/` folder (installed as qwha_export.kernels) shadows the Hugging Face `kernels` package that transformers
+# (>= 5.2x) imports: drop the root here, and for the `python -m qwha_export.cli` subprocesses the tests start.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _ROOT]
+os.environ["PYTHONSAFEPATH"] = "1"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qwha_export.converters.quant_methods import Quantizer
 from qwha_export.converters.quantize import (
     QuantConfig,
     QuantizedWeight,
-    QuantMethod,
     quantization_error,
     quantize_gptq,
     quantize_rtn,
-    quantize_weight,
 )
+from qwha_export.converters.quantizers import quantize_weight
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (32, 64, 128, -1)
@@ -59,9 +59,9 @@ def _output_error(w: torch.Tensor, qw: QuantizedWeight, x: torch.Tensor) -> floa
 
 def test_config_defaults_and_method_normalised():
     cfg = QuantConfig()
-    assert (cfg.bits, cfg.group_size, cfg.method) == (4, 64, QuantMethod.RTN)
-    assert QuantConfig(method="GPTQ").method is QuantMethod.GPTQ
-    assert QuantConfig(method=QuantMethod.GPTQ).method is QuantMethod.GPTQ
+    assert (cfg.bits, cfg.group_size, cfg.method) == (4, 64, Quantizer.RTN)
+    assert QuantConfig(method="GPTQ").method is Quantizer.GPTQ
+    assert QuantConfig(method=Quantizer.GPTQ).method is Quantizer.GPTQ
     assert cfg.damp == 0.01 and cfg.act_order is False and cfg.static_groups is False and cfg.block_size == 128
 
 
