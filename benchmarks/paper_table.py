@@ -150,13 +150,20 @@ def scale_suffix(s: Settings) -> str:
     return "" if s.qwha_scale == 1 else f"-s{s.qwha_scale:g}"
 
 
+TABLE_STEPS = 20  # the README table's training length
+
+
 def run_key(row: str, bits: int, s: Settings) -> str:
-    """``<row>-<bits>`` (+ the QWHA scale for QWHA rows): the name of a row's runs and result in the cache."""
-    return f"{row}-{bits}" + (scale_suffix(s) if row in QWHA_ROWS else "")
+    """``<row>-<bits>`` (+ the QWHA scale for QWHA rows, + the step count of adapter rows trained other than
+    :data:`TABLE_STEPS` steps): the name of a row's runs and result in the cache."""
+    steps = f"-{s.steps}steps" if row in ADAPTER_ROWS and s.steps != TABLE_STEPS else ""
+    return f"{row}-{bits}" + (scale_suffix(s) if row in QWHA_ROWS else "") + steps
 
 
 def label(r: dict) -> str:
     extra = f", s = {r.get('qwha_scale', 1.0):g}" if r["row"] in QWHA_ROWS else ""
+    if r["row"] in ADAPTER_ROWS and r.get("steps", TABLE_STEPS) != TABLE_STEPS:
+        extra += f", {r['steps']} steps"
     return LABELS[r["row"]] + extra
 
 
@@ -355,7 +362,7 @@ def run_row(row: str, bits: int, s: Settings, out: Path, parts) -> dict:
     result = {"row": row, "bits": bits, "lr": best, "runs": runs, "tasks": rep["tasks"], "average": rep["average"],
               "average_stderr": rep["average_stderr"], "predictions": rep["predictions"],
               "init_rel_err_heldout": init_error(row, bits, out, s), "seconds": time.time() - t0,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "steps": s.steps}
     if row in QWHA_ROWS:
         result["qwha_scale"] = s.qwha_scale
     write_json(res_path, result)
