@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..formats.adapter_dir import BASE_FILE, BASE_META
-from ..formats.shards import natural_key
+from ..formats.adapter_dir import ADAPTER_WEIGHTS, BASE_FILE, BASE_META
+from ..formats.shards import concat_safetensors, natural_key
 from .adapter_source import read_adapter_scales, read_quantized_layer
 from .merge import merged_weight, open_adapter_source
 from .quant_methods import Quantizer
@@ -45,12 +46,15 @@ def refit_adapter(
 ) -> dict[str, Any]:
     """Write a refitted adapter directory into ``out_dir`` (which must exist and be empty). Returns the report.
 
+    Layers are read, refitted and written one at a time (a part file each, joined into the layout's two files at
+    the end by :func:`~qwha_export.formats.shards.concat_safetensors`), so memory is one layer's, flat in depth.
+
     ``grams`` (``{layer: X^T X}``) are needed for every adapted layer (the refinement fits on them); ``rank``
     defaults to the source adapter's.
     """
     adapter_dir = Path(adapter_dir)
     quantizer = Quantizer.parse(quantizer)
-    meta, _, quantized, spectra = open_adapter_source(adapter_dir)
+    meta, _, quantized, spectra = open_adapter_source(adapter_dir, lazy=True)  # one layer's spectrum at a time
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     rank = int(rank or cfg.get("rank", 64))
     missing = sorted(layer for layer in spectra if layer not in grams)
@@ -58,13 +62,13 @@ def refit_adapter(
         raise ValueError(f"refit needs calibration activations for every adapted layer; missing for {missing[0]}")
     # keep the source's s, so that training after a refit steps as before
     init_cfg = InitConfig(rank=rank, scale=read_adapter_scales(adapter_dir)[0])
-    new_base: dict[str, torch.Tensor] = {}
-    new_adapter: dict[str, torch.Tensor] = {}
+    parts = out_dir / ".parts"  # one file per layer, joined at the end: memory is one layer's, flat in depth
+    parts.mkdir()
     layers: list[dict[str, Any]] = []
     qpath = adapter_dir / BASE_FILE
     with safe_open(str(qpath), framework="pt") as qf:
         qkeys = set(qf.keys())
-    for layer in sorted(quantized | set(spectra), key=natural_key):  # blocks in order (StreamedGrams)
+    for index, layer in enumerate(sorted(quantized | set(spectra), key=natural_key)):  # blocks in order
         base_qw = read_quantized_layer(qpath, layer, qkeys)
         if layer in spectra:
             values, rows, cols, scale = spectra[layer]
@@ -74,18 +78,23 @@ def refit_adapter(
         gram = grams.get(layer)
         method = resolve_quantizer(quantizer, base_qw, bits, group_size, base_qw.shape[1])
         qw = requantize(target, method, bits, group_size, base_qw, hessian=gram)
-        new_base.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()})
+        base_part = {k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{layer}.").items()}
+        save_file(base_part, str(parts / f"quantized-{index:05d}.safetensors"))
         if layer not in spectra:
             continue
         res = init_layer(target, qw.dequantize(), gram, init_cfg)
         d_out, d_in = qw.shape
         key = f"base_model.model.{layer}.qwha_"
-        new_adapter[key + "spectrum"] = res.values.float().contiguous()
-        new_adapter[key + "indices"] = torch.stack([res.rows, res.cols]).long().contiguous()
-        new_adapter[key + "shape"] = torch.tensor([d_out, d_in], dtype=torch.int64)
+        adapter_part = {
+            key + "spectrum": res.values.float().contiguous(),
+            key + "indices": torch.stack([res.rows, res.cols]).long().contiguous(),
+            key + "shape": torch.tensor([d_out, d_in], dtype=torch.int64),
+        }
+        save_file(adapter_part, str(parts / f"adapter-{index:05d}.safetensors"))
         layers.append({"name": layer, "shape": [d_out, d_in], "quantizer": method.value, **res.report})
-    save_file(new_base, str(out_dir / BASE_FILE))
-    save_file(new_adapter, str(out_dir / "adapter_model.safetensors"))
+    concat_safetensors(sorted(parts.glob("quantized-*.safetensors")), out_dir / BASE_FILE)
+    concat_safetensors(sorted(parts.glob("adapter-*.safetensors")), out_dir / ADAPTER_WEIGHTS)
+    shutil.rmtree(parts)
     cfg.update({"rank": rank, "scale": init_cfg.scale, "scale_pattern": {}, "init": "adaalloc"})
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     meta = dict(meta)

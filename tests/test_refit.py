@@ -42,3 +42,32 @@ def test_refit_auto_uses_the_base_grid_at_the_base_bits_else_rtn(tmp_path):
         out.mkdir()
         report = refit_adapter(adir, out, bits=bits, group_size=None, quantizer="auto", grams=grams)
         assert {layer["quantizer"] for layer in report["layers"]} == {expected}
+
+
+def test_refit_writes_one_layer_at_a_time_and_joins_the_layout(tmp_path, monkeypatch):
+    """Memory flat in depth: every file refit writes before the final join holds one layer's tensors (the old refit
+    kept the whole re-quantized base and adapter in memory); the joined files hold every layer, no part is left."""
+    from safetensors import safe_open
+
+    import qwha_export.converters.refit as R
+    from qwha_export.formats.adapter_dir import ADAPTER_WEIGHTS, BASE_FILE
+
+    adir, _, quantized = build_adapter_dir(tmp_path)
+    grams = {name: torch.eye(qw.shape[1], dtype=torch.float64) for name, qw in quantized.items()}
+    written = []
+    real = R.save_file
+
+    def spy(tensors, path, *a, **k):
+        written.append({name.removeprefix("base_model.model.").rsplit(".", 1)[0] for name in tensors})
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(R, "save_file", spy)
+    out = tmp_path / "refit"
+    out.mkdir()
+    refit_adapter(adir, out, bits=BITS, group_size=None, quantizer="auto", grams=grams)
+    assert len(written) > len(quantized) and all(len(layers) == 1 for layers in written), written
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["adapter_config.json", ADAPTER_WEIGHTS, BASE_FILE, "qwha_base.json", "refit_report.json"]
+    )
+    with safe_open(str(out / BASE_FILE), framework="pt") as f:
+        assert {k.rsplit(".", 1)[0] for k in f.keys()} == set(quantized)  # noqa: SIM118 - safe_open is no dict
