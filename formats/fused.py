@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from .export_format import FUSED_BASE_FORMATS
 from .jsonfile import read_json_object
 from .shards import save_safetensors
 
@@ -62,7 +63,6 @@ __all__ = [
 FUSED_CONFIG_NAME = "qwha_fused.json"
 FUSED_ADAPTER_NAME = "qwha_adapter.safetensors"
 FUSED_FORMAT_VERSION = 1
-FUSED_BASE_FORMATS: tuple[str, ...] = ("gptq_v2", "compressed-tensors", "dense")
 _LAYER_KEYS = ("d_in", "d_out", "scale", "coefficient", "nnz")
 
 

@@ -15,6 +15,7 @@ from . import __version__
 from .cli_errors import cli_words, exit_cleanly_on_sigterm, friendly_errors
 from .cli_options import ACCURACY_LEVEL, MAX_SHARD_SIZE, OVERWRITE, QUIET, VERIFY_TOKENS
 from .converters.quant_methods import BASE_QUANTIZERS, MERGE_REQUANT
+from .formats.export_format import FUSED_BASE_FORMATS, ExportFormat
 
 
 def _echo_parity(parity) -> None:
@@ -236,7 +237,7 @@ def import_cmd(src, base_dir, out):
     "--format",
     "fmt",
     default=None,
-    type=click.Choice(["dense", "gptq", "gptq_v2", "compressed-tensors", "fused", "onnx"]),
+    type=click.Choice([f.value for f in ExportFormat]),
     help="[default: gptq_v2 for --bits 2/3/4/8, dense for --bits 16] fused = keep the adapter beside the "
     "untouched quantized base (same as `fuse`); onnx = merge to gptq_v2 (dense with --bits 16) and export that with "
     "`export-onnx`.",
@@ -310,7 +311,7 @@ def merge_cmd(
 @click.argument("adapter_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option(
-    "--base-format", default="gptq_v2", show_default=True, type=click.Choice(["gptq_v2", "compressed-tensors", "dense"])
+    "--base-format", default="gptq_v2", show_default=True, type=click.Choice(FUSED_BASE_FORMATS)
 )
 @VERIFY_TOKENS
 @MAX_SHARD_SIZE

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .converters.quant_methods import MERGE_REQUANT, Quantizer
 from .converters.quantize import QuantConfig, QuantizedWeight
+from .formats import ExportFormat
 from .formats.adapter_dir import (  # noqa: F401 - re-exported: pipeline.BASE_FILE etc. predate formats.adapter_dir
     BASE_FILE,
     BASE_META,
@@ -123,8 +124,6 @@ class MergeJob:
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES  # safetensors shard size limit (as save_pretrained's)
 
     def __post_init__(self) -> None:
-        from .formats import ExportFormat
-
         shard = self.max_shard_bytes
         if isinstance(shard, bool) or not isinstance(shard, int) or shard < 1:
             raise ValueError(f"max_shard_size must be a positive number of bytes, got {self.max_shard_bytes!r}")
@@ -159,7 +158,7 @@ class MergeJob:
 
 
 MERGE_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
-MERGE_FORMATS: tuple[str, ...] = ("dense", "gptq", "gptq_v2", "compressed-tensors", "fused")
+MERGE_FORMATS: tuple[str, ...] = tuple(f.value for f in ExportFormat if f is not ExportFormat.ONNX)  # onnx: the CLI
 
 
 def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True):
@@ -257,7 +256,6 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
     under ``parity`` in ``qwha_export.json`` before the folder is renamed into place.
     """
     from .converters.merge import open_adapter_source, stream_merge
-    from .formats import ExportFormat
 
     check_output_dir(job.out, job.overwrite)
     if not (Path(job.adapter_dir) / BASE_META).is_file():

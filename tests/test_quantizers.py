@@ -4,6 +4,8 @@ the grid checks, merge with ``--requant auto``, and the CLI choices derived from
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from qwha_export.converters.merge import stream_merge
 from qwha_export.converters.quant_methods import BASE_QUANTIZERS, MERGE_REQUANT, Quantizer
 from qwha_export.converters.quantize import QuantConfig, quantize_gptq, quantize_rtn
 from qwha_export.converters.quantizers import QUANTIZERS, get_quantizer, grid_requantize, requantize, resolve_quantizer
-from qwha_export.formats import WRITERS, ExportFormat
+from qwha_export.formats import FUSED_BASE_FORMATS, WRITERS, ExportFormat
 
 
 def _weights(seed: int = 0, shape=(24, 128)):
@@ -81,12 +83,17 @@ def test_merge_requant_auto_writes_the_base_grid_at_base_bits_and_rtn_at_others(
 
 def _choices(command: str, option: str) -> list[str]:
     out = CliRunner().invoke(main, [command, "--help"], terminal_width=200).output
-    return re.search(rf"{option} \[([a-z|]+)\]", out).group(1).split("|")
+    return re.search(rf"{option} \[([^\]]+)\]", out).group(1).split("|")
 
 
-def test_cli_choices_come_from_the_enum():
+def test_cli_choices_come_from_the_enums_and_the_cli_starts_without_torch():
     assert _choices("init", "--quantizer") == list(BASE_QUANTIZERS)
     assert _choices("merge", "--requant") == list(MERGE_REQUANT)
+    assert _choices("merge", "--format") == [f.value for f in ExportFormat]
+    assert _choices("fuse", "--base-format") == list(FUSED_BASE_FORMATS)
+    probe = "import sys, qwha_export.cli; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout  # the vocabularies are torch-free modules
     res = CliRunner().invoke(main, ["init", "smollm2", "--out", "x", "--quantizer", "grid"])
     assert res.exit_code == 2 and "'grid' is not one of 'rtn', 'gptq'" in res.output
 
