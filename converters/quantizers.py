@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 
 from .quant_methods import Quantizer
-from .quantize import QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
+from .quantize import SUPPORTED_GROUP_SIZES, QuantConfig, QuantizedWeight, quantize_gptq, quantize_rtn
 
 __all__ = [
     "LayerQuantizer",
@@ -169,7 +169,7 @@ def _layer_config(method: str | Quantizer, bits: int | None, group_size: int | N
         if base is None:
             raise ValueError("bits and group_size are required for a layer without a quantized base")
         gs = base.group_size
-        base_gs = -1 if gs == d_in and gs not in (32, 64, 128) else gs
+        base_gs = -1 if gs == d_in and gs not in SUPPORTED_GROUP_SIZES else gs
         bits = base.bits if bits is None else bits
         group_size = base_gs if group_size is None else group_size
     return QuantConfig(bits=int(bits), group_size=int(group_size), method=method)
