@@ -49,6 +49,7 @@ __all__ = [
     "ActivationStore",
     "BlockSource",
     "BlockStream",
+    "BorrowingSource",
     "CheckpointSource",
     "TensorIndex",
     "load_module",
@@ -61,6 +62,8 @@ __all__ = [
 
 DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file (QWHA_SPILL_BYTES)
 SPILL_BYTES_ENV = "QWHA_SPILL_BYTES"
+LOGITS_BYTES = 256 * 2**20  # float32 logits per batch of BlockStream.logits at most (one sequence at least)
+_HEAD_ROWS_BYTES = 64 * 2**20  # vocabulary rows of a narrow head cast to the stream's dtype at a time
 
 
 def spill_bytes_from_env() -> int:
@@ -187,6 +190,29 @@ class CheckpointSource:
         load_module(module, self.index.read_prefix(prefix), self.dtype, prefix)
 
 
+class BorrowingSource:
+    """A :class:`BlockSource` that takes a module's tensors from the same module of another stream's model when that
+    one is loaded (no copy: the same tensors), else from ``fallback``. Two walks of one model in step (``init``'s
+    calibration and held-out sets, zipped) then hold each block's weights once."""
+
+    def __init__(self, lender: BlockStream, fallback: BlockSource) -> None:
+        self.lender, self.fallback = lender, fallback
+
+    def has(self, key: str) -> bool:
+        return self.fallback.has(key)
+
+    def load(self, module: nn.Module, prefix: str) -> None:
+        try:
+            other = self.lender.model.get_submodule(prefix[:-1])
+        except AttributeError:
+            other = None
+        params = list(other.parameters()) if other is not None else []
+        if params and not any(p.is_meta for p in params) and type(other) is type(module):
+            module.load_state_dict(other.state_dict(keep_vars=True), strict=True, assign=True)
+        else:
+            self.fallback.load(module, prefix)
+
+
 def model_skeleton(config_dir: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> nn.Module:
     """The causal LM of ``config_dir/config.json`` (any ``quantization_config`` removed) with its parameters on the
     meta device and its buffers real, in eval mode."""
@@ -296,11 +322,17 @@ class BlockStream:
         input_ids: torch.Tensor,
         batch_size: int = 4,
         targets: tuple[str, ...] | None = None,
-    ) -> Iterator[tuple[int, nn.Module, BlockGrams | None, ActivationStore]]:
+        keep_block: bool = True,
+        rows_when_smaller: bool = False,
+    ) -> Iterator[tuple[int, nn.Module | None, BlockGrams | None, ActivationStore]]:
         """Run every block on ``input_ids`` (``(n, seq)``) in batches of ``batch_size``, one block at a time, and
         yield ``(index, block, grams, outputs)`` while the block is still loaded: ``grams`` its float64 Grams when
         ``targets`` (last name parts of linears) are given, else None; ``outputs`` the store of its outputs (the
-        last one is the caller's to close; the earlier ones are closed here when the next block has run)."""
+        last one is the caller's to close; the earlier ones are closed here when the next block has run).
+        ``keep_block=False`` drops the block's weights before the yield (``block`` is None): for a caller that
+        needs only the Grams or the outputs, so they are not held beside its own work. ``rows_when_smaller``: a
+        linear whose input rows take less memory than its Gram gets an :class:`~.calibration.InputRows` instead
+        (for Grams that are only read as quadratic forms, e.g. the held-out error report)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
         if batch_size <= 0:
@@ -323,7 +355,8 @@ class BlockStream:
                 self._load(block)
                 out = self.store(*input_ids.shape)
                 try:
-                    with gram_hooks(model, block, targets or (), index) as grams:
+                    rows = input_ids.numel() if rows_when_smaller else None
+                    with gram_hooks(model, block, targets or (), index, rows_of_tokens=rows) as grams:
                         for start, kw in zip(starts, extras[index], strict=True):
                             h = current.read(start, min(start + batch_size, input_ids.shape[0]))
                             out.write(start, run_block(block, [h], [kw])[0])
@@ -333,15 +366,24 @@ class BlockStream:
                 current.close()
                 current = out
                 handed_out = index == len(layers) - 1
+                if not keep_block:
+                    block = self._drop(container, layers, index)
+                    release_freed_memory()
                 yield index, block, (grams if targets else None), out
                 del grams
-                container[index] = nn.Module()  # drop the block's weights (the skeleton keeps a placeholder)
-                layers[index] = None  # ...and this list's reference, or every loaded block stays alive to the end
-                del block
-                release_freed_memory()
+                if keep_block:
+                    block = self._drop(container, layers, index)
+                    release_freed_memory()
         finally:  # an error, or the caller stopping the walk early (GeneratorExit at the yield)
             if not handed_out:
                 current.close()
+
+    @staticmethod
+    def _drop(container: nn.Module, layers: list, index: int) -> None:
+        """Drop block ``index``'s weights (the skeleton keeps a placeholder) and this walk's list reference to it,
+        or every loaded block stays alive to the end. Returns None, for the caller's own reference."""
+        container[index] = nn.Module()
+        layers[index] = None
 
     def run(
         self,
@@ -369,28 +411,63 @@ class BlockStream:
         (``on_block(index)`` after each block, e.g. a progress bar's update)."""
         return StreamedGrams(self, input_ids, targets, batch_size, on_block)
 
-    def logits(self, hidden: ActivationStore, batch_size: int = 4) -> Iterator[tuple[int, torch.Tensor]]:
+    def logits(
+        self, hidden: ActivationStore, batch_size: int = 4, max_bytes: int = LOGITS_BYTES
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """``(start row, float32 logits (b, seq, vocab))`` per batch of the final hidden states: final norm, head
-        (the embedding's tensor when the head is tied and the checkpoint has none) and final soft-capping."""
+        (the embedding's tensor when the head is tied and the checkpoint has none) and final soft-capping.
+
+        Batches hold at most ``batch_size`` sequences and ``max_bytes`` of logits (at least one sequence): a
+        128k-token vocabulary makes 512 MB of logits for 4 x 256 tokens. A head stored narrower than the stream's
+        dtype (a bf16 checkpoint) stays so and is cast one block of vocabulary rows at a time
+        (:func:`_head_logits`), so it costs its stored size, not twice that."""
         model = self.model
         norm, head = model.model.norm, model.get_output_embeddings()
         self._load(norm)
         head_prefix = self._prefix(head)
         if not self.source.has(f"{head_prefix}weight") and self.layout.tied_head:
             head_prefix = self._prefix(model.get_input_embeddings())
-        self.source.load(head, head_prefix)
+        stored = self._stored_head(head_prefix)
+        if stored is None:
+            self.source.load(head, head_prefix)
         cap = self.layout.final_softcap
+        seq, vocab = hidden.shape[1], self.layout.vocab_size
+        step = max(1, min(batch_size, max_bytes // max(1, 4 * seq * vocab)))
         try:
-            for start in range(0, hidden.shape[0], batch_size):
-                h = hidden.read(start, min(start + batch_size, hidden.shape[0]))
+            for start in range(0, hidden.shape[0], step):
+                h = hidden.read(start, min(start + step, hidden.shape[0]))
                 with torch.no_grad():  # not around the yield: grad mode is thread-global (see metrics._batches)
-                    logits = head(norm(h))
+                    x = norm(h)
+                    logits = head(x) if stored is None else _head_logits(x, stored)
                     if cap is not None:
                         logits = torch.tanh(logits / cap) * cap
                 yield start, logits.float()
         finally:
             norm.to("meta")
             head.to("meta")
+
+    def _stored_head(self, prefix: str) -> torch.Tensor | None:
+        """The head's weight as stored, when it is a plain float tensor narrower than the stream's dtype and the
+        head has no bias; else None (loaded as any module)."""
+        if not isinstance(self.source, CheckpointSource):
+            return None
+        keys = self.source.index.keys(prefix)
+        if keys != [f"{prefix}weight"]:
+            return None
+        weight = self.source.index.read(keys)[keys[0]]
+        if not weight.is_floating_point() or weight.element_size() >= self.dtype.itemsize:
+            return None
+        return weight
+
+
+def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` with ``weight`` (``(vocab, hidden)``, stored narrower than ``x``) cast to ``x.dtype`` one
+    block of rows at a time: the same values as casting it whole (each logit is one row's dot product)."""
+    out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
+    rows = max(1, _HEAD_ROWS_BYTES // (weight.shape[1] * x.element_size()))
+    for r0 in range(0, weight.shape[0], rows):
+        out[..., r0 : r0 + rows] = x @ weight[r0 : r0 + rows].to(x.dtype).T
+    return out
 
 
 class StreamedGrams(Mapping[str, torch.Tensor]):
@@ -421,7 +498,7 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
                 if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
                     self._block_of[f"{prefix}{name}"] = index
         self._n_blocks = len(layers)
-        self._walk = stream.blocks(input_ids, batch_size, tuple(targets))
+        self._walk = stream.blocks(input_ids, batch_size, tuple(targets), keep_block=False)  # Grams only
         self._index, self._current = -1, BlockGrams()
         self.token_counts: dict[str, int] = {}
 

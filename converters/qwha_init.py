@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels import DEFAULT_SCALE, dense_delta, hadamard_transform
+from .calibration import InputRows
 
 __all__ = [
     "InitConfig",
@@ -340,17 +341,22 @@ def report_errors(
     ``rel_err_after_<tag>`` (``E - Delta W``) for each ``{tag: gram}`` (``None`` skipped), in float64.
 
     ``delta_rows(rows, d_in)`` gives ``Delta W[rows]`` (e.g. :func:`spectral_delta_rows`); only a block of rows of
-    ``W``, ``E`` and ``Delta W`` is formed at a time, and each Gram is read as it is (no copy when float64)."""
+    ``W``, ``E`` and ``Delta W`` is formed at a time, and each Gram is read as it is (no copy when float64). A Gram
+    may be an :class:`~.calibration.InputRows` (``G = X^T X`` as its rows): ``a G a^T = ||a X^T||^2``."""
     d_out, d_in = weight.shape
-    grams = {tag: g for tag, g in grams.items() if g is not None}
+    grams = {tag: g.to(device=weight.device, dtype=torch.float64) for tag, g in grams.items() if g is not None}
     sums = {tag: torch.zeros(3, dtype=torch.float64) for tag in grams}
     for blk in row_blocks(d_out, 8 * d_in, block_bytes):
         e = _error_block(weight, w_deq, blk)
         delta = delta_rows(blk, d_in).to(e)
         stack = torch.stack([weight[blk].detach().to(e), e, e - delta])  # (3, rows, d_in)
         for tag, gm in grams.items():
-            prod = stack @ gm.to(device=e.device, dtype=torch.float64)
-            sums[tag] += (prod * stack).sum((1, 2)).cpu()
+            if isinstance(gm, InputRows):  # G = X^T X: a G a^T = ||a X^T||^2
+                prod = stack @ gm.rows.T
+                sums[tag] += (prod * prod).sum((1, 2)).cpu()
+            else:
+                prod = stack @ gm
+                sums[tag] += (prod * stack).sum((1, 2)).cpu()
     out: dict[str, float] = {}
     for tag, total in sums.items():
         ref, before, after = total.clamp_min(0).sqrt().tolist()

@@ -37,7 +37,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ from safetensors import safe_open
 
 from .export_format import FUSED_BASE_FORMATS
 from .jsonfile import read_json_object
-from .shards import save_safetensors
+from .shards import concat_safetensors, save_safetensors
 
 __all__ = [
     "FUSED_CONFIG_NAME",
@@ -58,6 +59,8 @@ __all__ = [
     "read_fused_config",
     "write_fused_adapter",
     "read_fused_adapter",
+    "FusedAdapterWriter",
+    "FusedSpectra",
 ]
 
 FUSED_CONFIG_NAME = "qwha_fused.json"
@@ -133,52 +136,97 @@ def read_fused_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return cfg
 
 
-def write_fused_adapter(
-    out_dir: str | os.PathLike[str], spectra: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-) -> Path:
-    """Write ``out_dir/qwha_adapter.safetensors`` from ``{layer: (values, rows, cols)}`` (layout in the docstring)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for layer, (values, rows, cols) in sorted(spectra.items()):
+class FusedAdapterWriter:
+    """Writes ``out_dir/qwha_adapter.safetensors`` one layer at a time: :meth:`add` saves the layer's two tensors
+    as a part file, :meth:`close` joins the parts (:func:`~.shards.concat_safetensors`, 16 MiB chunks) and removes
+    them. Memory: one layer's spectrum, whatever the depth. Use as a context manager; the parts live in a hidden
+    folder of ``out_dir`` (the caller's temporary output folder)."""
+
+    def __init__(self, out_dir: str | os.PathLike[str]) -> None:
+        self.path = Path(out_dir) / FUSED_ADAPTER_NAME
+        self._parts = Path(out_dir) / ".qwha_adapter.parts"
+        self._parts.mkdir()
+        self._names: set[str] = set()
+
+    def add(self, layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> int:
+        """Save one layer (layout in the module docstring); returns its ``nnz``."""
+        if layer in self._names:
+            raise ValueError(f"{layer}: written twice into {FUSED_ADAPTER_NAME}")
         v = values.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous()
         idx = torch.stack([rows.detach().reshape(-1).cpu(), cols.detach().reshape(-1).cpu()])
         if idx.shape[1] != v.numel():
             raise ValueError(f"{layer}: {v.numel()} spectrum values but {idx.shape[1]} indices")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2**31):
             raise ValueError(f"{layer}: spectrum indices do not fit int32")
-        tensors[f"{layer}.qwha_values"] = v
-        tensors[f"{layer}.qwha_indices"] = idx.to(torch.int32).contiguous()
-    path = Path(out_dir) / FUSED_ADAPTER_NAME
-    save_safetensors(tensors, path, metadata={"format": "pt", "qwha_fused_version": str(FUSED_FORMAT_VERSION)})
-    return path
+        tensors = {f"{layer}.qwha_values": v, f"{layer}.qwha_indices": idx.to(torch.int32).contiguous()}
+        save_safetensors(tensors, self._parts / f"{len(self._names):06d}.safetensors")
+        self._names.add(layer)
+        return v.numel()
+
+    def close(self) -> Path:
+        """Join the parts into the adapter file (once; a second call does nothing)."""
+        if not self._parts.exists():
+            return self.path
+        metadata = {"format": "pt", "qwha_fused_version": str(FUSED_FORMAT_VERSION)}
+        concat_safetensors(sorted(self._parts.glob("*.safetensors")), self.path, metadata=metadata)
+        shutil.rmtree(self._parts)
+        return self.path
+
+    def __enter__(self) -> FusedAdapterWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            shutil.rmtree(self._parts, ignore_errors=True)
 
 
-def read_fused_adapter(
-    model_dir: str | os.PathLike[str], cfg: Mapping[str, Any] | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``{layer: (values float32, rows int64, cols int64)}`` for every layer of the config, checked against its
-    ``nnz``/``d_out``/``d_in`` (one-line ``ValueError`` naming the layer)."""
-    d = Path(model_dir)
-    cfg = read_fused_config(d) if cfg is None else cfg
-    path = d / str(cfg.get("adapter_file", FUSED_ADAPTER_NAME))
-    if not path.is_file():
-        raise ValueError(f"{d}: no {path.name}; the fused checkpoint is incomplete")
-    out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        for layer, rec in cfg["layers"].items():
+def write_fused_adapter(
+    out_dir: str | os.PathLike[str], spectra: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> Path:
+    """Write ``out_dir/qwha_adapter.safetensors`` from ``{layer: (values, rows, cols)}`` (layout in the docstring),
+    reading the mapping one layer at a time (:class:`FusedAdapterWriter`)."""
+    with FusedAdapterWriter(out_dir) as writer:
+        for layer in sorted(spectra):
+            writer.add(layer, *spectra[layer])
+    return writer.path
+
+
+class FusedSpectra(Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """``{layer: (values float32, rows int64, cols int64)}`` of a fused folder, read one layer at a time (a
+    ``safe_open`` handle per read, so no page of the file stays resident once the caller drops the tensors).
+
+    Building it checks every layer of the config against the file (present, float32 ``[nnz]`` values, int32
+    ``[2, nnz]`` indices inside ``(d_out, d_in)``, finite values; one-line ``ValueError`` naming the layer), one
+    layer at a time, before any work."""
+
+    def __init__(self, model_dir: str | os.PathLike[str], cfg: Mapping[str, Any] | None = None) -> None:
+        d = Path(model_dir)
+        self.cfg = read_fused_config(d) if cfg is None else cfg
+        self._path = d / str(self.cfg.get("adapter_file", FUSED_ADAPTER_NAME))
+        if not self._path.is_file():
+            raise ValueError(f"{d}: no {self._path.name}; the fused checkpoint is incomplete")
+        with safe_open(str(self._path), framework="pt") as f:
+            keys = set(f.keys())
+        for layer in self.cfg["layers"]:
             vk, ik = f"{layer}.qwha_values", f"{layer}.qwha_indices"
             if vk not in keys or ik not in keys:
-                raise ValueError(f"{layer}: {path.name} lacks {vk if vk not in keys else ik}")
-            values, idx = f.get_tensor(vk), f.get_tensor(ik)
-            nnz = int(rec["nnz"])
-            if values.dtype != torch.float32 or tuple(values.shape) != (nnz,):
-                raise ValueError(
-                    f"{layer}: qwha_values must be float32 [{nnz}], got {values.dtype} {list(values.shape)}"
-                )
-            if idx.dtype != torch.int32 or tuple(idx.shape) != (2, nnz):
-                raise ValueError(f"{layer}: qwha_indices must be int32 [2, {nnz}], got {idx.dtype} {list(idx.shape)}")
-            rows, cols = idx[0].long(), idx[1].long()
-            if nnz and (
+                raise ValueError(f"{layer}: {self._path.name} lacks {vk if vk not in keys else ik}")
+            self._read(layer, check=True)
+
+    def _read(self, layer: str, check: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rec = self.cfg["layers"][layer]
+        with safe_open(str(self._path), framework="pt") as f:
+            values, idx = f.get_tensor(f"{layer}.qwha_values"), f.get_tensor(f"{layer}.qwha_indices")
+        nnz = int(rec["nnz"])
+        if values.dtype != torch.float32 or tuple(values.shape) != (nnz,):
+            raise ValueError(f"{layer}: qwha_values must be float32 [{nnz}], got {values.dtype} {list(values.shape)}")
+        if idx.dtype != torch.int32 or tuple(idx.shape) != (2, nnz):
+            raise ValueError(f"{layer}: qwha_indices must be int32 [2, {nnz}], got {idx.dtype} {list(idx.shape)}")
+        rows, cols = idx[0].long(), idx[1].long()
+        if check and nnz:
+            if (
                 int(rows.min()) < 0
                 or int(rows.max()) >= rec["d_out"]
                 or int(cols.min()) < 0
@@ -187,5 +235,27 @@ def read_fused_adapter(
                 raise ValueError(f"{layer}: spectrum index out of range for (d_out={rec['d_out']}, d_in={rec['d_in']})")
             if not bool(torch.isfinite(values).all()):
                 raise ValueError(f"{layer}: spectrum has NaN/inf values; the adapter file is corrupt")
-            out[layer] = (values, rows, cols)
-    return out
+        return values, rows, cols
+
+    def __getitem__(self, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if layer not in self.cfg["layers"]:
+            raise KeyError(layer)
+        return self._read(layer, check=False)
+
+    def __contains__(self, layer: object) -> bool:  # Mapping's default would read the layer
+        return layer in self.cfg["layers"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.cfg["layers"])
+
+    def __len__(self) -> int:
+        return len(self.cfg["layers"])
+
+
+def read_fused_adapter(
+    model_dir: str | os.PathLike[str], cfg: Mapping[str, Any] | None = None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every layer of :class:`FusedSpectra` at once: ``{layer: (values float32, rows int64, cols int64)}``, checked
+    (for a loader that builds the whole model anyway; streamed readers use :class:`FusedSpectra`)."""
+    spectra = FusedSpectra(model_dir, cfg)
+    return {layer: spectra[layer] for layer in spectra}

@@ -12,11 +12,14 @@ vLLM and ``safetensors``):
   does), not headers. Every shard carries safetensors metadata ``{"format": "pt"}``.
 
 Tensors are added in order and packed greedily: a shard is written as soon as the next tensor would push it over
-``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own), so at most one shard's tensors are
-held at a time. Because N is unknown while streaming, shards are first written under hidden temporary names
-(``.<prefix>-part-00001.safetensors.tmp``) and renamed to their final names by :meth:`ShardWriter.close`.
-Use it inside :func:`qwha_export.pipeline.atomic_output_dir` so that an interrupted export never leaves a
-folder that looks complete.
+``max_shard_bytes`` (a tensor larger than the limit gets a shard of its own). At most ``buffer_bytes`` (256 MiB)
+of a shard's tensors are held in memory: past that the buffer is saved as a hidden piece file
+(``.<prefix>-part-00001.piece-0001.tmp``) and the pieces are joined into the shard when it is complete
+(:func:`concat_safetensors`, which lays tensors out in ``save_file``'s order). So memory stays one buffer, not one
+2 GB shard, whatever the shard size. Because N is unknown while streaming, shards are first written under hidden
+temporary names (``.<prefix>-part-00001.safetensors.tmp``) and renamed to their final names by
+:meth:`ShardWriter.close`. Use it inside :func:`qwha_export.pipeline.atomic_output_dir` so that an interrupted
+export never leaves a folder that looks complete.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 __all__ = [
+    "DEFAULT_BUFFER_BYTES",
     "DEFAULT_MAX_SHARD_BYTES",
     "SAFE_WEIGHTS_NAME",
     "SAFE_WEIGHTS_INDEX_NAME",
@@ -50,6 +54,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" in the Hugging Face (decimal) convention
+DEFAULT_BUFFER_BYTES = 256 * 2**20  # tensors of the shard being filled held in memory before a piece file is written
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -94,17 +99,22 @@ class ShardWriter:
         out_dir: str | os.PathLike[str],
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
         prefix: str = "model",
+        buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     ) -> None:
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
-            raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
+        for label, value in (("max_shard_bytes", max_shard_bytes), ("buffer_bytes", buffer_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive int, got {value!r}")
         if not isinstance(prefix, str) or not prefix or "/" in prefix or os.sep in prefix:
             raise ValueError(f"prefix must be a non-empty file name stem, got {prefix!r}")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.prefix = prefix
+        self.buffer_bytes = buffer_bytes
         self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
+        self._buffer_bytes = 0  # bytes of the shard being filled (in memory and in its pieces)
+        self._held_bytes = 0  # ...of them in memory
+        self._pieces: list[Path] = []  # piece files of the shard being filled
         self._buffer_storages: set[int] = set()
         self._temp_files: list[Path] = []
         self._shard_of: dict[str, int] = {}  # tensor name -> shard number (0-based)
@@ -120,11 +130,17 @@ class ShardWriter:
     @property
     def num_shards(self) -> int:
         """Shards written so far plus the one being filled (if any)."""
-        return len(self._temp_files) + (1 if self._buffer else 0)
+        return len(self._temp_files) + (1 if self._buffer or self._pieces else 0)
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes of the shard being filled (held in memory or already in its piece files)."""
         return self._buffer_bytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of tensors held in memory (at most ``buffer_bytes`` plus the last tensor added)."""
+        return self._held_bytes
 
     # -- writing ------------------------------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -146,14 +162,17 @@ class ShardWriter:
             t = t.clone()
             storage = t.untyped_storage()
         nbytes = t.nbytes
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+        if self._buffer_bytes and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         self._buffer[name] = t
         if t.nbytes:
             self._buffer_storages.add(storage.data_ptr())
         self._buffer_bytes += nbytes
+        self._held_bytes += nbytes
         self._shard_of[name] = len(self._temp_files)
         self._total_size += nbytes
+        if self._held_bytes > self.buffer_bytes:
+            self._spill()
 
     def add_many(self, tensors: dict[str, torch.Tensor]) -> None:
         for k, v in tensors.items():
@@ -162,15 +181,28 @@ class ShardWriter:
     def _temp_path(self, i: int) -> Path:
         return self.out_dir / f".{self.prefix}-part-{i + 1:05d}.safetensors.tmp"
 
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self._temp_path(len(self._temp_files))
+    def _spill(self) -> None:
+        """Save the tensors held in memory as a piece of the shard being filled."""
+        shard, piece = len(self._temp_files) + 1, len(self._pieces) + 1
+        path = self.out_dir / f".{self.prefix}-part-{shard:05d}.piece-{piece:04d}.tmp"
         save_safetensors(self._buffer, path, metadata={"format": "pt"})
+        self._pieces.append(path)
+        self._buffer, self._held_bytes, self._buffer_storages = {}, 0, set()
+
+    def _flush(self) -> None:
+        """Write the shard being filled (possibly empty) under its temporary name."""
+        path = self._temp_path(len(self._temp_files))
+        if self._pieces:
+            if self._buffer:
+                self._spill()
+            concat_safetensors(self._pieces, path, metadata={"format": "pt"})
+            for piece in self._pieces:
+                piece.unlink()
+        else:
+            save_safetensors(self._buffer, path, metadata={"format": "pt"})
         self._temp_files.append(path)
-        self._buffer = {}
-        self._buffer_bytes = 0
-        self._buffer_storages = set()
+        self._pieces = []
+        self._buffer, self._buffer_bytes, self._held_bytes, self._buffer_storages = {}, 0, 0, set()
 
     def close(self) -> dict[str, Any]:
         """Write the last shard, give every shard its final name, write the index; return the index dict.
@@ -180,13 +212,8 @@ class ShardWriter:
         """
         if self._closed:
             raise ValueError("ShardWriter is already closed")
-        if self._buffer or not self._temp_files:
-            path = self._temp_path(len(self._temp_files))
-            save_safetensors(self._buffer, path, metadata={"format": "pt"})
-            self._temp_files.append(path)
-            self._buffer = {}
-            self._buffer_bytes = 0
-            self._buffer_storages = set()
+        if self._buffer or self._pieces or not self._temp_files:
+            self._flush()
         n = len(self._temp_files)
         if n == 1:
             finals = [f"{self.prefix}.safetensors"]
@@ -212,12 +239,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Drop buffered tensors and delete the temporary shards written so far."""
-        for p in self._temp_files:
+        for p in self._temp_files + self._pieces:
             p.unlink(missing_ok=True)
-        self._temp_files = []
-        self._buffer = {}
-        self._buffer_bytes = 0
-        self._buffer_storages = set()
+        self._temp_files, self._pieces = [], []
+        self._buffer, self._buffer_bytes, self._held_bytes, self._buffer_storages = {}, 0, 0, set()
         self._closed = True
 
     def __enter__(self) -> ShardWriter:

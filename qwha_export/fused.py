@@ -31,14 +31,16 @@ from .converters.merge import (
     open_adapter_source,
     source_record,
 )
+from .converters.refit import RefitLayers
 from .formats import ExportFormat, get_writer
 from .formats.dense import DenseFormat
 from .formats.fused import (
     FUSED_BASE_FORMATS,
+    FusedAdapterWriter,
+    FusedSpectra,
     make_fused_config,
     read_fused_adapter,
     read_fused_config,
-    write_fused_adapter,
     write_fused_config,
 )
 from .formats.manifest import Manifest, Source, finish_manifest
@@ -83,6 +85,7 @@ def write_fused(
     source: Source | None = None,
     settings_extra: Mapping[str, Any] | None = None,
     on_layer: Callable[[int, int], Any] | None = None,
+    refit: RefitLayers | None = None,
 ) -> dict[str, Any]:
     """Write the fused checkpoint of ``adapter_dir`` into ``out_dir``; returns the manifest (``qwha_export.json``).
 
@@ -92,7 +95,8 @@ def write_fused(
     returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`). ``source``
     replaces the manifest's source record (``merge --requant refit`` names the original adapter directory, not its
     temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``). ``on_layer(done, total)``
-    is called after each quantized layer is written (a progress bar).
+    is called after each quantized layer is written (a progress bar). ``refit`` (``merge --requant refit``): each
+    layer is re-quantized and given a fresh spectrum by that layer function instead of kept (same single pass).
     """
     from . import __version__
     from .formats.adapter_dir import atomic_output_dir, check_output_dir
@@ -104,41 +108,47 @@ def write_fused(
     writer = get_writer(fmt)
     check_output_dir(out_dir, overwrite)
     adapter_dir = Path(adapter_dir)
-    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash)
+    meta, base_dir, quantized, spectra = open_adapter_source(adapter_dir, check_hash, lazy=True)  # a layer at a time
 
     by_weight = {f"{layer}.weight": layer for layer in quantized}
     qrecords: dict[str, dict[str, int]] = {}
     layer_recs: dict[str, dict[str, Any]] = {}
 
-    def keep_base(layer: str, _weight: torch.Tensor, qw) -> LayerOutput:  # the quantized base, untouched
+    def add_spectrum(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float) -> None:
+        d_out, d_in = _layer_shape(base_dir, layer)
+        layer_recs[layer] = {
+            "d_in": d_in,
+            "d_out": d_out,
+            "scale": scale,
+            "coefficient": adapter_coefficient(scale, d_in, d_out),
+            "nnz": adapter_file.add(layer, values, rows, cols),
+        }
+
+    def write_base(layer: str, _weight: torch.Tensor, qw) -> LayerOutput:  # untouched, or refitted
+        if refit is not None:
+            qw, fresh = refit(layer, qw)
+            if fresh is not None:
+                add_spectrum(layer, fresh.values, fresh.rows, fresh.cols, refit.scale)
         qrecords[layer] = {"bits": qw.bits, "group_size": qw.group_size}
         options = {"dtype": dtype} if fmt == ExportFormat.DENSE else {}
         return LayerOutput(writer.write_layer(qw, prefix=layer, **options), qw)
 
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite) as tmp, FusedAdapterWriter(tmp) as adapter_file:
         written = write_checkpoint(
             tmp,
             base_dir,
             adapter_dir / BASE_FILE,
             by_weight,
             by_weight.values(),
-            keep_base,
+            write_base,
             fmt=fmt,
             max_shard_bytes=max_shard_bytes,
             dtype=dtype,
             on_layer=on_layer,
         )
-        for layer, (values, _rows, _cols, scale) in spectra.items():
-            shape = _layer_shape(base_dir, layer)
-            d_out, d_in = shape
-            layer_recs[layer] = {
-                "d_in": d_in,
-                "d_out": d_out,
-                "scale": scale,
-                "coefficient": adapter_coefficient(scale, d_in, d_out),
-                "nnz": int(values.numel()),
-            }
-        write_fused_adapter(tmp, {k: (v, r, c) for k, (v, r, c, _s) in spectra.items()})
+        for layer in spectra if refit is None else ():  # one layer's spectrum in memory at a time
+            add_spectrum(layer, *spectra[layer])
+        adapter_file.close()
         cfg = make_fused_config(fmt.value, layer_recs, qrecords)
         write_fused_config(tmp, cfg)
         manifest = Manifest(
@@ -334,6 +344,26 @@ class QuantizedSource(CheckpointSource):
                 replace_linear(module, rel, QWHALinear(module.get_submodule(rel), values, rows, cols, scale=scale))
 
 
+class _ScaledSpectra(Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]]):
+    """A fused folder's :class:`~qwha_export.formats.fused.FusedSpectra` as ``{layer: (values, rows, cols, scale)}``
+    (what :class:`QuantizedSource` reads), still one layer at a time."""
+
+    def __init__(self, spectra: FusedSpectra) -> None:
+        self.spectra = spectra
+
+    def __getitem__(self, layer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        return (*self.spectra[layer], float(self.spectra.cfg["layers"][layer]["scale"]))
+
+    def __contains__(self, layer: object) -> bool:
+        return layer in self.spectra
+
+    def __iter__(self):
+        return iter(self.spectra)
+
+    def __len__(self) -> int:
+        return len(self.spectra)
+
+
 def export_source(model_dir: str | Path, fmt: str | ExportFormat, dtype: torch.dtype = torch.float32):
     """The :class:`QuantizedSource` of a ``dense``/``gptq``/``gptq_v2``/``compressed-tensors``/``fused`` export
     folder: the layers :func:`load_quantized_checkpoint` / :func:`load_fused` build, read block by block."""
@@ -344,10 +374,7 @@ def export_source(model_dir: str | Path, fmt: str | ExportFormat, dtype: torch.d
         cfg = read_fused_config(d)
         fmt = ExportFormat.parse(cfg["base_format"])
         settings = {k: (int(v["bits"]), int(v["group_size"])) for k, v in cfg.get("quantized_layers", {}).items()}
-        spectra = {
-            layer: (v, r, c, float(cfg["layers"][layer]["scale"]))
-            for layer, (v, r, c) in read_fused_adapter(d, cfg).items()
-        }
+        spectra = _ScaledSpectra(FusedSpectra(d, cfg))  # read one layer at a time, as the blocks load
     source = QuantizedSource(d, dtype, spectra=spectra)
     marker, suffixes = _MARKERS.get(fmt, (None, ()))
     if marker is None:

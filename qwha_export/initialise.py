@@ -2,9 +2,12 @@
 block at a time (memory flat in depth: the model is never loaded whole).
 
 How: two :class:`~qwha_export.converters.block_stream.BlockStream` walks over the base checkpoint, one on the
-calibration tokens and one on the held-out tokens, run in step; while block ``i`` is loaded in both, each target
+calibration tokens and one on the held-out tokens, run in step; while block ``i`` is loaded (once: the held-out walk
+borrows the calibration walk's tensors, :class:`~qwha_export.converters.block_stream.BorrowingSource`), each target
 linear is quantized (RTN, or GPTQ on the calibration Gram) and its spectrum fitted (AdaAlloc + refinement, or a
-baseline), and the held-out Gram measures the error reduction. Each block's quantized tensors and spectra go to a
+baseline), and the held-out activations measure the error reduction (kept as their Gram, or as the rows themselves
+where those are smaller: :class:`~qwha_export.converters.calibration.InputRows`; linears fed the same input share
+one). Each block's quantized tensors and spectra go to a
 part file; the parts are joined into the two files of the layout at the end
 (:func:`~qwha_export.formats.shards.concat_safetensors`), and peft writes ``adapter_config.json`` and the model
 card from a skeleton of the model (parameters on the meta device).
@@ -143,7 +146,7 @@ def _read_calibration_text(path: str | None) -> str | None:
 def init_qwha(job: InitJob) -> dict[str, Any]:
     """Quantize ``job.model`` and initialise QWHA adapters block by block (see the module docstring); write the
     adapter directory ``job.out``. Returns the report that is also written to ``init_report.json``."""
-    from .converters.block_stream import BlockStream, CheckpointSource, model_skeleton
+    from .converters.block_stream import BlockStream, BorrowingSource, CheckpointSource, model_skeleton
     from .data import calibration_and_heldout
     from .fused import _try_tokenizer
     from .models import check_weights_match, read_model_config
@@ -155,7 +158,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
     _check_model_config(model_dir)
     read_model_config(model_dir)
     calib_stream = BlockStream(model_dir, CheckpointSource(model_dir))
-    held_stream = BlockStream(model_dir, CheckpointSource(model_dir))
+    held_stream = BlockStream(model_dir, BorrowingSource(calib_stream, CheckpointSource(model_dir)))  # one copy
     check_weights_match(model_dir, calib_stream.model)  # from the headers, before any work
     tokenizer = _try_tokenizer(Path(model_dir))
     if tokenizer is None:
@@ -174,7 +177,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         config = _adapter_config(job, targets)
         walks = zip(
             calib_stream.blocks(calib, job.batch_size, targets),
-            held_stream.blocks(heldout, job.batch_size, targets),
+            held_stream.blocks(heldout, job.batch_size, targets, rows_when_smaller=True),  # for the report only
             strict=True,
         )
         n_blocks = len(decoder_layers(calib_stream.model))

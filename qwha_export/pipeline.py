@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,47 +293,33 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         )
 
 
-def _original_source(adapter_dir: str | Path):
-    """The manifest source of a refit export: the adapter directory the user passed (the refitted adapter lives in a
-    temporary folder that is gone once the export is written)."""
-    from .converters.adapter_source import source_record
-
-    d = Path(adapter_dir)
-    meta = json.loads((d / BASE_META).read_text())
-    return source_record(d, Path(meta["base_model"]), meta)
-
-
 def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
-    """``merge --requant refit``: re-quantize the merged weights, fit a fresh adapter, write a fused checkpoint."""
-    from .converters.refit import refit_adapter
+    """``merge --requant refit``: one pass of the fused writer whose layer function re-quantizes the merged weights
+    and fits a fresh adapter (:class:`~qwha_export.converters.refit.RefitLayers`), on block-streamed Grams."""
+    from .converters.refit import RefitLayers
     from .fused import write_fused
 
     if job.bits == 16:
         raise ValueError("--requant refit re-quantizes; use --bits 2, 3, 4 or 8")
     if job.calib_tokens <= 0:
         raise ValueError("--requant refit fits the new adapter on calibration activations; pass --calib-tokens > 0")
-    with tempfile.TemporaryDirectory(prefix=".refit-", dir=Path(job.out).resolve().parent) as tmp:
-        with calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) as grams:
-            report = refit_adapter(
-                job.adapter_dir,
-                Path(tmp),
-                bits=job.bits,
-                group_size=job.group_size,
-                quantizer=Quantizer.AUTO,
-                grams=grams,
-            )
-        base = "compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2"
+    with calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) as grams:
+        refit = RefitLayers(
+            job.adapter_dir, bits=job.bits, group_size=job.group_size, quantizer=Quantizer.AUTO, grams=grams
+        )
         manifest = write_fused(
-            tmp,
+            job.adapter_dir,
             job.out,
-            base_format=base,
+            base_format="compressed-tensors" if job.format == "compressed-tensors" else "gptq_v2",
             overwrite=job.overwrite,
             max_shard_bytes=job.max_shard_bytes,
-            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len, job.quiet),  # the original's
-            source=_original_source(job.adapter_dir),
+            check_hash=False,  # checked by merge_qwha
+            on_written=_parity_hook(job.adapter_dir, job.verify_tokens, job.seq_len, job.quiet),
             settings_extra={"requant": "refit", "bits": job.bits, "group_size": job.group_size},
             on_layer=_layer_bar("fuse", job.quiet),
+            refit=refit,
         )
+    report = refit.report()
     if manifest.get("parity") is not None:
         report["parity"] = manifest["parity"]
     return report

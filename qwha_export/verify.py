@@ -334,7 +334,7 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
 
             export = OnnxLogits(export_dir)
             for start, ref_logits in reference.logits(ref_hidden, batch_size):
-                ids = chunks[start : start + batch_size].long()
+                ids = chunks[start : start + ref_logits.shape[0]].long()
                 comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
             return comparison, export.qwha_ops
         with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
@@ -345,7 +345,7 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
                     reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size), strict=True
                 )
                 for (start, ref_logits), (_, exp_logits) in pairs:
-                    comparison.update(ref_logits, exp_logits, chunks[start : start + batch_size].long())
+                    comparison.update(ref_logits, exp_logits, chunks[start : start + ref_logits.shape[0]].long())
             finally:
                 exp_hidden.close()
     finally:

@@ -100,6 +100,40 @@ def test_dense_base_stream_equals_from_pretrained(flow):
     assert torch.equal(got, whole)  # same ops on the same batches: bit-identical
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])  # untied head; tied head with final soft-capping
+def test_narrow_head_and_small_logit_batches(tmp_path, model_type):
+    """A bf16 checkpoint's head stays bf16 and is cast a block of vocabulary rows at a time, and ``max_bytes``
+    cuts the logits into smaller batches: the logits still equal the whole float32 model's (loaded from the same
+    bf16 checkpoint), every row once, in order."""
+    from transformers import AutoModelForCausalLM
+
+    from qwha_export.converters import block_stream
+
+    base = tmp_path / "bf16"
+    write_base(base, model_type, torch_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(str(base)).to(torch.bfloat16).save_pretrained(str(base))
+    ids = ids_for(257, n=5, seq=24, seed=4)
+    whole = logits_for(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), ids, 4)
+    with BlockStream(base, CheckpointSource(base)) as stream:
+        assert stream._stored_head(stream._prefix(stream.model.get_output_embeddings())) is not None or (
+            model_type == "gemma3_text"  # tied: the head is the embedding's tensor, read under its prefix
+        )
+        hidden = stream.run(ids, 4)
+        one_row = 24 * 257 * 4  # the logits of one sequence
+        parts = list(stream.logits(hidden, batch_size=4, max_bytes=2 * one_row))
+        hidden.close()
+    assert [start for start, _ in parts] == [0, 2, 4] and [t.shape[0] for _, t in parts] == [2, 2, 1]
+    got = torch.cat([t for _, t in parts])
+    torch.testing.assert_close(got, whole, rtol=1e-6, atol=1e-6 * whole.abs().max().item())
+    block_stream._HEAD_ROWS_BYTES, saved = 64 * 4 * 7, block_stream._HEAD_ROWS_BYTES  # 7 rows a block: ragged end
+    try:
+        x = torch.randn(3, 5, 64)
+        w = torch.randn(257, 64).to(torch.bfloat16)
+        assert torch.equal(block_stream._head_logits(x, w), x @ w.float().T)
+    finally:
+        block_stream._HEAD_ROWS_BYTES = saved
+
+
 @pytest.mark.parametrize("name", ("gptq_v2", "fused", "merge-onnx", "dense"))
 def test_streamed_verify_equals_whole_model_numbers(flow, name):
     chunks = ids_for(257, n=5, seq=40, seed=3)  # 5 sequences: the last batch is short

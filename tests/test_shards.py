@@ -56,6 +56,45 @@ def test_shard_writer_shards_by_size_and_reads_back(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v)
 
 
+@pytest.mark.parametrize("limit", [2500, 10**6])
+def test_shard_writer_holds_one_buffer_and_writes_the_same_bytes(tmp_path, limit):
+    """With a buffer smaller than the shard, tensors go to piece files as they come (memory: the buffer plus one
+    tensor) and the joined shards hold the same tensors, metadata and index as shards written from one buffer."""
+    tensors = _tensors(30)
+    big_buffer, pieces = tmp_path / "one", tmp_path / "pieces"
+    with ShardWriter(big_buffer, max_shard_bytes=limit) as sw:
+        sw.add_many(tensors)
+    seen_pieces = 0
+    with ShardWriter(pieces, max_shard_bytes=limit, buffer_bytes=1500) as sw:
+        for k, v in tensors.items():
+            sw.add(k, v)
+            assert sw.held_bytes <= 1500, (k, sw.held_bytes)
+            seen_pieces = max(seen_pieces, len(list(pieces.glob(".*piece*"))))
+    assert seen_pieces >= 1  # the pieces really were written
+    assert sorted(p.name for p in pieces.iterdir()) == sorted(p.name for p in big_buffer.iterdir())  # none left
+    from safetensors import safe_open
+
+    for f in big_buffer.iterdir():
+        if f.suffix == ".json":
+            assert (pieces / f.name).read_text() == f.read_text()
+            continue
+        with safe_open(str(f), "pt") as a, safe_open(str(pieces / f.name), "pt") as b:
+            assert a.metadata() == b.metadata() == {"format": "pt"}
+            names = sorted(a.keys())
+            assert names == sorted(b.keys())
+            for k in names:
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k)), k
+    assert dict(iter_checkpoint_tensors(pieces)).keys() == tensors.keys()
+
+
+def test_shard_writer_abort_removes_pieces(tmp_path):
+    sw = ShardWriter(tmp_path, max_shard_bytes=10**6, buffer_bytes=1000)
+    sw.add_many(_tensors(5))
+    assert list(tmp_path.glob(".*piece*"))
+    sw.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_shard_writer_single_file_views_and_errors(tmp_path):
     base = torch.arange(20, dtype=torch.float32)
     sw = ShardWriter(tmp_path)
