@@ -39,6 +39,7 @@ __all__ = [
     "InitConfig",
     "LayerInit",
     "Support",
+    "TransformedGram",
     "allocate_budget",
     "init_layer",
     "output_error",
@@ -48,6 +49,7 @@ __all__ = [
     "row_blocks",
     "select_support",
     "spectral_delta_rows",
+    "gram_damping",
     "transformed_gram",
 ]
 
@@ -141,19 +143,23 @@ def row_blocks(n_rows: int, row_bytes: int, block_bytes: int) -> list[slice]:
     return [slice(r0, min(n_rows, r0 + step)) for r0 in range(0, n_rows, step)]
 
 
-def transformed_gram(gram: torch.Tensor, damp_ratio: float, block_bytes: int = 64 * 2**20) -> torch.Tensor:
+def transformed_gram(
+    gram: torch.Tensor, damp_ratio: float, block_bytes: int = 64 * 2**20, inplace: bool = False
+) -> torch.Tensor:
     """``G_hat = M G_d M^T`` in one float64 buffer, ``G_d = (G + G^T) / 2 + damp I`` the damped Gram.
 
     ``damp = damp_ratio * mean(diag G)`` (``damp_ratio`` when that mean is not positive). Rows of ``gram`` are
     transformed block by block into the buffer (``G M^T``), then its columns in place (``M G M^T``: the transform
     along dim 0 acts on every column alone), then it is symmetrised in place; the damping lands on the diagonal as
     ``n * damp`` (``M M^T = n I``). Peak memory: the ``n x n`` float64 result plus ``O(block_bytes)``; ``gram`` is
-    read, never copied whole.
+    read, never copied whole. ``inplace=True`` (a float64 ``gram`` the caller gives up) writes the result into
+    ``gram`` itself: no second ``n x n`` buffer.
     """
     n = gram.shape[0]
-    mean = float(gram.diagonal().to(torch.float64).mean())
-    damp = damp_ratio * mean if mean > 0 else damp_ratio
-    out = torch.empty(n, n, dtype=torch.float64, device=gram.device)
+    damp = gram_damping(gram, damp_ratio)
+    if inplace and (gram.dtype != torch.float64 or not gram.is_contiguous()):
+        raise ValueError(f"an in-place transformed Gram needs a contiguous float64 Gram, got {gram.dtype}")
+    out = gram if inplace else torch.empty(n, n, dtype=torch.float64, device=gram.device)
     blocks = row_blocks(n, 8 * n, block_bytes)
     for rows in blocks:
         out[rows] = hadamard_transform(gram[rows].to(torch.float64))
@@ -166,6 +172,44 @@ def transformed_gram(gram: torch.Tensor, damp_ratio: float, block_bytes: int = 6
             out[bj, bi] = mean_block.T
     out.diagonal().add_(n * damp)
     return out
+
+
+def gram_damping(gram: torch.Tensor, damp_ratio: float) -> float:
+    """``damp = damp_ratio * mean(diag G)`` (``damp_ratio`` when that mean is not positive)."""
+    mean = float(gram.diagonal().to(torch.float64).mean())
+    return damp_ratio * mean if mean > 0 else damp_ratio
+
+
+@dataclass
+class TransformedGram:
+    """A calibration Gram already in the transformed basis: ``g_hat = M G_d M^T`` (:func:`transformed_gram`) and the
+    ``damp`` it carries. Layers fed the same input (q/k/v, gate/up) share one, built once and in place of the Gram
+    (:meth:`of`), so a layer's init holds no second ``d_in x d_in`` buffer. As a Gram for :func:`report_errors`:
+    ``a G a^T = (â G_hat â^T) / n^2 - damp ||a||^2`` with ``â = a M^T``."""
+
+    g_hat: torch.Tensor
+    damp: float
+
+    @classmethod
+    def of(cls, gram: torch.Tensor, config: InitConfig, inplace: bool = False) -> TransformedGram:
+        damp = gram_damping(gram, config.damp_ratio)
+        return cls(transformed_gram(gram, config.damp_ratio, config.block_bytes, inplace=inplace), damp)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.g_hat.shape)
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TransformedGram:
+        return TransformedGram(self.g_hat.to(device=device, dtype=dtype), self.damp)
+
+    def quadratic(self, stack: torch.Tensor) -> torch.Tensor:
+        """``(a G a^T)`` summed over the rows of each ``stack[k]`` (``stack``: ``(k, rows, n)`` float64)."""
+        n = self.g_hat.shape[0]
+        out = torch.empty(stack.shape[0], dtype=torch.float64, device=stack.device)
+        for k, a in enumerate(stack):  # one (rows, n) block at a time
+            spec = hadamard_transform(a)
+            out[k] = ((spec @ self.g_hat) * spec).sum() / (n * n) - self.damp * (a * a).sum()
+        return out
 
 
 def _select_topk(importance: torch.Tensor, budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,7 +329,7 @@ def select_support(weight: torch.Tensor, w_deq: torch.Tensor, gram: torch.Tensor
     second pass re-forms ``Ê`` per block and selects its top-k. Peak memory: ``G_hat`` + ``e_hat`` + ``O(block)``.
     """
     d_out, d_in = weight.shape
-    if gram.shape != (d_in, d_in):
+    if tuple(gram.shape) != (d_in, d_in):
         raise ValueError(f"gram has shape {tuple(gram.shape)}, expected {(d_in, d_in)}")
     coefficient = config.scale / (d_in * math.sqrt(d_out))
     total = config.budget(d_out, d_in)
@@ -297,7 +341,10 @@ def select_support(weight: torch.Tensor, w_deq: torch.Tensor, gram: torch.Tensor
         rows, cols = rows.to(device), cols.to(device)
         if config.method == "zeros":
             return Support(rows, cols, budgets, None, None, coefficient)
-    g_hat = transformed_gram(gram.to(device), config.damp_ratio, config.block_bytes)
+    if isinstance(gram, TransformedGram):
+        g_hat = gram.g_hat.to(device)
+    else:
+        g_hat = transformed_gram(gram.to(device), config.damp_ratio, config.block_bytes)
     e_hat = torch.empty(d_out, d_in, dtype=torch.float64, device=device)
     norms = torch.empty(d_out, dtype=torch.float64, device=device)
     for blk in blocks:
@@ -342,7 +389,8 @@ def report_errors(
 
     ``delta_rows(rows, d_in)`` gives ``Delta W[rows]`` (e.g. :func:`spectral_delta_rows`); only a block of rows of
     ``W``, ``E`` and ``Delta W`` is formed at a time, and each Gram is read as it is (no copy when float64). A Gram
-    may be an :class:`~.calibration.InputRows` (``G = X^T X`` as its rows): ``a G a^T = ||a X^T||^2``."""
+    may be an :class:`~.calibration.InputRows` (``G = X^T X`` as its rows): ``a G a^T = ||a X^T||^2``, or a
+    :class:`TransformedGram`."""
     d_out, d_in = weight.shape
     grams = {tag: g.to(device=weight.device, dtype=torch.float64) for tag, g in grams.items() if g is not None}
     sums = {tag: torch.zeros(3, dtype=torch.float64) for tag in grams}
@@ -354,6 +402,8 @@ def report_errors(
             if isinstance(gm, InputRows):  # G = X^T X: a G a^T = ||a X^T||^2
                 prod = stack @ gm.rows.T
                 sums[tag] += (prod * prod).sum((1, 2)).cpu()
+            elif isinstance(gm, TransformedGram):
+                sums[tag] += gm.quadratic(stack).cpu()
             else:
                 prod = stack @ gm
                 sums[tag] += (prod * stack).sum((1, 2)).cpu()

@@ -43,7 +43,7 @@ from .converters.calibration import default_targets
 from .converters.quant_methods import BASE_QUANTIZERS
 from .converters.quantize import QuantConfig
 from .converters.quantizers import quantize_weight
-from .converters.qwha_init import InitConfig, init_layer
+from .converters.qwha_init import InitConfig, TransformedGram, init_layer
 from .formats.adapter_dir import (
     ADAPTER_WEIGHTS,
     BASE_FILE,
@@ -177,7 +177,9 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         config = _adapter_config(job, targets)
         walks = zip(
             calib_stream.blocks(calib, job.batch_size, targets),
-            held_stream.blocks(heldout, job.batch_size, targets, rows_when_smaller=True),  # for the report only
+            # the held-out walk only measures: it lets go of the block it borrowed before yielding, and keeps
+            # activations as rows where smaller than their Gram (the error report reads nothing else)
+            held_stream.blocks(heldout, job.batch_size, targets, keep_block=False, rows_when_smaller=True),
             strict=True,
         )
         n_blocks = len(decoder_layers(calib_stream.model))
@@ -185,22 +187,33 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         for (index, _, grams, outputs), (_, _, held, held_outputs) in walks:
             qtensors: dict[str, torch.Tensor] = {}
             spectra: dict[str, torch.Tensor] = {}
-            for name, gram in grams.items():
-                w = calib_stream.model.get_submodule(name).weight.detach().to(device)
-                qw = quantize_weight(w, job.quant, hessian=gram.to(device))
-                quantized.append(name)
-                qtensors.update({k: v.cpu().contiguous() for k, v in qw.to_dict(prefix=f"{name}.").items()})
-                if not is_supported_size(w.shape[1]):
-                    skipped.append(name)
+            records: dict[str, dict[str, Any]] = {}
+            for names in _same_input(grams):  # q/k/v, gate/up: one Gram, quantized against, then transformed once
+                qws = {}
+                for name in names:
+                    w = calib_stream.model.get_submodule(name).weight.detach()
+                    qws[name] = quantize_weight(w.to(device), job.quant, hessian=grams[name].to(device))
+                    qtensors.update({k: v.cpu().contiguous() for k, v in qws[name].to_dict(prefix=f"{name}.").items()})
+                if not is_supported_size(qws[names[0]].shape[1]):
+                    skipped.extend(names)
                     continue
-                res = init_layer(w, qw.dequantize(), gram.to(device), job.init, eval_gram=held[name].to(device))
-                layers.append({"name": name, "shape": list(w.shape), **res.report})
-                spectra.update(_spectrum_tensors(config, name, tuple(w.shape), None if random_support else res))
+                # in place of the Gram (this walk's own tensor, not needed after quantization): no second d_in^2
+                gram = grams[names[0]].to(device)
+                g_hat = TransformedGram.of(gram, job.init, inplace=gram.dtype == torch.float64 and gram.is_contiguous())
+                for name, qw in qws.items():
+                    w = calib_stream.model.get_submodule(name).weight.detach().to(device)
+                    res = init_layer(w, qw.dequantize(), g_hat, job.init, eval_gram=held[name].to(device))
+                    records[name] = {"name": name, "shape": list(w.shape), **res.report}
+                    spectra.update(_spectrum_tensors(config, name, tuple(w.shape), None if random_support else res))
+                del g_hat, gram
+            quantized.extend(grams)
+            layers.extend(records[name] for name in grams if name in records)
             save_file(qtensors, str(parts / f"quantized-{index:05d}.safetensors"))
             save_file(spectra, str(parts / f"adapter-{index:05d}.safetensors"))
             if index == n_blocks - 1:  # the last block's outputs are the caller's; blocks() closes the others
                 outputs.close()
                 held_outputs.close()
+            del grams, held, qtensors, spectra, records  # or they live on while the walks compute the next block
             bar.update(1)
         bar.close()
         _write_adapter_files(model_skeleton(model_dir), config, tmp, parts)  # the walks emptied theirs
@@ -228,6 +241,14 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         (tmp / BASE_META).write_text(json.dumps(meta, indent=2))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return report
+
+
+def _same_input(grams: dict[str, Any]) -> list[list[str]]:
+    """The block's linears grouped by Gram tensor (those fed the same input share one), in first-seen order."""
+    groups: dict[int, list[str]] = {}
+    for name, gram in grams.items():
+        groups.setdefault(id(gram), []).append(name)
+    return list(groups.values())
 
 
 def _adapter_config(job: InitJob, targets: tuple[str, ...]):

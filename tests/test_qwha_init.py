@@ -3,9 +3,11 @@
 import pytest
 import torch
 
+from qwha_export.converters.calibration import InputRows
 from qwha_export.converters.quantize import quantize_rtn
 from qwha_export.converters.qwha_init import (
     InitConfig,
+    TransformedGram,
     allocate_budget,
     init_layer,
     output_error,
@@ -192,3 +194,31 @@ def test_default_scale_is_an_exact_rescale_of_s1():
     assert torch.equal(one.values, rescaled), (one.values - rescaled).abs().max()
     assert one.report == default.report
     assert one.values.abs().mean() > 100 * default.values.abs().mean()  # what the optimizer's step is measured against
+
+
+@pytest.mark.parametrize("d_in", [192, 160])  # 12 * 2^4 and 20 * 2^3: two Hadamard orders
+def test_transformed_gram_in_place_and_held_out_rows_give_the_same_init(d_in):
+    """The memory-saving forms ``init`` uses give the same layer: a Gram transformed in place once
+    (:class:`TransformedGram`, shared by q/k/v) instead of per layer, and held-out activations kept as rows
+    (:class:`InputRows`) instead of their Gram: same support and values, reports equal to 1e-9."""
+    w, gram, _ = _problem(d_in=d_in)
+    g = torch.Generator().manual_seed(5)
+    x_held = torch.randn(100, d_in, generator=g)  # fewer rows than 2 d_in: rows are smaller than the Gram
+    held_gram = x_held.double().T @ x_held.double()
+    rows = InputRows(100, d_in)
+    rows.append(x_held[:60])
+    rows.append(x_held[60:])
+    qw = quantize_rtn(w, 3, 32)
+    cfg = InitConfig(rank=8)
+    ref = init_layer(w, qw.dequantize(), gram, cfg, eval_gram=held_gram)
+    owned = gram.clone()
+    tg = TransformedGram.of(owned, cfg, inplace=True)
+    assert tg.g_hat.data_ptr() == owned.data_ptr()  # no second n x n buffer
+    torch.testing.assert_close(tg.g_hat, transformed_gram(gram, cfg.damp_ratio), rtol=0, atol=0)
+    got = init_layer(w, qw.dequantize(), tg, cfg, eval_gram=rows)
+    assert torch.equal(got.rows, ref.rows) and torch.equal(got.cols, ref.cols)
+    torch.testing.assert_close(got.values, ref.values, rtol=1e-6, atol=1e-7)
+    for key, value in ref.report.items():
+        assert abs(got.report[key] - value) <= 1e-9 * max(abs(value), 1e-12), (key, got.report[key], value)
+    with pytest.raises(ValueError, match="contiguous float64"):
+        transformed_gram(gram.float(), 1e-4, inplace=True)
