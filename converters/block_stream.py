@@ -317,6 +317,27 @@ class BlockStream:
         """An empty :class:`ActivationStore` for ``n`` sequences of ``seq`` tokens."""
         return ActivationStore((n, seq, self.layout.hidden_size), self.dtype, self.spill_bytes, Path(self._tmp.name))
 
+    def capture(self, input_ids: torch.Tensor, batch_size: int = 4) -> tuple[ActivationStore, list]:
+        """Block 0's hidden states (a store) and every block's other inputs for ``input_ids``, with the embedding
+        loaded for that time only: what :meth:`blocks` starts from. Separate so that a caller walking two streams
+        in step (``init``) captures both before either holds a block: the embedding (2 GB at Llama-3's vocabulary
+        in float32) is then never loaded beside a block and its Grams."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        embed = self.model.get_input_embeddings()
+        self._load(embed)
+        try:
+            hidden, extras = _capture_block_inputs(self.model, decoder_layers(self.model), input_ids, batch_size)
+        finally:
+            embed.to("meta")  # frees it; the head loads its own copy when tied
+        store = self.store(*input_ids.shape)
+        for start, h in zip(range(0, input_ids.shape[0], batch_size), hidden, strict=True):
+            store.write(start, h)
+        release_freed_memory()
+        return store, extras
+
     def blocks(
         self,
         input_ids: torch.Tensor,
@@ -324,6 +345,7 @@ class BlockStream:
         targets: tuple[str, ...] | None = None,
         keep_block: bool = True,
         rows_when_smaller: bool = False,
+        captured: tuple[ActivationStore, list] | None = None,
     ) -> Iterator[tuple[int, nn.Module | None, BlockGrams | None, ActivationStore]]:
         """Run every block on ``input_ids`` (``(n, seq)``) in batches of ``batch_size``, one block at a time, and
         yield ``(index, block, grams, outputs)`` while the block is still loaded: ``grams`` its float64 Grams when
@@ -332,22 +354,12 @@ class BlockStream:
         ``keep_block=False`` drops the block's weights before the yield (``block`` is None): for a caller that
         needs only the Grams or the outputs, so they are not held beside its own work. ``rows_when_smaller``: a
         linear whose input rows take less memory than its Gram gets an :class:`~.calibration.InputRows` instead
-        (for Grams that are only read as quadratic forms, e.g. the held-out error report)."""
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (n_sequences, seq_len), got shape {tuple(input_ids.shape)}")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        (for Grams that are only read as quadratic forms, e.g. the held-out error report). ``captured``: the
+        blocks' inputs from :meth:`capture` on the same ``input_ids`` and ``batch_size`` (else captured here)."""
         model = self.model
-        embed = model.get_input_embeddings()
-        self._load(embed)
+        current, extras = captured if captured is not None else self.capture(input_ids, batch_size)
         layers = decoder_layers(model)
-        hidden, extras = _capture_block_inputs(model, layers, input_ids, batch_size)
-        embed.to("meta")  # frees it; the head loads its own copy when tied
         starts = list(range(0, input_ids.shape[0], batch_size))
-        current = self.store(*input_ids.shape)
-        for start, h in zip(starts, hidden, strict=True):
-            current.write(start, h)
-        del hidden
         container = model.get_submodule(self._prefix(layers[0])[:-1].rpartition(".")[0])
         handed_out = False  # the last store, once yielded, belongs to the caller if the walk is stopped there
         try:

@@ -57,6 +57,7 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 10**9  # "2GB" in the Hugging Face (decimal) conve
 DEFAULT_BUFFER_BYTES = 256 * 2**20  # tensors of the shard being filled held in memory before a piece file is written
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+READ_HANDLE_BYTES = 256 * 2**20  # tensor bytes read through one safe_open handle before it is reopened
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 REDOWNLOAD_HINT = "re-download it or export it again"
 _OS_ERROR = re.compile(r"os error (\d+)")
@@ -435,7 +436,9 @@ def iter_checkpoint_tensors(
     order, a handle per run of names in one file), which is what a block-by-block consumer needs. Every file's
     header and size are validated before the first tensor is read (before its first tensor without
     ``natural_order``), and every tensor the index assigns to a file must be in it; all failures are one-line
-    ValueErrors naming the file.
+    ValueErrors naming the file. A handle is reopened after every :data:`READ_HANDLE_BYTES` read: ``safe_open``
+    maps the whole file and every page read through it stays resident while the handle lives, so one handle over a
+    2 GB shard held 2 GB of it by the end (at Llama-3-8B shapes, merge's and fuse's peak grew by that much).
     """
     files, weight_map = checkpoint_files(model_dir)
     expected: dict[str, set[str]] = {}
@@ -462,15 +465,22 @@ def iter_checkpoint_tensors(
     else:
         runs = ((path, checked_names(path)) for path in files)
     for path, names in runs:
-        with _open_checked(path) as f:
-            for name in names:
-                try:
-                    tensor = f.get_tensor(name)
-                except Exception as e:
-                    raise ValueError(
-                        f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]}); {REDOWNLOAD_HINT}"
-                    ) from None
-                yield name, tensor
+        done = 0
+        while done < len(names):  # a handle per READ_HANDLE_BYTES read: see the docstring
+            with _open_checked(path) as f:
+                read = 0
+                while done < len(names) and read < READ_HANDLE_BYTES:
+                    name = names[done]
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as e:
+                        raise ValueError(
+                            f"{path}: cannot read tensor {name!r} ({str(e).splitlines()[0]}); {REDOWNLOAD_HINT}"
+                        ) from None
+                    done += 1
+                    read += tensor.nbytes
+                    yield name, tensor
+                    del tensor
 
 
 def sha256_file(path: str | Path) -> str:

@@ -175,11 +175,16 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         parts = tmp / ".parts"
         parts.mkdir()
         config = _adapter_config(job, targets)
+        # both walks' inputs first, one embedding load at a time, before either holds a block and its Grams
+        calib_in = calib_stream.capture(calib, job.batch_size)
+        held_in = held_stream.capture(heldout, job.batch_size)
         walks = zip(
-            calib_stream.blocks(calib, job.batch_size, targets),
+            calib_stream.blocks(calib, job.batch_size, targets, captured=calib_in),
             # the held-out walk only measures: it lets go of the block it borrowed before yielding, and keeps
             # activations as rows where smaller than their Gram (the error report reads nothing else)
-            held_stream.blocks(heldout, job.batch_size, targets, keep_block=False, rows_when_smaller=True),
+            held_stream.blocks(
+                heldout, job.batch_size, targets, keep_block=False, rows_when_smaller=True, captured=held_in
+            ),
             strict=True,
         )
         n_blocks = len(decoder_layers(calib_stream.model))

@@ -232,3 +232,27 @@ def test_concat_safetensors_joins_parts_in_bounded_chunks(tmp_path):
     assert starts["y.idx"] % 8 == 0 and min(starts, key=starts.get) == "y.idx"  # widest dtype first: aligned
     with pytest.raises(ValueError, match=r"tensor 'x\.\w+' is in two parts"):
         concat_safetensors([parts[0], parts[0]], tmp_path / "dup.safetensors")
+
+
+def test_checkpoint_reader_reopens_its_handle_every_few_bytes(tmp_path, monkeypatch):
+    """The reader opens a file again after ``READ_HANDLE_BYTES`` (a long-lived handle keeps every page read
+    resident), and still yields every tensor once, in order, unchanged."""
+    import qwha_export.formats.shards as S
+
+    tensors = _tensors(12)
+    with ShardWriter(tmp_path, max_shard_bytes=10**6) as sw:
+        sw.add_many(tensors)
+    whole = list(iter_checkpoint_tensors(tmp_path, natural_order=True))
+    opened = []
+    real = S._open_checked
+
+    def spy(path):
+        opened.append(path)
+        return real(path)
+
+    monkeypatch.setattr(S, "_open_checked", spy)
+    monkeypatch.setattr(S, "READ_HANDLE_BYTES", 1)  # a handle per tensor
+    small = list(iter_checkpoint_tensors(tmp_path, natural_order=True))
+    assert [n for n, _ in small] == [n for n, _ in whole] and len(small) == len(tensors)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(small, whole, strict=True))
+    assert len(opened) == len(tensors)
