@@ -233,11 +233,6 @@ def run_block(block: nn.Module, hidden: Sequence[torch.Tensor], extras: Sequence
         return [_block_output(block(h, *rest, **kw)).detach() for h, (rest, kw) in zip(hidden, extras, strict=True)]
 
 
-def _gram(x2: torch.Tensor) -> torch.Tensor:
-    x64 = x2.to(torch.float64)
-    return x64.T @ x64
-
-
 @contextlib.contextmanager
 def gram_hooks(
     model: nn.Module, block: nn.Module, target_modules: Sequence[str], index: int, rows_of_tokens: int | None = None
@@ -261,7 +256,7 @@ def gram_hooks(
             as_rows = rows_of_tokens is not None and rows_are_smaller(rows_of_tokens, d_in)
             if last["x"] is not x:
                 x2 = x.detach().reshape(-1, d_in)
-                last.update(x=x, x2=x2, xtx=None if as_rows else _gram(x2), rows=x2.shape[0], owner=name)
+                last.update(x=x, x2=x2, rows=x2.shape[0], owner=name)
             owner = owner_of.setdefault(name, last["owner"])
             if owner != name:
                 grams[name] = grams[owner]
@@ -269,10 +264,12 @@ def gram_hooks(
                 if name not in grams:
                     grams[name] = InputRows(rows_of_tokens, d_in, x.device)
                 grams[name].append(last["x2"])
-            elif name in grams:
-                grams[name] += last["xtx"]
             else:
-                grams[name] = last["xtx"]
+                x64 = last["x2"].to(torch.float64)
+                if name in grams:  # accumulated in place: no second d_in x d_in buffer per batch
+                    grams[name].addmm_(x64.T, x64)
+                else:
+                    grams[name] = x64.T @ x64
             grams.token_counts[name] = grams.token_counts.get(name, 0) + last["rows"]
 
         return hook
