@@ -155,9 +155,13 @@ def _grid_params(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int) -> tuple[tor
     return scale, zero
 
 
-def _quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Float64 codes ``clamp(round(w / scale) + zero, 0, maxq)`` (broadcasting)."""
-    return (torch.round(w / scale) + zero).clamp_(0, maxq)
+def _quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int, inplace: bool = False
+) -> torch.Tensor:
+    """Float64 codes ``clamp(round(w / scale) + zero, 0, maxq)`` (broadcasting); ``inplace`` overwrites ``w`` (a
+    private copy) instead of allocating one more weight-sized buffer per step."""
+    q = w.div_(scale) if inplace else w / scale
+    return q.round_().add_(zero).clamp_(0, maxq)
 
 
 def _as_float64_copy(weight: torch.Tensor, name: str = "weight") -> torch.Tensor:
@@ -192,7 +196,7 @@ def quantize_rtn(weight: torch.Tensor, bits: int, group_size: int) -> QuantizedW
     maxq = 2**bits - 1
     wg = _grouped(w, gs)
     scale, zero = _grid_params(wg.amin(dim=-1), wg.amax(dim=-1), maxq)
-    codes = _quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq)
+    codes = _quantize_codes(wg, scale.unsqueeze(-1), zero.unsqueeze(-1), maxq, inplace=True)  # w is our copy
     return QuantizedWeight(
         codes=codes.reshape(d_out, -1)[:, :d_in].to(torch.uint8),
         scales=scale.to(torch.float16),
