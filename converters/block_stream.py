@@ -56,6 +56,7 @@ __all__ = [
     "StreamedGrams",
     "model_skeleton",
     "fix_mmap_threshold",
+    "in_step",
     "release_freed_memory",
     "spill_bytes_from_env",
 ]
@@ -480,6 +481,22 @@ def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     for r0 in range(0, weight.shape[0], rows):
         out[..., r0 : r0 + rows] = x @ weight[r0 : r0 + rows].to(x.dtype).T
     return out
+
+
+def in_step(*walks: Iterator[Any]) -> Iterator[list[Any]]:
+    """Advance several walks together (``init``'s calibration and held-out walks; a reference's and an export's
+    logits), yielding one item of each per step, until the first walk ends. Unlike ``zip``, it holds no reference
+    to a step's items while the next ones are computed: ``zip`` reuses its result tuple and drops the old items only
+    after the new ones arrive, which kept the last block's weights and Grams alive while the next block ran (2.8 GB
+    at Llama-3-8B shapes). The caller should drop its own names for the items before asking for the next step."""
+    while True:
+        items: list[Any] = []  # rebinding drops the previous step's list before any walk advances
+        for walk in walks:
+            try:
+                items.append(next(walk))
+            except StopIteration:
+                return
+        yield items
 
 
 class StreamedGrams(Mapping[str, torch.Tensor]):

@@ -146,7 +146,7 @@ def _read_calibration_text(path: str | None) -> str | None:
 def init_qwha(job: InitJob) -> dict[str, Any]:
     """Quantize ``job.model`` and initialise QWHA adapters block by block (see the module docstring); write the
     adapter directory ``job.out``. Returns the report that is also written to ``init_report.json``."""
-    from .converters.block_stream import BlockStream, BorrowingSource, CheckpointSource, model_skeleton
+    from .converters.block_stream import BlockStream, BorrowingSource, CheckpointSource, in_step, model_skeleton
     from .data import calibration_and_heldout
     from .fused import _try_tokenizer
     from .models import check_weights_match, read_model_config
@@ -178,14 +178,13 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
         # both walks' inputs first, one embedding load at a time, before either holds a block and its Grams
         calib_in = calib_stream.capture(calib, job.batch_size)
         held_in = held_stream.capture(heldout, job.batch_size)
-        walks = zip(
+        walks = in_step(  # not zip: it would hold the last block and its Grams while the next one runs
             calib_stream.blocks(calib, job.batch_size, targets, captured=calib_in),
             # the held-out walk only measures: it lets go of the block it borrowed before yielding, and keeps
             # activations as rows where smaller than their Gram (the error report reads nothing else)
             held_stream.blocks(
                 heldout, job.batch_size, targets, keep_block=False, rows_when_smaller=True, captured=held_in
             ),
-            strict=True,
         )
         n_blocks = len(decoder_layers(calib_stream.model))
         bar = tqdm(total=n_blocks, desc="quantize + init", unit="block", disable=job.quiet)
@@ -193,6 +192,7 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
             qtensors: dict[str, torch.Tensor] = {}
             spectra: dict[str, torch.Tensor] = {}
             records: dict[str, dict[str, Any]] = {}
+            qws = w = qw = res = None
             for names in _same_input(grams):  # q/k/v, gate/up: one Gram, quantized against, then transformed once
                 qws = {}
                 for name in names:
@@ -218,7 +218,8 @@ def init_qwha(job: InitJob) -> dict[str, Any]:
             if index == n_blocks - 1:  # the last block's outputs are the caller's; blocks() closes the others
                 outputs.close()
                 held_outputs.close()
-            del grams, held, qtensors, spectra, records  # or they live on while the walks compute the next block
+            # or they live on while the walks compute the next block
+            del grams, held, qtensors, spectra, records, qws, w, qw, res
             bar.update(1)
         bar.close()
         _write_adapter_files(model_skeleton(model_dir), config, tmp, parts)  # the walks emptied theirs

@@ -325,6 +325,8 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
     """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
     way (ONNX: one onnxruntime call per batch), logits compared batch by batch. Returns the comparison and, for
     ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
+    from .converters.block_stream import in_step
+
     comparison = LogitComparison()
     with contextlib.ExitStack() as bars:
         ref_hidden = reference.run(chunks, batch_size, on_block=_block_bar(bars, reference, "parity: reference", quiet))
@@ -341,11 +343,10 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
             with contextlib.ExitStack() as bars:
                 exp_hidden = stream.run(chunks, batch_size, on_block=_block_bar(bars, stream, "parity: export", quiet))
             try:
-                pairs = zip(
-                    reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size), strict=True
-                )
-                for (start, ref_logits), (_, exp_logits) in pairs:
+                pairs = in_step(reference.logits(ref_hidden, batch_size), stream.logits(exp_hidden, batch_size))
+                for (start, ref_logits), (_, exp_logits) in pairs:  # in_step: no batch's logits kept past its turn
                     comparison.update(ref_logits, exp_logits, chunks[start : start + ref_logits.shape[0]].long())
+                    del ref_logits, exp_logits
             finally:
                 exp_hidden.close()
     finally:
