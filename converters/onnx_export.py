@@ -1,11 +1,14 @@
 """The numbers of an ONNX export, taken from the PyTorch model that is exported (no graph wiring here).
 
-:func:`decoder_from_model` walks a model of any registered architecture (:mod:`.architectures`: the entry of its
+:class:`OnnxDecoder` walks a model of any registered architecture (:mod:`.architectures`: the entry of its
 ``model_type`` names the blocks, linears and norms, :func:`~.architectures.describe` gives the windows, scales, caps,
 RoPE per layer type and embedding scale) as the project's loaders build it (``QuantLinear`` for quantized layers,
-``QWHALinear`` for adapted ones, ``nn.Linear`` otherwise) and returns the
+``QWHALinear`` for adapted ones, ``nn.Linear`` otherwise) and gives the
 :class:`~qwha_export.formats.onnx_graph.DecoderSpec` / ``DecoderWeights`` that
-:func:`~qwha_export.formats.onnx_graph.build_decoder_model` turns into a graph:
+:func:`~qwha_export.formats.onnx_graph.build_decoder_model` turns into a graph. The model is either held whole
+(:func:`decoder_from_model` converts everything at once) or a meta-device skeleton whose blocks a
+:class:`~.block_stream.BlockSource` materialises one at a time as the graph writer reads them (memory flat in
+depth: one block, then the embedding or the head). The numbers:
 
 * quantized layers keep their exact codes, zero points and scales (float16 -> float32 is exact); 3-bit codes are
   stored as 4-bit codes; per-channel scales are repeated over power-of-two blocks; act-order layers (``g_idx``)
@@ -32,7 +35,9 @@ RoPE per layer type and embedding scale) as the project's loaders build it (``Qu
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -49,8 +54,10 @@ from ..formats.onnx_graph import (
     Projection,
     SpectralAdapter,
 )
+from ..formats.onnx_spec import resolve
 from ..kernels import hadamard_k, hadamard_matrix, hadamard_order
 from .architectures import FULL, SUPPORTED_MODEL_TYPES, ModelLayout, architecture_for, decoder_layers, describe
+from .block_stream import BlockSource, release_freed_memory
 from .quantize import n_groups_of, quantize_rtn
 
 __all__ = [
@@ -58,6 +65,7 @@ __all__ = [
     "check_config",
     "split_projection",
     "decoder_from_model",
+    "OnnxDecoder",
     "exact_grid_linear",
     "HEAD_BITS",
     "HEAD_BLOCK",
@@ -306,92 +314,194 @@ def _block_weights(block: nn.Module, layout: ModelLayout) -> LayerWeights:
     )
 
 
+class OnnxDecoder:
+    """``spec`` (:class:`DecoderSpec`) and ``weights`` (:class:`DecoderWeights`) of the ONNX export of ``model``,
+    converted when the graph writer reads them; :meth:`info` summarises what was written once it has.
+
+    ``source`` None: ``model`` holds every weight. Else ``model`` is a skeleton with its parameters on the meta
+    device (:func:`~.block_stream.model_skeleton`; buffers such as the rotary ``inv_freq`` are real) and ``source``
+    (a :class:`~.block_stream.BlockSource`) materialises a copy of a module when it is read -- block ``i`` each time
+    ``weights.layers[i]`` is, the embedding and the head when the writer calls ``weights.embed`` /
+    ``weights.lm_head``, the final norm now -- which is converted and dropped, so at most one block and the embedding
+    or the head are in memory (nothing is kept once the writer lets go). The skeleton itself stays meta and is
+    referenced by names only, so a stream may run it afterwards. A head counts as tied
+    when the config ties it and the source has no ``lm_head.weight`` (as :meth:`.block_stream.BlockStream.logits`
+    reads it). The Walsh-Hadamard factors of ``spec.wht_factors`` are added per size as adapted blocks are read,
+    before the writer sees them; ``quant_settings`` collects ``(bits, group_size)`` of every quantized layer read.
+    ``head_bits`` (None, 8 or 4): quantize the embedding and the head (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        accuracy_level: int = 0,
+        exact_lm_head: bool = True,
+        head_bits: int | None = None,
+        source: BlockSource | None = None,
+    ) -> None:
+        if head_bits is not None and head_bits not in HEAD_BITS:
+            raise ValueError(f"head_bits={head_bits!r} must be one of {HEAD_BITS} (or None: float32)")
+        self.model, self.source, self.head_bits, self.exact_lm_head = model, source, head_bits, exact_lm_head
+        self.layout = layout = check_config(model.config.to_dict())
+        arch, head_dim = layout.architecture, layout.head_dim
+        blocks = decoder_layers(model)
+        for i, block in enumerate(blocks):  # the registry's scale against the one transformers computes
+            scaling = getattr(getattr(block, arch.attention_attr), "scaling", layout.attention_scale)
+            if not math.isclose(float(scaling), layout.attention_scale, rel_tol=1e-12):
+                raise ValueError(
+                    f"layer {i}: attention scaling {scaling} differs from the registry's {layout.attention_scale}"
+                )
+        if arch.rope_per_layer_type:  # one table per layer type; the global one (if any) is cos_cache / sin_cache
+            kinds = sorted(set(layout.layer_types), key=lambda t: t != FULL)
+            tables = {t: _rope_tables(model, head_dim, t) for t in kinds}
+            default, layer_rope = kinds[0], tuple("" if t == kinds[0] else t for t in layout.layer_types)
+            cos, sin = tables.pop(default)
+        else:
+            (cos, sin), tables, layer_rope = _rope_tables(model, head_dim), {}, None
+        self._names = {id(m): n for n, m in model.named_modules()}
+        # by name, not the modules: a stream that later runs the skeleton loads its blocks in place and drops them
+        self.block_names = [self._names[id(b)] for b in blocks]
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if source is None:
+            self.tied = (
+                head is not None and not hasattr(head, "codes") and head.weight.data_ptr() == embed.weight.data_ptr()
+            )
+        else:
+            self.tied = layout.tied_head and not source.has(f"{self._prefix(head)}weight")
+        self.quant_settings: set[tuple[int, int]] = set()
+        self._nbits: set[tuple[int, int]] = set()
+        self._head_info: str | None = None
+        windows = tuple(layout.window if layout.sliding(i) else -1 for i in range(len(blocks)))
+        self.spec = DecoderSpec(
+            num_layers=len(blocks),
+            hidden_size=layout.hidden_size,
+            num_heads=layout.num_heads,
+            num_kv_heads=layout.num_kv_heads,
+            head_dim=head_dim,
+            vocab_size=layout.vocab_size,
+            rms_eps=layout.rms_eps,
+            cos_cache=cos,
+            sin_cache=sin,
+            attention_scale=layout.attention_scale,
+            window=windows[0] if len(set(windows)) == 1 else -1,
+            accuracy_level=accuracy_level,
+            wht_factors={},
+            activation=_ACTIVATIONS[layout.activation],
+            embed_scale=float(np.float32(layout.embed_scale)) if layout.embed_scale != 1.0 else None,  # as a float32
+            attn_softcap=float(layout.attn_softcap or 0.0),
+            final_softcap=float(layout.final_softcap or 0.0),
+            layer_windows=None if len(set(windows)) == 1 else windows,
+            layer_rope=layer_rope,
+            rope_caches=tables,
+        )
+        final_norm = self._read(getattr(model, "model", model).norm, lambda m: _norm(m, layout.norm_offset))
+        lm_head: Any = self._lm_head
+        if self.tied and (head_bits is not None or not exact_lm_head):  # known now: no head weights of its own
+            lm_head, self._head_info = None, self._head_kind(None)
+        self.weights = DecoderWeights(self._embed, _Blocks(self), final_norm, lm_head)
+
+    def _prefix(self, module: nn.Module) -> str:
+        return f"{self._names[id(module)]}."
+
+    def _read(self, module: nn.Module, convert, prefix: str | None = None):
+        """``convert(module)`` of ``module`` with its weights: the model's own module, or (with a source) a copy of
+        the skeleton's module materialised from ``prefix`` (its own name by default), dropped on return."""
+        if self.source is None:
+            return convert(module)
+        release_freed_memory()  # what the previous read left behind, now that the writer has let go of it
+        work = copy.deepcopy(module)  # parameters on the meta device: nothing is copied
+        self.source.load(work, prefix or self._prefix(module))
+        return convert(work)
+
+    def _embed(self) -> np.ndarray | NBitsLinear:
+        def convert(embed: nn.Module) -> np.ndarray | NBitsLinear:
+            w = embed.weight.detach().cpu().float()
+            return w.numpy() if self.head_bits is None else quantized_table(w, self.head_bits)
+
+        return self._read(self.model.get_input_embeddings(), convert)
+
+    def _lm_head(self) -> NBitsLinear | DenseLinear | None:
+        def convert(head: nn.Module) -> NBitsLinear | DenseLinear | None:
+            self.quant_settings |= _quant_settings(head)
+            if self.head_bits is not None:
+                return quantized_table(head.weight, self.head_bits)
+            if self.exact_lm_head and not hasattr(head, "codes") and hasattr(head, "weight"):
+                return exact_grid_linear(head.weight) or (None if self.tied else _linear(head))
+            return _linear(head)
+
+        embed = self.model.get_input_embeddings()
+        lm_head = self._read(self.model.get_output_embeddings(), convert, self._prefix(embed) if self.tied else None)
+        self._head_info = self._head_kind(lm_head)
+        return lm_head
+
+    def _head_kind(self, lm_head: NBitsLinear | DenseLinear | None) -> str:
+        if self.head_bits is not None:
+            return f"{'tied ' if self.tied else ''}{self.head_bits}-bit RTN/block {HEAD_BLOCK} MatMulNBits"
+        if lm_head is None:
+            return "tied float32"
+        return "exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"
+
+    def _block(self, index: int) -> LayerWeights:
+        def convert(block: nn.Module) -> LayerWeights:
+            self.quant_settings |= _quant_settings(block)
+            return _block_weights(block, self.layout)
+
+        lw = self._read(self.model.get_submodule(self.block_names[index]), convert)
+        for p in lw.projections:
+            if p.adapter is not None and p.linear.shape[1] not in self.spec.wht_factors:
+                self.spec.wht_factors[p.linear.shape[1]] = wht_factors(p.linear.shape[1])
+            if isinstance(p.linear, NBitsLinear):
+                self._nbits.add((p.linear.bits, p.linear.block_size))
+        return lw
+
+    def info(self) -> dict[str, Any]:
+        """What the graph holds (quantized block sizes, adapted sizes, head, embedding, RoPE, windows, caps); the
+        blocks and the head must have been read."""
+        if self._head_info is None:
+            raise RuntimeError("the decoder's weights have not been read yet")
+        layout, spec = self.layout, self.spec
+        rope_types = {t: p.get("rope_type", "default") for t, p in layout.rope.items()}
+        rope_type = rope_types if len(set(rope_types.values())) > 1 else next(iter(rope_types.values()), "default")
+        table = f"{self.head_bits}-bit RTN/block {HEAD_BLOCK} GatherBlockQuantized"
+        return {
+            "model_type": self.model.config.model_type,
+            "quantized": sorted({f"{b}-bit/block {s}" for b, s in self._nbits}),
+            "adapted_sizes": sorted(spec.wht_factors),
+            "lm_head": self._head_info,
+            "embedding": "float32" if self.head_bits is None else table,
+            "rope_type": rope_type,
+            "window": spec.window if spec.layer_windows is None else list(spec.layer_windows),
+            "layer_types": list(layout.layer_types),
+            "attn_softcap": spec.attn_softcap,
+            "final_softcap": spec.final_softcap,
+        }
+
+
+class _Blocks(Sequence[LayerWeights]):
+    """The ``LayerWeights`` of an :class:`OnnxDecoder`'s blocks, converted each time one is read (nothing kept)."""
+
+    def __init__(self, decoder: OnnxDecoder) -> None:
+        self._decoder = decoder
+
+    def __len__(self) -> int:
+        return len(self._decoder.block_names)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(len(self))[index]]
+        return self._decoder._block(range(len(self))[index])
+
+
+def _quant_settings(module: nn.Module) -> set[tuple[int, int]]:
+    """``(bits, group_size)`` of every quantized layer in ``module``."""
+    return {(int(m.bits), int(m.group_size)) for m in module.modules() if hasattr(m, "codes") and hasattr(m, "bits")}
+
+
 def decoder_from_model(
     model: nn.Module, accuracy_level: int = 0, exact_lm_head: bool = True, head_bits: int | None = None
 ) -> tuple[DecoderSpec, DecoderWeights, dict[str, Any]]:
-    """``(spec, weights, info)`` of ``model`` (see the module docstring); ``info`` summarises what was written.
-    ``head_bits`` (None, 8 or 4): quantize the embedding and the head (see the module docstring)."""
-    if head_bits is not None and head_bits not in HEAD_BITS:
-        raise ValueError(f"head_bits={head_bits!r} must be one of {HEAD_BITS} (or None: float32)")
-    cfg = model.config
-    layout = check_config(cfg.to_dict())
-    arch, head_dim = layout.architecture, layout.head_dim
-    blocks = decoder_layers(model)
-    for i, block in enumerate(blocks):  # the registry's scale against the one transformers computes
-        scaling = getattr(getattr(block, arch.attention_attr), "scaling", layout.attention_scale)
-        if not math.isclose(float(scaling), layout.attention_scale, rel_tol=1e-12):
-            raise ValueError(
-                f"layer {i}: attention scaling {scaling} differs from the registry's {layout.attention_scale}"
-            )
-    if arch.rope_per_layer_type:  # one table per layer type; the global one (if any) is cos_cache / sin_cache
-        kinds = sorted(set(layout.layer_types), key=lambda t: t != FULL)
-        tables = {t: _rope_tables(model, head_dim, t) for t in kinds}
-        default, layer_rope = kinds[0], tuple("" if t == kinds[0] else t for t in layout.layer_types)
-        cos, sin = tables.pop(default)
-    else:
-        (cos, sin), tables, layer_rope = _rope_tables(model, head_dim), {}, None
-    layers = [_block_weights(block, layout) for block in blocks]
-    sizes, bits = set(), set()
-    for p in (p for lw in layers for p in lw.projections):
-        if p.adapter is not None:
-            sizes.add(p.linear.shape[1])
-        if isinstance(p.linear, NBitsLinear):
-            bits.add((p.linear.bits, p.linear.block_size))
-    windows = tuple(layout.window if layout.sliding(i) else -1 for i in range(len(blocks)))
-    embed_w = model.get_input_embeddings().weight.detach().cpu().float()
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
-    embed: np.ndarray | NBitsLinear = embed_w.numpy()
-    lm_head: NBitsLinear | DenseLinear | None
-    if head_bits is not None:
-        embed = quantized_table(embed_w, head_bits)
-        lm_head = None if tied else quantized_table(head.weight, head_bits)
-    elif exact_lm_head and hasattr(head, "weight") and not hasattr(head, "codes"):
-        lm_head = exact_grid_linear(head.weight) or (None if tied else _linear(head))
-    else:
-        lm_head = None if tied else _linear(head)
-    spec = DecoderSpec(
-        num_layers=len(layers),
-        hidden_size=layout.hidden_size,
-        num_heads=layout.num_heads,
-        num_kv_heads=layout.num_kv_heads,
-        head_dim=head_dim,
-        vocab_size=layout.vocab_size,
-        rms_eps=layout.rms_eps,
-        cos_cache=cos,
-        sin_cache=sin,
-        attention_scale=layout.attention_scale,
-        window=windows[0] if len(set(windows)) == 1 else -1,
-        accuracy_level=accuracy_level,
-        wht_factors={n: wht_factors(n) for n in sorted(sizes)},
-        activation=_ACTIVATIONS[layout.activation],
-        embed_scale=float(np.float32(layout.embed_scale)) if layout.embed_scale != 1.0 else None,  # as a float32
-        attn_softcap=float(layout.attn_softcap or 0.0),
-        final_softcap=float(layout.final_softcap or 0.0),
-        layer_windows=None if len(set(windows)) == 1 else windows,
-        layer_rope=layer_rope,
-        rope_caches=tables,
-    )
-    root = getattr(model, "model", model)
-    rope_types = {t: p.get("rope_type", "default") for t, p in layout.rope.items()}
-    weights = DecoderWeights(embed, layers, _norm(root.norm, layout.norm_offset), lm_head)
-    if head_bits is not None:
-        table = f"{head_bits}-bit RTN/block {HEAD_BLOCK}"
-        head_info = f"{'tied ' if tied else ''}{table} MatMulNBits"
-    elif lm_head is None:
-        head_info = "tied float32"
-    else:
-        head_info = "exact 8-bit MatMulNBits" if isinstance(lm_head, NBitsLinear) else "float32"
-    info = {
-        "model_type": cfg.model_type,
-        "quantized": sorted({f"{b}-bit/block {s}" for b, s in bits}),
-        "adapted_sizes": sorted(sizes),
-        "lm_head": head_info,
-        "embedding": f"{table} GatherBlockQuantized" if head_bits is not None else "float32",
-        "rope_type": rope_types if len(set(rope_types.values())) > 1 else next(iter(rope_types.values()), "default"),
-        "window": spec.window if spec.layer_windows is None else list(spec.layer_windows),
-        "layer_types": list(layout.layer_types),
-        "attn_softcap": spec.attn_softcap,
-        "final_softcap": spec.final_softcap,
-    }
-    return spec, weights, info
+    """``(spec, weights, info)`` of a model held whole in memory, every weight converted now (see
+    :class:`OnnxDecoder`); ``info`` summarises what was written."""
+    dec = OnnxDecoder(model, accuracy_level, exact_lm_head, head_bits)
+    w = dec.weights
+    weights = DecoderWeights(resolve(w.embed), list(w.layers), w.final_norm, resolve(w.lm_head))
+    return dec.spec, weights, dec.info()

@@ -11,18 +11,24 @@ Per block (contrib ops of onnxruntime, as in its genai model builder)::
 The bracketed steps are those of the architectures that have them (q/k norm: Qwen3, Gemma 3; four norms per block:
 Gemma); the numbers (norm weights with any ``1 + w`` folded in, windows, scales, caps, rotary tables per layer)
 come from :class:`~.onnx_spec.DecoderSpec` / :class:`~.onnx_spec.LayerWeights` as the converters prepared them.
+
+:meth:`DecoderWriter.write` writes the decoder into several graphs at once (the If branches, one per spectral path),
+layer by layer: the embedding is read (and its initializers made) first, then each layer's weights once, in order,
+for every graph, then the head once. With a sink (:class:`~.onnx_external.ExternalData`) nothing of the weights
+outlives the layer it belongs to, so a source that converts each block as it is read keeps one block in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from onnx import TensorProto
 
+from .onnx_external import ExternalData
 from .onnx_layers import MS, Graph, Layers, layer_prefix
 from .onnx_ops import pack_le
-from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights, NBitsLinear
+from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights, NBitsLinear, resolve
 
 __all__ = ["DecoderWriter"]
 
@@ -30,28 +36,62 @@ _NEG = float(np.finfo(np.float32).min)
 
 
 class DecoderWriter(Layers):
-    def __init__(self, spec: DecoderSpec, weights: DecoderWeights):
-        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density, spec.wht_factors)
+    """Writes the decoder of ``spec`` / ``weights`` (:meth:`write`); initializers in memory or through ``sink``."""
+
+    def __init__(self, spec: DecoderSpec, weights: DecoderWeights, sink: ExternalData | None = None):
+        super().__init__(spec.accuracy_level, spec.ell_width, spec.dense_adapter_density, spec.wht_factors, sink)
         self.spec, self.w = spec, weights
+        self.embed_blocks: tuple[int, int] | None = None  # (bits, block size) of a quantized embedding
+
+    def write(self, branches: Mapping[str, tuple[Graph, Sequence[str]]]) -> bool:
+        """All nodes of the decoder into every graph of ``branches`` (``{mode: (graph, out_names)}``, ``out_names``
+        = logits, then present key/value per layer), layer by layer, each layer's weights read once (see the module
+        docstring). Returns whether any projection has a spectral adapter."""
+        self.shared_inits()
+        states = {mode: self.embed(g) for mode, (g, _) in branches.items()}
+        adapted, layers = False, self.w.layers
+        for i in range(len(layers)):  # by index: an iterator would hold layer i while layer i + 1 is read
+            lw = layers[i]
+            adapted = adapted or any(p.adapter is not None for p in lw.projections)
+            for name, weight in self._norms(lw).items():
+                self.root.init(f"{layer_prefix(i)}{name}.weight", weight.astype(np.float32, copy=False))
+            for mode, (g, outs) in branches.items():
+                states[mode] = self.block(g, i, lw, mode, states[mode], outs[1 + 2 * i : 3 + 2 * i])
+            del lw
+        self.head_init()
+        for mode, (g, outs) in branches.items():
+            self.head(g, states[mode][0], outs[0])
+        return adapted
 
     def shared_inits(self) -> None:
+        """The embedding (read here, once), the rotary tables, the final norm; the head of a quantized embedding
+        it is tied to (written from the embedding's codes while they are in memory)."""
         s, w, root = self.spec, self.w, self.root
-        if isinstance(w.embed, NBitsLinear):  # GatherBlockQuantized: codes packed along hidden, low nibble first
-            e = w.embed
-            root.init("model.embed_tokens.qweight", pack_le(e.codes, e.bits))
-            root.init("model.embed_tokens.scales", np.ascontiguousarray(e.scales, dtype=np.float32))
-            root.init("model.embed_tokens.qzeros", pack_le(e.zeros, e.bits))
+        embed = resolve(w.embed)
+        if isinstance(embed, NBitsLinear):  # GatherBlockQuantized: codes packed along hidden, low nibble first
+            self.embed_blocks = (embed.bits, embed.block_size)
+            root.init("model.embed_tokens.qweight", pack_le(embed.codes, embed.bits))
+            root.init("model.embed_tokens.scales", np.ascontiguousarray(embed.scales, dtype=np.float32))
+            root.init("model.embed_tokens.qzeros", pack_le(embed.zeros, embed.bits))
+            if w.lm_head is None:  # tied: a MatMulNBits on the same codes
+                self.linear_init("lm_head", embed)
         else:
-            root.init("model.embed_tokens.weight", w.embed.astype(np.float32))
+            root.init("model.embed_tokens.weight", embed.astype(np.float32, copy=False))
+        del embed
         root.init("cos_cache", s.cos_cache.astype(np.float32))
         root.init("sin_cache", s.sin_cache.astype(np.float32))
         for key, (cos, sin) in s.rope_caches.items():
             root.init(f"cos_cache.{key}", cos.astype(np.float32))
             root.init(f"sin_cache.{key}", sin.astype(np.float32))
-        for i, lw in enumerate(w.layers):
-            for name, weight in self._norms(lw).items():
-                root.init(f"{layer_prefix(i)}{name}.weight", weight.astype(np.float32))
         root.init("model.norm.weight", w.final_norm.astype(np.float32))
+
+    def head_init(self) -> None:
+        """The head's initializers (read here, once); none when it is tied to a float32 embedding (a Gemm)."""
+        head = resolve(self.w.lm_head)
+        if head is not None:
+            self.linear_init("lm_head", head)
+        elif self.embed_blocks is not None and "lm_head" not in self.linears:
+            raise ValueError("a head tied to a quantized embedding must be given as lm_head=None, not computed")
 
     @staticmethod
     def _norms(lw: LayerWeights) -> dict[str, np.ndarray]:
@@ -140,11 +180,12 @@ class DecoderWriter(Layers):
             raise ValueError(f"activation {act_kind!r} has no ONNX writer; known: silu, gelu_tanh, gelu")
         return self.projection(g, g.op("Mul", [act, up], name=f"{p}mlp.act"), f"{p}mlp.down_proj", [lw.down], mode)
 
-    def body(self, g: Graph, mode: str, out_names: Sequence[str]) -> None:
-        """All nodes of the decoder into ``g``; ``out_names`` = logits, then present key/value per layer."""
-        s, w = self.spec, self.w
-        if isinstance(w.embed, NBitsLinear):
-            e, qe = w.embed, "model.embed_tokens"
+    def embed(self, g: Graph) -> tuple[str, str, tuple[str, str, str, str]]:
+        """The embedding and the masks: ``(x, residual, masks)``, ``x`` normalized for block 0."""
+        s = self.spec
+        if self.embed_blocks is not None:
+            qe = "model.embed_tokens"
+            bits, block_size = self.embed_blocks
             h = g.op(
                 "GatherBlockQuantized",
                 [f"{qe}.qweight", "input_ids", f"{qe}.scales", f"{qe}.qzeros"],
@@ -152,39 +193,48 @@ class DecoderWriter(Layers):
                 name="embed",
                 gather_axis=0,
                 quantize_axis=1,
-                block_size=e.block_size,
-                bits=e.bits,
+                block_size=block_size,
+                bits=bits,
             )
         else:
             h = g.op("Gather", ["model.embed_tokens.weight", "input_ids"], axis=0, name="embed")
         if s.embed_scale is not None:
             h = g.op("Mul", [h, g.const(s.embed_scale, np.float32)], name="embed_scale")
         masks = self.masks(g)
-        x, residual = self.rms(g, h, f"{layer_prefix(0)}input_layernorm.weight"), h
-        for i, lw in enumerate(w.layers):
-            p = layer_prefix(i)
-            attn = self.attention(g, x, i, lw, mode, masks, out_names[1 + 2 * i : 3 + 2 * i])
-            if lw.pre_ff_norm is not None:  # four norms: the attention output is normalized before the residual add
-                attn = self.rms(g, attn, f"{p}post_attention_layernorm.weight")
-                x, residual = self.skip_rms(g, attn, residual, f"{p}pre_feedforward_layernorm.weight")
-            else:
-                x, residual = self.skip_rms(g, attn, residual, f"{p}post_attention_layernorm.weight")
-            down = self.mlp(g, x, i, lw, mode)
-            if lw.post_ff_norm is not None:
-                down = self.rms(g, down, f"{p}post_feedforward_layernorm.weight")
-            norm_w = f"{layer_prefix(i + 1)}input_layernorm.weight" if i + 1 < len(w.layers) else "model.norm.weight"
-            x, residual = self.skip_rms(g, down, residual, norm_w)
-        logits = [out_names[0]] if not s.final_softcap else None
-        if w.lm_head is None and isinstance(w.embed, NBitsLinear):  # tied to a quantized embedding: same codes
-            lg = self.matmul(g, x, "lm_head", w.embed, outputs=logits)
-        elif w.lm_head is None:  # tied: Gemm against the embedding (one copy of the matrix)
+        return self.rms(g, h, f"{layer_prefix(0)}input_layernorm.weight"), h, masks
+
+    def block(self, g: Graph, i: int, lw: LayerWeights, mode: str, state, out_kv: Sequence[str]):
+        """Decoder block ``i`` on ``state`` = ``(x, residual, masks)``; returns the next state, ``x`` normalized by
+        the next block's input norm (the final norm after the last block)."""
+        x, residual, masks = state
+        p = layer_prefix(i)
+        attn = self.attention(g, x, i, lw, mode, masks, out_kv)
+        if lw.pre_ff_norm is not None:  # four norms: the attention output is normalized before the residual add
+            attn = self.rms(g, attn, f"{p}post_attention_layernorm.weight")
+            x, residual = self.skip_rms(g, attn, residual, f"{p}pre_feedforward_layernorm.weight")
+        else:
+            x, residual = self.skip_rms(g, attn, residual, f"{p}post_attention_layernorm.weight")
+        down = self.mlp(g, x, i, lw, mode)
+        if lw.post_ff_norm is not None:
+            down = self.rms(g, down, f"{p}post_feedforward_layernorm.weight")
+        last = i + 1 == self.spec.num_layers
+        x, residual = self.skip_rms(
+            g, down, residual, "model.norm.weight" if last else f"{layer_prefix(i + 1)}input_layernorm.weight"
+        )
+        return x, residual, masks
+
+    def head(self, g: Graph, x: str, logits_name: str) -> None:
+        """The logits of the final hidden states ``x`` (after :meth:`head_init`), soft-capped when configured."""
+        s = self.spec
+        logits = [logits_name] if not s.final_softcap else None
+        if "lm_head" in self.linears:  # its own weights, or the codes of a quantized embedding it is tied to
+            lg = self.linear(g, x, "lm_head", outputs=logits)
+        else:  # tied: Gemm against the embedding (one copy of the matrix)
             flat = g.op("Reshape", [x, g.const([-1, s.hidden_size])])
             lg = g.op("Gemm", [flat, "model.embed_tokens.weight"], transB=1, name="lm_head")
             shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([s.vocab_size])], axis=0)
             lg = g.op("Reshape", [lg, shape], outputs=logits)
-        else:
-            lg = self.matmul(g, x, "lm_head", w.lm_head, outputs=logits)
         if s.final_softcap:  # c * tanh(z / c), in the order transformers computes it
             cap = g.const(float(s.final_softcap), np.float32)
             capped = g.op("Tanh", [g.op("Div", [lg, cap], name="final_softcap")])
-            g.op("Mul", [capped, cap], outputs=[out_names[0]])
+            g.op("Mul", [capped, cap], outputs=[logits_name])

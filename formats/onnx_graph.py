@@ -27,6 +27,11 @@ several) or a branch for any number of tokens (the ``prompt`` bodies: ``ScatterE
 share the initializers. With the native qwha kernels registered both branches run the same kernel; without them
 each runs its bodies. The If is not nested: onnxruntime 1.32 does not prepack MatMulNBits weights read from two
 levels up (a nested decoder branch ran its MatMulNBits ~10x slower).
+
+Both branches are written layer by layer in one pass over the blocks (:meth:`.onnx_decoder.DecoderWriter.write`);
+a model without adapters gets the prompt body as its graph (the If is only decided after the last block).
+Initializers are held in the ``ModelProto``, or -- with a ``sink`` (:class:`.onnx_external.ExternalData`) -- written
+to ``model.onnx.data`` as they are made, the proto keeping references only.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from .onnx_decoder import DecoderWriter
+from .onnx_external import ExternalData
 from .onnx_layers import Graph, Layers
 from .onnx_ops import DOMAIN, SPECTRAL_MODES, qwha_functions
 from .onnx_spec import (
@@ -91,30 +97,41 @@ def _value_infos(spec: DecoderSpec) -> tuple[list, list]:
 
 
 def build_decoder_model(
-    spec: DecoderSpec, weights: DecoderWeights, metadata: dict[str, str] | None = None, doc: str = ""
+    spec: DecoderSpec,
+    weights: DecoderWeights,
+    metadata: dict[str, str] | None = None,
+    doc: str = "",
+    sink: ExternalData | None = None,
 ) -> onnx.ModelProto:
-    """The ``ModelProto`` of the decoder (IO in the module docstring); initializers held in memory."""
+    """The ``ModelProto`` of the decoder (IO in the module docstring). Initializers are held in memory, or with a
+    ``sink`` written to its file as they are made (the proto then holds references only; save it with a plain
+    ``onnx.save_model``). ``weights.layers`` is read once, block by block (see :class:`DecoderWeights`)."""
     if len(weights.layers) != spec.num_layers:
         raise ValueError(f"{len(weights.layers)} layer weights for num_layers={spec.num_layers}")
-    dec = DecoderWriter(spec, weights)
+    dec = DecoderWriter(spec, weights, sink)
     root = dec.root
-    dec.shared_inits()
     ins, outs = _value_infos(spec)
     out_names = [o.name for o in outs]
-    adapted = any(p.adapter is not None for lw in weights.layers for p in lw.projections)
-    if not adapted:
-        dec.body(root, "prompt", out_names)
+    # both If branches are written layer by layer (one read of each block); whether the If is needed is known after
+    branches = {
+        mode: (Graph(prefix=f"{mode}/", root=root), [f"{mode}/{n}" for n in out_names]) for mode in SPECTRAL_MODES
+    }
+    if not dec.write(branches):  # no adapter: both bodies are the same, the prompt one is the graph itself
+        root.nodes = _unprefixed(branches["prompt"][0])
     else:  # If(sequence == 1): decode-step branch / any-length branch, sharing the initializers (one level only:
         # onnxruntime 1.32 does not prepack MatMulNBits weights for nodes in an If nested in another If)
-        branches = {mode: _branch(dec, root, mode, out_names) for mode in SPECTRAL_MODES}
+        graphs = {
+            mode: helper.make_graph(g.nodes, f"decoder_{mode}", [], _float_infos(names))
+            for mode, (g, names) in branches.items()
+        }
         seq = root.op("Gather", [root.op("Shape", ["input_ids"]), root.const(1)], axis=0)
         root.op(
             "If",
             [root.op("Equal", [seq, root.const(1)], name="decode_step")],
             name="decode_or_prompt",
             outputs=out_names,
-            then_branch=branches["decode"],
-            else_branch=branches["prompt"],
+            then_branch=graphs["decode"],
+            else_branch=graphs["prompt"],
         )
     graph = helper.make_graph(root.nodes, "qwha_decoder", ins, outs, initializer=list(root.inits.values()))
     model = _with_functions(graph, spec.wht_factors, doc)
@@ -127,12 +144,21 @@ def _float_infos(names: Sequence[str]) -> list[onnx.ValueInfoProto]:
     return [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names]
 
 
-def _branch(dec: DecoderWriter, root: Graph, mode: str, out_names: Sequence[str]) -> onnx.GraphProto:
-    """The decoder as an If branch whose spectral adapters take the ``mode`` path."""
-    sub = Graph(prefix=f"{mode}/", root=root)
-    sub_outs = [f"{mode}/{n}" for n in out_names]
-    dec.body(sub, mode, sub_outs)
-    return helper.make_graph(sub.nodes, f"decoder_{mode}", [], _float_infos(sub_outs))
+def _unprefixed(branch: Graph) -> list[onnx.NodeProto]:
+    """The nodes of ``branch`` with its prefix dropped from node and value names: the nodes the same calls write
+    into the root graph (a graph's names are its prefix, the op and the graph's own node count)."""
+    prefix = branch.prefix
+
+    def strip(name: str) -> str:
+        return name[len(prefix) :] if name.startswith(prefix) else name
+
+    for node in branch.nodes:
+        node.name = strip(node.name)
+        for field in (node.input, node.output):
+            names = [strip(v) for v in field]
+            del field[:]
+            field.extend(names)
+    return branch.nodes
 
 
 def build_projection_model(

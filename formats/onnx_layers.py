@@ -1,5 +1,10 @@
 """Node writers shared by the decoder and the one-projection model: a (sub)graph with shared initializers, and the
-(packed) projections -- MatMulNBits / MatMul, bias, ``qwha::SpectralAdd`` (layout and wiring only, no math)."""
+(packed) projections -- MatMulNBits / MatMul, bias, ``qwha::SpectralAdd`` (layout and wiring only, no math).
+
+Initializers are made once per name and held in the root graph, in memory or -- when the root has a ``sink``
+(:class:`~.onnx_external.ExternalData`) -- as references to the bytes the sink has already written. What a node
+needs of an initialized projection (input names, attributes, table sizes) is cached by name, never its arrays, so a
+projection written into several subgraphs (the If branches of the decoder) is converted once."""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .onnx_ops import SpectralTables, matmul_nbits_tensors, spectral_dense_node, spectral_node, spectral_tables
+from .onnx_external import ExternalData
+from .onnx_ops import TableShape, matmul_nbits_tensors, spectral_dense_node, spectral_node, spectral_tables
 from .onnx_spec import DenseLinear, NBitsLinear, Projection
 
 __all__ = ["MS", "Graph", "Layers", "layer_prefix"]
@@ -18,22 +24,27 @@ MS = "com.microsoft"
 
 
 class Graph:
-    """Nodes of one (sub)graph; initializers live in the root graph and are shared by subgraphs."""
+    """Nodes of one (sub)graph; initializers live in the root graph and are shared by subgraphs. A root made with a
+    ``sink`` writes each initializer's data there when it is made and keeps only the reference."""
 
-    def __init__(self, prefix: str = "", root: Graph | None = None):
+    def __init__(self, prefix: str = "", root: Graph | None = None, sink: ExternalData | None = None):
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self.root = root or self
         if root is None:
             self.inits: dict[str, TensorProto] = {}
             self.consts: dict[tuple, str] = {}
+            self.sink = sink
         self._n = 0
 
     def init(self, name: str, array: np.ndarray) -> str:
         """Add a root initializer once (a second call with the same name returns the name unchanged)."""
-        inits = self.root.inits
-        if name not in inits:
-            inits[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
+        root = self.root
+        if name not in root.inits:
+            if root.sink is not None:
+                root.inits[name] = root.sink.tensor(name, array)
+            else:
+                root.inits[name] = numpy_helper.from_array(np.array(array, order="C", copy=True), name)
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -121,11 +132,18 @@ def _stack_bias(projs: Sequence[Projection]) -> np.ndarray | None:
 class Layers:
     """Writes (packed) projections: MatMulNBits / MatMul, bias, ``qwha::SpectralAdd`` (WHT + spectral product)."""
 
-    def __init__(self, accuracy_level: int, ell_width: int, dense_adapter_density: float, wht_factors: dict):
+    def __init__(
+        self,
+        accuracy_level: int,
+        ell_width: int,
+        dense_adapter_density: float,
+        wht_factors: dict,
+        sink: ExternalData | None = None,
+    ):
         self.accuracy_level, self.ell_width, self.dense_density = accuracy_level, ell_width, dense_adapter_density
         self.wht_factors = wht_factors
-        self.root = Graph()
-        self.tables: dict[str, tuple[SpectralTables, str, str, str]] = {}
+        self.root = Graph(sink=sink)
+        self.adapters: dict[str, tuple[TableShape | None, list[str]]] = {}
         self.linears: dict[str, tuple[str, list[str], dict]] = {}
 
     # -- shared initializers (written once, used by both If branches) ----------------------------------------------
@@ -145,25 +163,44 @@ class Layers:
         self.linears[name] = rec
         return rec
 
-    def table_init(self, name: str, projs: Sequence[Projection]):
-        if name in self.tables:
-            return self.tables[name]
+    def packed_init(self, name: str, projs: Sequence[Projection]) -> list[str]:
+        """The initialized linears of ``projs``: ``[name]`` when their rows stack into one node, else ``name.<i>``
+        each (different quantization settings)."""
+        parts = [f"{name}.{i}" for i in range(len(projs))]
+        if name in self.linears or parts[0] in self.linears:
+            return [name] if name in self.linears else parts
+        stacked = _stack_linear([p.linear for p in projs])
+        if stacked is not None:
+            self.linear_init(name, stacked)
+            return [name]
+        for part, p in zip(parts, projs, strict=True):
+            self.linear_init(part, p.linear)
+        return parts
+
+    def adapter_init(self, name: str, projs: Sequence[Projection]) -> tuple[TableShape | None, list[str]]:
+        """The spectral adapter of the packed ``projs`` as initializers, once per name: ``(None, [F.T])`` when ``F``
+        is dense enough for one float32 MatMul, else ``(table sizes, [values, flat, cols, pieces])``."""
+        if name in self.adapters:
+            return self.adapters[name]
+        n, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
         rows, cols, vals = _stack_adapters(projs)
-        t = spectral_tables(rows, cols, vals, sum(p.linear.shape[0] for p in projs), self.ell_width)
         g = self.root
-        rec = (
-            t,
-            g.init(f"{name}.ell_cols", t.cols1),
-            g.init(f"{name}.ell_values", t.vals1),
-            g.init(f"{name}.ell_pieces", t.pieces2),
-            g.init(f"{name}.ell_flat", t.flat1),
-        )
-        self.tables[name] = rec
+        if vals.size >= self.dense_density * d_out * n:
+            ft = np.zeros((n, d_out), np.float32)
+            np.add.at(ft, (cols, rows), vals)
+            rec: tuple[TableShape | None, list[str]] = (None, [g.init(f"{name}.adapter_dense_t", ft)])
+        else:
+            t = spectral_tables(rows, cols, vals, d_out, self.ell_width)
+            ell_cols, ell_vals = g.init(f"{name}.ell_cols", t.cols1), g.init(f"{name}.ell_values", t.vals1)
+            pieces, flat = g.init(f"{name}.ell_pieces", t.pieces2), g.init(f"{name}.ell_flat", t.flat1)
+            rec = (t.shape, [ell_vals, flat, ell_cols, pieces])
+        self.adapters[name] = rec
         return rec
 
     # -- ops ------------------------------------------------------------------------------------------------------
-    def matmul(self, g: Graph, x: str, name: str, lin: NBitsLinear | DenseLinear, outputs=None) -> str:
-        op_type, inputs, extra = self.linear_init(name, lin)
+    def linear(self, g: Graph, x: str, name: str, outputs=None) -> str:
+        """The node(s) of the initialized linear ``name`` (:meth:`linear_init`) applied to ``x``."""
+        op_type, inputs, extra = self.linears[name]
         if op_type == "MatMul":
             return g.op("MatMul", [x, inputs[0]], name=f"{name}.MatMul", outputs=outputs)
         if extra["perm"]:
@@ -181,11 +218,11 @@ class Layers:
         return k, self.root.init(f"qwha.hadamard_{k}", np.asarray(hk, np.float32))
 
     def projection(self, g: Graph, x: str, name: str, projs: Sequence[Projection], mode: str) -> str:
-        stacked = _stack_linear([p.linear for p in projs])
-        if stacked is None:  # different quantization settings: one node each, outputs concatenated
-            y = g.op("Concat", [self.matmul(g, x, f"{name}.{i}", p.linear) for i, p in enumerate(projs)], axis=-1)
+        parts = self.packed_init(name, projs)
+        if len(parts) > 1:  # different quantization settings: one node each, outputs concatenated
+            y = g.op("Concat", [self.linear(g, x, part) for part in parts], axis=-1)
         else:
-            y = self.matmul(g, x, name, stacked)
+            y = self.linear(g, x, parts[0])
         bias = _stack_bias(projs)
         if bias is not None:
             y = g.op("Add", [y, g.init(f"{name}.bias", bias)], name=f"{name}.bias_add")
@@ -196,16 +233,12 @@ class Layers:
     def spectral(self, g: Graph, x: str, base: str, name: str, projs: Sequence[Projection], mode: str) -> str:
         """``base + WHT(x) @ F.T`` for the packed projections: one ``qwha::SpectralAdd`` node (``SpectralAddDense``
         when ``F`` is dense enough), whose function body is the ``mode`` path (see the module docstring)."""
-        n, d_out = projs[0].linear.shape[1], sum(p.linear.shape[0] for p in projs)
+        n = projs[0].linear.shape[1]
         k, hk = self.hadamard_init(n)
-        rows, cols, vals = _stack_adapters(projs)
-        out = f"{g.prefix}{name}.adapter/out0"
-        if vals.size >= self.dense_density * d_out * n:  # dense enough: one float32 MatMul in the function body
-            ft = np.zeros((n, d_out), np.float32)
-            np.add.at(ft, (cols, rows), vals)
-            ft_name = self.root.init(f"{name}.adapter_dense_t", ft)
-            g.add(spectral_dense_node([x, base, hk, ft_name], out, n, k, f"{g.prefix}{name}.adapter"))
-            return out
-        t, cols, vals, pieces, flat = self.table_init(name, projs)
-        g.add(spectral_node([x, base, hk, vals, flat, cols, pieces], out, n, k, t, mode, f"{g.prefix}{name}.adapter"))
+        shape, tensors = self.adapter_init(name, projs)
+        out, node_name = f"{g.prefix}{name}.adapter/out0", f"{g.prefix}{name}.adapter"
+        if shape is None:  # dense enough: one float32 MatMul in the function body
+            g.add(spectral_dense_node([x, base, hk, *tensors], out, n, k, node_name))
+        else:
+            g.add(spectral_node([x, base, hk, *tensors], out, n, k, shape, mode, node_name))
         return out

@@ -82,6 +82,7 @@ __all__ = [
     "spectral_dense_node",
     "qwha_functions",
     "SpectralTables",
+    "TableShape",
     "spectral_tables",
 ]
 
@@ -370,8 +371,8 @@ def spectral_dense_function(n: int, k: int, factors: Sequence[np.ndarray], opset
     )
 
 
-def spectral_node(inputs: Sequence[str], y: str, n: int, k: int, t: SpectralTables, mode: str, name: str) -> NodeProto:
-    """A ``qwha::SpectralAdd`` call; ``inputs`` in :data:`SPECTRAL_INPUTS` order."""
+def spectral_node(inputs: Sequence[str], y: str, n: int, k: int, t: TableShape, mode: str, name: str) -> NodeProto:
+    """A ``qwha::SpectralAdd`` call; ``inputs`` in :data:`SPECTRAL_INPUTS` order, ``t`` the tables' sizes."""
     node = helper.make_node(
         SPECTRAL_OP,
         list(inputs),
@@ -425,6 +426,16 @@ def qwha_functions(nodes: Iterable[NodeProto], factors: dict[int, tuple[int, lis
 
 
 @dataclass(frozen=True)
+class TableShape:
+    """The sizes of :class:`SpectralTables` that a ``SpectralAdd`` node's attributes carry."""
+
+    n_pieces: int
+    width: int
+    depth: int
+    d_out: int
+
+
+@dataclass(frozen=True)
 class SpectralTables:
     """Two-level ELL tables of a sparse ``F`` (see the module docstring)."""
 
@@ -436,6 +447,10 @@ class SpectralTables:
     width: int
     depth: int
     d_out: int
+
+    @property
+    def shape(self) -> TableShape:
+        return TableShape(self.n_pieces, self.width, self.depth, self.d_out)
 
 
 def spectral_tables(

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,6 +18,7 @@ __all__ = [
     "DecoderSpec",
     "DecoderWeights",
     "io_names",
+    "resolve",
 ]
 
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # MLP activation of DecoderSpec: x*sigmoid(x), Gelu tanh / exact
@@ -141,15 +144,28 @@ class DecoderSpec:
 
 @dataclass(frozen=True)
 class DecoderWeights:
-    """The weights outside the blocks. ``embed``: float32 ``[vocab, hidden]`` (a Gather), or an ``NBitsLinear``
+    """The weights of the decoder. ``embed``: float32 ``[vocab, hidden]`` (a Gather), or an ``NBitsLinear``
     of the same shape (GatherBlockQuantized along the hidden axis, symmetric zero points packed as MatMulNBits').
     ``lm_head`` None: tied to ``embed`` (a Gemm with ``transB`` against the float32 matrix, or a MatMulNBits on the
-    same codes when ``embed`` is quantized)."""
+    same codes when ``embed`` is quantized).
 
-    embed: np.ndarray | NBitsLinear
-    layers: list[LayerWeights]
+    Streamed sources: ``layers`` may be any sequence, e.g. one that converts block ``i`` when it is read (the graph
+    writer reads each index once, in order, and lets go of it before reading the next), and ``embed`` / ``lm_head``
+    may be zero-argument callables returning them (called once: the embedding before the blocks, the head after
+    them; a head tied to a quantized embedding is ``None`` itself, as its codes are written with the embedding)."""
+
+    embed: np.ndarray | NBitsLinear | Callable[[], np.ndarray | NBitsLinear]
+    layers: Sequence[LayerWeights]
     final_norm: np.ndarray
-    lm_head: NBitsLinear | DenseLinear | None
+    lm_head: NBitsLinear | DenseLinear | None | Callable[[], NBitsLinear | DenseLinear | None]
+
+
+_T = TypeVar("_T")
+
+
+def resolve(value: _T | Callable[[], _T]) -> _T:
+    """``value``, or what it returns when it is a callable (a lazily read weight of :class:`DecoderWeights`)."""
+    return value() if callable(value) else value
 
 
 def io_names(num_layers: int) -> tuple[list[str], list[str]]:

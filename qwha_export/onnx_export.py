@@ -1,11 +1,14 @@
 """``export_onnx``: an exported folder (merged, fused or dense) as an ONNX causal LM with a KV cache.
 
-The PyTorch model of the source is loaded with the project's own loaders (:func:`qwha_export.verify.load_export`),
-its numbers are taken by :func:`qwha_export.converters.onnx_export.decoder_from_model` and the graph is written by
-:func:`qwha_export.formats.onnx_graph.build_decoder_model`. The output folder::
+The source is read block by block (memory flat in depth): :func:`qwha_export.verify.export_stream` gives the model
+skeleton on the meta device and the block source of the project's own loaders, whose blocks
+:class:`qwha_export.converters.onnx_export.OnnxDecoder` materialises and converts one at a time while
+:func:`qwha_export.formats.onnx_graph.build_decoder_model` writes the graph; every initializer goes to
+``model.onnx.data`` as it is made (:class:`qwha_export.formats.onnx_external.ExternalData`), so neither the model
+nor the graph's weights are ever held whole. The output folder::
 
     model.onnx            graph (IO names: qwha_export.formats.onnx_graph)
-    model.onnx.data       all initializers (external data, always)
+    model.onnx.data       the initializers (external data; those under 1 KiB stay in the graph, as onnx writes them)
     config.json           the source's config without quantization_config
     generation_config.json, tokenizer files, chat template (copied when the source has them)
     genai_config.json     onnxruntime-genai decoder description
@@ -14,7 +17,9 @@ its numbers are taken by :func:`qwha_export.converters.onnx_export.decoder_from_
                           accuracy_level), source (the source folder and its manifest), parity, files
 
 Parity (``parity`` in the manifest and the model's metadata_props): logits of ONNX against the PyTorch model that
-was exported, on ``parity_tokens`` deterministic token ids (one full-sequence call with an empty cache).
+was exported, on ``parity_tokens`` deterministic token ids (one full-sequence call with an empty cache); the PyTorch
+side runs block by block (:class:`~qwha_export.converters.block_stream.BlockStream`), the onnxruntime session holds
+the whole graph.
 
 :func:`open_onnx_session` opens a folder written here (one-line ``ValueError`` if the graph or its external data is
 missing); :class:`OnnxLogits` runs it like a model (``logits = m(input_ids)``), which :mod:`qwha_export.verify` uses.
@@ -91,12 +96,13 @@ def export_onnx(
     (MatMulNBits), for large vocabularies; the parity check then measures its cost against the float head."""
     import onnx
 
-    from .converters.onnx_export import check_config, decoder_from_model
+    from .converters.onnx_export import OnnxDecoder, check_config
     from .formats.adapter_dir import atomic_output_dir, check_output_dir
     from .formats.dense import DenseFormat
     from .formats.manifest import MANIFEST_FILE, Manifest, Parity, Source, read_manifest, write_manifest
+    from .formats.onnx_external import ExternalData
     from .formats.onnx_graph import build_decoder_model
-    from .verify import detect_format, load_export
+    from .verify import detect_format, export_stream
 
     t0 = time.time()
     if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
@@ -116,38 +122,34 @@ def export_onnx(
     check_config(cfg)
     variant = _variant(fmt)
     ops_lib = _ops_library(variant) if bundle_ops else None
-    _say(quiet, f"loading {src} ({fmt.value})")
-    model, _ = load_export(src, dtype=torch.float32)
+    src_manifest = read_manifest(src) if (src / MANIFEST_FILE).is_file() else None
     # 8-bit MatMulNBits is fast only with int8 activations (accuracy_level 4); at levels 0-3 onnxruntime 1.32 runs it
     # ~20x slower than a float32 MatMul, so the exact 8-bit lm_head is used with level 4 only
     exact = exact_lm_head and variant != "dense" and accuracy_level == 4
-    spec, weights, info = decoder_from_model(model, accuracy_level, exact_lm_head=exact, head_bits=head_bits)
-    src_manifest = read_manifest(src) if (src / MANIFEST_FILE).is_file() else None
-    settings = {
-        "format": ExportFormat.ONNX.value,
-        "variant": variant,
-        **_bits_and_group(model),
-        "accuracy_level": accuracy_level,
-        "head_bits": head_bits,
-    }
-    metadata = {
-        "qwha_export.tool_version": _tool_version(),
-        "qwha_export.settings": json.dumps(settings),
-        "qwha_export.source_manifest": json.dumps(src_manifest.to_json() if src_manifest else None),
-    }
-    _say(quiet, f"building the graph ({spec.num_layers} layers, {variant})")
-    proto = build_decoder_model(spec, weights, metadata, doc=f"qwha-export {variant} export of {src.name}")
-    del weights
-    with atomic_output_dir(out, overwrite) as tmp:
+    with export_stream(src, fmt, dtype=torch.float32) as stream, atomic_output_dir(out, overwrite) as tmp:
+        # the model skeleton (meta device); the source materialises one block at a time while the graph is written
+        decoder = OnnxDecoder(stream.model, accuracy_level, exact, head_bits, source=stream.source)
+        spec = decoder.spec
+        _say(quiet, f"writing the graph from {src} ({fmt.value}) block by block ({spec.num_layers} layers, {variant})")
         path = tmp / MODEL_FILE
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
+        with ExternalData(tmp / DATA_FILE) as sink:  # initializers go to the data file as they are made
+            proto = build_decoder_model(
+                spec, decoder.weights, doc=f"qwha-export {variant} export of {src.name}", sink=sink
+            )
+        settings = {
+            "format": ExportFormat.ONNX.value,
+            "variant": variant,
+            **_bits_and_group(decoder.quant_settings),
+            "accuracy_level": accuracy_level,
+            "head_bits": head_bits,
+        }
+        metadata = {
+            "qwha_export.tool_version": _tool_version(),
+            "qwha_export.settings": json.dumps(settings),
+            "qwha_export.source_manifest": json.dumps(src_manifest.to_json() if src_manifest else None),
+        }
+        proto.metadata_props.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in metadata.items())
+        onnx.save_model(proto, str(path))
         del proto
         onnx.checker.check_model(str(path))
         DenseFormat.write_config(tmp, src)
@@ -160,8 +162,8 @@ def export_onnx(
         (tmp / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
         parity = None
         if parity_tokens:
-            _say(quiet, "checking parity against the PyTorch model")
-            parity = {**_parity(model, tmp, parity_tokens, spec.vocab_size), "reference": "pytorch"}
+            _say(quiet, "checking parity against the PyTorch model (block by block)")
+            parity = {**_parity(stream, tmp, parity_tokens, spec.vocab_size), "reference": "pytorch"}
             _set_metadata(path, {"qwha_export.parity": json.dumps(parity)})
         manifest = Manifest(
             settings=settings,
@@ -170,7 +172,7 @@ def export_onnx(
             files=files,
             parity=Parity.from_json(parity),
             seconds=time.time() - t0,
-            sections={"graph": info},
+            sections={"graph": decoder.info()},
         )
         write_manifest(tmp, manifest)
     _say(quiet, f"wrote {out}")
@@ -223,8 +225,9 @@ def _say(quiet: bool, msg: str) -> None:
         click.echo(msg, err=True)
 
 
-def _bits_and_group(model: torch.nn.Module) -> dict[str, Any]:
-    settings = {(int(m.bits), int(m.group_size)) for m in model.modules() if hasattr(m, "codes") and hasattr(m, "bits")}
+def _bits_and_group(settings: set[tuple[int, int]]) -> dict[str, Any]:
+    """The manifest's ``bits`` / ``group_size`` of the ``(bits, group_size)`` of every quantized layer (32 / None:
+    none)."""
     if not settings:
         return {"bits": 32, "group_size": None}
     if len(settings) == 1:
@@ -246,13 +249,18 @@ def _set_metadata(path: Path, entries: dict[str, str]) -> None:
     onnx.save_model(model, str(path))
 
 
-def _parity(model: torch.nn.Module, folder: Path, n_tokens: int, vocab: int) -> dict[str, Any]:
+def _parity(stream, folder: Path, n_tokens: int, vocab: int) -> dict[str, Any]:
+    """ONNX logits of ``folder`` against the PyTorch model of ``stream`` (a :class:`BlockStream`, run block by block
+    before the onnxruntime session opens) on ``n_tokens`` deterministic token ids in two rows."""
     from .metrics import compare_logits
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, max(2, n_tokens // 2)), generator=gen)
-    with torch.no_grad():
-        ref = model(input_ids=ids, use_cache=False).logits.float()
+    hidden = stream.run(ids, batch_size=len(ids))
+    try:
+        ref = torch.cat([logits for _, logits in stream.logits(hidden, batch_size=len(ids))])
+    finally:
+        hidden.close()
     onnx_logits = OnnxLogits(folder)
     out = compare_logits(ref, onnx_logits(ids))
     out["max_abs_logit"] = float(ref.abs().max())
