@@ -67,8 +67,8 @@ _WRAP = textwrap.dedent(
 def run_command(args: list[str], log: Path, threads: int) -> dict:
     """One CLI command in its own process; ``{"rc", "seconds", "peak_gib"}`` (a failure raises with the log tail)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(log, "w") as err:
-        proc = subprocess.run([sys.executable, "-c", _WRAP, *args], stdout=subprocess.PIPE, stderr=err, text=True,
+    with open(log, "w") as err:  # -P: started from the repository root, its kernels/ would shadow HF's kernels
+        proc = subprocess.run([sys.executable, "-P", "-c", _WRAP, *args], stdout=subprocess.PIPE, stderr=err, text=True,
                               env=env, check=False)  # fmt: skip
     lines = proc.stdout.strip().splitlines()
     res = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {"rc": proc.returncode}
