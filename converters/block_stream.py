@@ -380,12 +380,14 @@ class BlockStream:
                 current = out
                 handed_out = index == len(layers) - 1
                 if not keep_block:
-                    block = self._drop(container, layers, index)
+                    self._drop(container, layers, index)
+                    block = None
                     release_freed_memory()
                 yield index, block, (grams if targets else None), out
                 del grams
                 if keep_block:
-                    block = self._drop(container, layers, index)
+                    self._drop(container, layers, index)
+                    block = None
                     release_freed_memory()
         finally:  # an error, or the caller stopping the walk early (GeneratorExit at the yield)
             if not handed_out:
@@ -394,7 +396,7 @@ class BlockStream:
     @staticmethod
     def _drop(container: nn.Module, layers: list, index: int) -> None:
         """Drop block ``index``'s weights (the skeleton keeps a placeholder) and this walk's list reference to it,
-        or every loaded block stays alive to the end. Returns None, for the caller's own reference."""
+        or every loaded block stays alive to the end (the caller drops its own)."""
         container[index] = nn.Module()
         layers[index] = None
 
@@ -485,18 +487,24 @@ def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def in_step(*walks: Iterator[Any]) -> Iterator[list[Any]]:
     """Advance several walks together (``init``'s calibration and held-out walks; a reference's and an export's
-    logits), yielding one item of each per step, until the first walk ends. Unlike ``zip``, it holds no reference
-    to a step's items while the next ones are computed: ``zip`` reuses its result tuple and drops the old items only
-    after the new ones arrive, which kept the last block's weights and Grams alive while the next block ran (2.8 GB
-    at Llama-3-8B shapes). The caller should drop its own names for the items before asking for the next step."""
+    logits), yielding one item of each per step; like ``zip(..., strict=True)``, walks of different lengths are a
+    ``ValueError``. Unlike ``zip``, it holds no reference to a step's items while the next ones are computed: ``zip``
+    reuses its result tuple and drops the old items only after the new ones arrive, which kept the last block's
+    weights and Grams alive while the next block ran (2.8 GB at Llama-3-8B shapes). The caller should drop its own
+    names for the items before asking for the next step."""
     while True:
         items: list[Any] = []  # rebinding drops the previous step's list before any walk advances
-        for walk in walks:
+        for i, walk in enumerate(walks):
             try:
                 items.append(next(walk))
             except StopIteration:
+                if i or any(next(other, _END) is not _END for other in walks[1:]):
+                    raise ValueError("in_step: the walks have different lengths") from None
                 return
         yield items
+
+
+_END = object()
 
 
 class StreamedGrams(Mapping[str, torch.Tensor]):

@@ -57,7 +57,6 @@ __all__ = [
     "make_fused_config",
     "write_fused_config",
     "read_fused_config",
-    "write_fused_adapter",
     "read_fused_adapter",
     "FusedAdapterWriter",
     "FusedSpectra",
@@ -180,17 +179,6 @@ class FusedAdapterWriter:
             self.close()
         else:
             shutil.rmtree(self._parts, ignore_errors=True)
-
-
-def write_fused_adapter(
-    out_dir: str | os.PathLike[str], spectra: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-) -> Path:
-    """Write ``out_dir/qwha_adapter.safetensors`` from ``{layer: (values, rows, cols)}`` (layout in the docstring),
-    reading the mapping one layer at a time (:class:`FusedAdapterWriter`)."""
-    with FusedAdapterWriter(out_dir) as writer:
-        for layer in sorted(spectra):
-            writer.add(layer, *spectra[layer])
-    return writer.path
 
 
 class FusedSpectra(Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

@@ -43,7 +43,7 @@ from .formats.fused import (
     read_fused_config,
     write_fused_config,
 )
-from .formats.manifest import Manifest, Source, finish_manifest
+from .formats.manifest import Manifest, finish_manifest
 from .formats.shards import DEFAULT_MAX_SHARD_BYTES, checkpoint_files, iter_checkpoint_tensors
 from .layer import QWHALinear, adapter_coefficient
 from .quant_linear import QuantLinear, replace_linear
@@ -82,7 +82,6 @@ def write_fused(
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     check_hash: bool = True,
     on_written: Callable[[Path], Mapping[str, Any]] | None = None,
-    source: Source | None = None,
     settings_extra: Mapping[str, Any] | None = None,
     on_layer: Callable[[int, int], Any] | None = None,
     refit: RefitLayers | None = None,
@@ -92,9 +91,8 @@ def write_fused(
     ``base_format``: ``gptq_v2`` (default), ``compressed-tensors`` or ``dense`` (dequantized base weights in
     ``dtype``; not bit-identical codes, but the exact ``(code - zero) * scale`` values for float32).
     ``on_written(folder)`` runs on the complete temporary folder before it is renamed into place; the entries it
-    returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`). ``source``
-    replaces the manifest's source record (``merge --requant refit`` names the original adapter directory, not its
-    temporary refitted one) and ``settings_extra`` adds settings (``requant``, ``bits``). ``on_layer(done, total)``
+    returns are added to the manifest (the parity check of :func:`qwha_export.pipeline.fuse_qwha`).
+    ``settings_extra`` adds settings (``requant``, ``bits``). ``on_layer(done, total)``
     is called after each quantized layer is written (a progress bar). ``refit`` (``merge --requant refit``): each
     layer is re-quantized and given a fresh spectrum by that layer function instead of kept (same single pass).
     """
@@ -158,7 +156,7 @@ def write_fused(
                 "max_shard_bytes": max_shard_bytes,
                 **(settings_extra or {}),
             },
-            source=source if source is not None else source_record(adapter_dir, base_dir, meta),
+            source=source_record(adapter_dir, base_dir, meta),
             tool_version=__version__,
             quantization_config=written.quantization_config,
             files=written.files(),

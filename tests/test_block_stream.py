@@ -377,3 +377,39 @@ def test_streamed_init_peak_rss_flat_in_depth(tmp_path):
         peaks[layers] = int(run.stdout.split()[-1]) / 1024  # MiB
     print(f"streamed init peak RSS: {peaks[2]:.0f} MiB at 2 blocks, {peaks[8]:.0f} MiB at 8 blocks (67 MB blocks)")
     assert peaks[8] <= 1.15 * peaks[2], peaks
+
+
+def test_in_step_lets_go_of_each_step_and_is_strict():
+    """``in_step`` advances walks together without holding the previous step's items while the next are made (what
+    ``zip`` does), and walks of different lengths are an error, as with ``zip(strict=True)``."""
+    import gc
+    import weakref
+
+    from qwha_export.converters.block_stream import in_step
+
+    class Item:
+        pass
+
+    refs: list[tuple[int, weakref.ref]] = []  # (step, item) of every walk
+    old_alive: list[bool] = []  # when an item is made: is an item of an earlier step still alive?
+
+    def make(step: int) -> Item:
+        gc.collect()
+        old_alive.append(any(s < step and r() is not None for s, r in refs))
+        item = Item()
+        refs.append((step, weakref.ref(item)))
+        return item
+
+    def walk(n: int):  # holds no reference to what it yielded
+        for step in range(n):
+            yield make(step)
+
+    steps = 0
+    for a, b in in_step(walk(3), walk(3)):
+        steps += 1
+        del a, b
+    assert steps == 3 and len(old_alive) == 6 and not any(old_alive)
+    for lengths in ((3, 2), (2, 3)):
+        with pytest.raises(ValueError, match="different lengths"):
+            for _ in in_step(walk(lengths[0]), walk(lengths[1])):
+                pass
