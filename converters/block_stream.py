@@ -64,6 +64,13 @@ __all__ = [
 DEFAULT_SPILL_BYTES = 1 << 30  # hidden states above this many bytes go to a temporary file (QWHA_SPILL_BYTES)
 SPILL_BYTES_ENV = "QWHA_SPILL_BYTES"
 LOGITS_BYTES = 256 * 2**20  # float32 logits per batch of BlockStream.logits at most (one sequence at least)
+
+
+def logit_rows(batch_size: int, seq: int, vocab: int, max_bytes: int = LOGITS_BYTES) -> int:
+    """Sequences per batch of logits: at most ``batch_size`` and ``max_bytes`` of float32 logits, at least one."""
+    return max(1, min(batch_size, max_bytes // max(1, 4 * seq * vocab)))
+
+
 _HEAD_ROWS_BYTES = 64 * 2**20  # vocabulary rows of a narrow head cast to the stream's dtype at a time
 
 
@@ -446,8 +453,7 @@ class BlockStream:
         if stored is None:
             self.source.load(head, head_prefix)
         cap = self.layout.final_softcap
-        seq, vocab = hidden.shape[1], self.layout.vocab_size
-        step = max(1, min(batch_size, max_bytes // max(1, 4 * seq * vocab)))
+        step = logit_rows(batch_size, hidden.shape[1], self.layout.vocab_size, max_bytes)
         try:
             for start in range(0, hidden.shape[0], step):
                 h = hidden.read(start, min(start + step, hidden.shape[0]))

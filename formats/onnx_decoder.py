@@ -30,7 +30,10 @@ from .onnx_layers import MS, Graph, Layers, layer_prefix
 from .onnx_ops import pack_le
 from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights, NBitsLinear, resolve
 
-__all__ = ["DecoderWriter"]
+__all__ = ["BLOCK_OUT", "EMBED_OUT", "DecoderWriter"]
+
+# the names of the nodes that end the embedding and each block (:mod:`.onnx_stages` cuts the graph after them)
+EMBED_OUT, BLOCK_OUT = "embed_out", "block_out"
 
 _NEG = float(np.finfo(np.float32).min)
 
@@ -121,13 +124,18 @@ class DecoderWriter(Layers):
         qlens = g.op("Expand", [g.op("Cast", [seq], to=TensorProto.INT32), batch])
         return seqlens, total32, g.op("Expand", [bias4, bshape], name="attention_bias"), qlens
 
-    def rms(self, g: Graph, x: str, weight: str) -> str:
-        return g.op("RMSNormalization", [x, weight], epsilon=self.spec.rms_eps, axis=-1)
+    def rms(self, g: Graph, x: str, weight: str, name: str = "") -> str:
+        return g.op("RMSNormalization", [x, weight], name=name, epsilon=self.spec.rms_eps, axis=-1)
 
-    def skip_rms(self, g: Graph, x: str, residual: str, weight: str) -> tuple[str, str]:
+    def skip_rms(self, g: Graph, x: str, residual: str, weight: str, name: str = "") -> tuple[str, str]:
         """``(normalized x + residual, x + residual)``."""
         y, _, _, res = g.op(
-            "SkipSimplifiedLayerNormalization", [x, residual, weight], n_out=4, domain=MS, epsilon=self.spec.rms_eps
+            "SkipSimplifiedLayerNormalization",
+            [x, residual, weight],
+            n_out=4,
+            domain=MS,
+            name=name,
+            epsilon=self.spec.rms_eps,
         )
         return y, res
 
@@ -201,7 +209,7 @@ class DecoderWriter(Layers):
         if s.embed_scale is not None:
             h = g.op("Mul", [h, g.const(s.embed_scale, np.float32)], name="embed_scale")
         masks = self.masks(g)
-        return self.rms(g, h, f"{layer_prefix(0)}input_layernorm.weight"), h, masks
+        return self.rms(g, h, f"{layer_prefix(0)}input_layernorm.weight", name=EMBED_OUT), h, masks
 
     def block(self, g: Graph, i: int, lw: LayerWeights, mode: str, state, out_kv: Sequence[str]):
         """Decoder block ``i`` on ``state`` = ``(x, residual, masks)``; returns the next state, ``x`` normalized by
@@ -218,9 +226,8 @@ class DecoderWriter(Layers):
         if lw.post_ff_norm is not None:
             down = self.rms(g, down, f"{p}post_feedforward_layernorm.weight")
         last = i + 1 == self.spec.num_layers
-        x, residual = self.skip_rms(
-            g, down, residual, "model.norm.weight" if last else f"{layer_prefix(i + 1)}input_layernorm.weight"
-        )
+        next_norm = "model.norm.weight" if last else f"{layer_prefix(i + 1)}input_layernorm.weight"
+        x, residual = self.skip_rms(g, down, residual, next_norm, name=BLOCK_OUT)
         return x, residual, masks
 
     def head(self, g: Graph, x: str, logits_name: str) -> None:

@@ -75,6 +75,7 @@ __all__ = [
 ]
 
 OPSET = 23
+DECODE_OR_PROMPT = "decode_or_prompt"  # the If's node name (before its count): decode branch / prompt branch
 IR_VERSION = 10
 _MS = "com.microsoft"
 
@@ -128,7 +129,7 @@ def build_decoder_model(
         root.op(
             "If",
             [root.op("Equal", [seq, root.const(1)], name="decode_step")],
-            name="decode_or_prompt",
+            name=DECODE_OR_PROMPT,
             outputs=out_names,
             then_branch=graphs["decode"],
             else_branch=graphs["prompt"],

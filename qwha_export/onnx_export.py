@@ -18,11 +18,12 @@ nor the graph's weights are ever held whole. The output folder::
 
 Parity (``parity`` in the manifest and the model's metadata_props): logits of ONNX against the PyTorch model that
 was exported, on ``parity_tokens`` deterministic token ids (one full-sequence call with an empty cache); the PyTorch
-side runs block by block (:class:`~qwha_export.converters.block_stream.BlockStream`), the onnxruntime session holds
-the whole graph.
+side runs block by block (:class:`~qwha_export.converters.block_stream.BlockStream`), and so does the ONNX side
+(:class:`OnnxBlocks`: one onnxruntime session per decoder block, each closed before the next opens).
 
 :func:`open_onnx_session` opens a folder written here (one-line ``ValueError`` if the graph or its external data is
-missing); :class:`OnnxLogits` runs it like a model (``logits = m(input_ids)``), which :mod:`qwha_export.verify` uses.
+missing); :class:`OnnxLogits` runs it like a model (``logits = m(input_ids)``, one session of the whole graph, for
+serving and evaluation); :class:`OnnxBlocks` gives the same logits block by block, which the checks use.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 from .formats import ExportFormat
 from .formats.jsonfile import read_json_object
 from .formats.onnx_folder import DATA_FILE, MODEL_FILE
-from .onnx_runtime import OnnxLogits, check_external_data, onnx_session, open_onnx_session  # noqa: F401 - re-exported
+from .onnx_runtime import OnnxBlocks, OnnxLogits, check_external_data, onnx_session, open_onnx_session  # noqa: F401 - re-exported
 
 __all__ = [
     "MODEL_FILE",
@@ -251,7 +252,8 @@ def _set_metadata(path: Path, entries: dict[str, str]) -> None:
 
 def _parity(stream, folder: Path, n_tokens: int, vocab: int) -> dict[str, Any]:
     """ONNX logits of ``folder`` against the PyTorch model of ``stream`` (a :class:`BlockStream`, run block by block
-    before the onnxruntime session opens) on ``n_tokens`` deterministic token ids in two rows."""
+    before the onnxruntime sessions open, one block's at a time: :class:`OnnxBlocks`) on ``n_tokens`` deterministic
+    token ids in two rows."""
     from .metrics import compare_logits
 
     gen = torch.Generator().manual_seed(0)
@@ -261,7 +263,7 @@ def _parity(stream, folder: Path, n_tokens: int, vocab: int) -> dict[str, Any]:
         ref = torch.cat([logits for _, logits in stream.logits(hidden, batch_size=len(ids))])
     finally:
         hidden.close()
-    onnx_logits = OnnxLogits(folder)
+    onnx_logits = OnnxBlocks(folder)  # one block's session at a time, as the reference ran
     out = compare_logits(ref, onnx_logits(ids))
     out["max_abs_logit"] = float(ref.abs().max())
     out["qwha_ops"] = onnx_logits.qwha_ops

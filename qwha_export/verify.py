@@ -8,8 +8,10 @@ Export, by detected format:
 
 * ``fused`` (``qwha_fused.json`` present): :func:`qwha_export.fused.load_fused`;
 * ``dense``: ``AutoModelForCausalLM.from_pretrained``;
-* ``onnx`` (``model.onnx``, from ``export-onnx``): an onnxruntime session called on the full sequence with an
-  empty KV cache (:class:`qwha_export.onnx_runtime.OnnxLogits`; missing external data is a one-line error);
+* ``onnx`` (``model.onnx``, from ``export-onnx``): onnxruntime on the full sequence with an empty KV cache, one
+  session per decoder block in :func:`verify_export` (:class:`qwha_export.onnx_runtime.OnnxBlocks`), the whole
+  graph in :func:`load_export` (:class:`~qwha_export.onnx_runtime.OnnxLogits`); missing external data is a
+  one-line error;
 * ``gptq``/``gptq_v2``/``compressed-tensors``: a pure-torch loader
   (:func:`qwha_export.fused.load_quantized_checkpoint`: model built from ``config.json``, quantized layers
   replaced by ``QuantLinear`` read with the formats' ``read_layer``) -- GPTQModel / compressed-tensors kernels are
@@ -325,19 +327,22 @@ def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype,
     """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
     way (ONNX: one onnxruntime call per batch), logits compared batch by batch. Returns the comparison and, for
     ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
-    from .converters.block_stream import in_step
+    from .converters.block_stream import in_step, logit_rows
 
     comparison = LogitComparison()
     with contextlib.ExitStack() as bars:
         ref_hidden = reference.run(chunks, batch_size, on_block=_block_bar(bars, reference, "parity: reference", quiet))
     try:
-        if fmt == ExportFormat.ONNX:  # one onnxruntime graph: whole, but compared batch by batch
-            from .onnx_runtime import OnnxLogits
+        if fmt == ExportFormat.ONNX:  # block by block too: one onnxruntime session per block
+            from .onnx_runtime import OnnxBlocks
 
-            export = OnnxLogits(export_dir)
-            for start, ref_logits in reference.logits(ref_hidden, batch_size):
+            export = OnnxBlocks(export_dir)
+            rows = logit_rows(batch_size, chunks.shape[1], reference.layout.vocab_size)
+            pairs = in_step(reference.logits(ref_hidden, rows), export.logits(chunks, rows))
+            for (start, ref_logits), (_, exp_logits) in pairs:
                 ids = chunks[start : start + ref_logits.shape[0]].long()
-                comparison.update(ref_logits, extract_logits(export(ids)).float(), ids)
+                comparison.update(ref_logits, extract_logits(exp_logits).float(), ids)
+                del ref_logits, exp_logits
             return comparison, export.qwha_ops
         with export_stream(export_dir, fmt, dtype, **stream_kw) as stream:
             with contextlib.ExitStack() as bars:

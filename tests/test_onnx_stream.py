@@ -23,7 +23,9 @@ from qwha_export.formats import ExportFormat
 from qwha_export.formats.onnx_external import PAGE_ALIGN_FROM
 from qwha_export.formats.onnx_folder import DATA_FILE, MODEL_FILE
 from qwha_export.formats.onnx_graph import build_decoder_model
+from qwha_export.formats.onnx_stages import decoder_stages
 from qwha_export.onnx_export import export_onnx
+from qwha_export.onnx_runtime import OnnxBlocks, OnnxLogits
 from qwha_export.verify import load_export
 
 # name -> (model_type, source variant, export_onnx options): between them a tied RTN-quantized head and embedding
@@ -86,29 +88,69 @@ def test_streamed_export_equals_in_memory_build(case, tmp_path):
     assert (out / DATA_FILE).stat().st_size == end
 
 
+@pytest.mark.filterwarnings("ignore:accuracy_level=4")
+@pytest.mark.parametrize("case", list(CASES))
+def test_block_by_block_logits_equal_whole_session(case, tmp_path):
+    """:class:`OnnxBlocks` (one onnxruntime session per stage: embedding, each block, head) gives the logits of the
+    whole graph's session, bit for bit, in batches of any size; and the graph is cut into L + 2 stages, each
+    holding only its own block's weights."""
+    import torch
+
+    model_type, variant, options = CASES[case]
+    base = write_base(tmp_path / "base", model_type)
+    src = base if variant == "dense" else _adapter_sources(base, tmp_path)[variant]
+    out = tmp_path / "onnx"
+    export_onnx(src, out, quiet=True, parity_tokens=0, **options)
+    proto = onnx.load(str(out / MODEL_FILE), load_external_data=False)
+    layers = sum(1 for i in proto.graph.input if i.name.endswith(".key"))
+    stages = decoder_stages(proto)
+    assert len(stages) == layers + 2
+    for k, stage in enumerate(stages[1:-1]):
+        owners = {t.name.split(".")[2] for t in stage.initializers if t.name.startswith("model.layers.")}
+        assert owners <= {str(k), str(k + 1)}, (k, owners)  # its block (+ the next block's input norm)
+    assert not any(t.name.startswith("model.layers.") for t in stages[-1].initializers)
+
+    ids = torch.randint(0, 100, (5, 7), generator=torch.Generator().manual_seed(0))
+    whole = OnnxLogits(out)
+    want = whole(ids)
+    blocks = OnnxBlocks(out)
+    got = list(blocks.logits(ids, rows=2))
+    assert [s for s, _ in got] == [0, 2, 4]
+    assert torch.equal(torch.cat([lg for _, lg in got]), want)
+    assert blocks.qwha_ops == whole.qwha_ops
+
+
 MEASURE = textwrap.dedent(
     """
     import sys
     from qwha_export.onnx_export import export_onnx
-    export_onnx(sys.argv[1], sys.argv[2], quiet=True, parity_tokens=0)
+    export_onnx(sys.argv[1], sys.argv[2], quiet=True, parity_tokens=int(sys.argv[3]))
     print([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1])
     """
 )
 
 
-def _export_peak_mib(src, out) -> float:
-    """Peak RSS (MiB) of a process that exports ``src`` to ``out`` without the parity run."""
+def _export_peak_mib(src, out, parity_tokens: int) -> float:
+    """Peak RSS (MiB) of a process that exports ``src`` to ``out`` (with its parity run on ``parity_tokens``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", MEASURE, str(src), str(out)], capture_output=True, text=True, env=env)
+    args = [sys.executable, "-c", MEASURE, str(src), str(out), str(parity_tokens)]
+    run = subprocess.run(args, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     return int(run.stdout.split()[-1]) / 1024
 
 
 @pytest.mark.slow
-def test_streamed_export_peak_rss_flat_in_depth(tmp_path):
+@pytest.mark.parametrize("parity_tokens", [0, 64])
+def test_streamed_export_peak_rss_flat_in_depth(parity_tokens, tmp_path):
     """``export_onnx`` of fused folders on random Llamas with 67 MB float32 blocks (q, v and down 4-bit, with
-    adapters), without the parity run (its onnxruntime session holds the whole graph): 8 blocks peak within 15% of
-    2 blocks (the whole-model export held every block, its arrays and its initializers)."""
-    peaks = {n: _export_peak_mib(_big_adapter(tmp_path / str(n), n)[1], tmp_path / f"onnx{n}") for n in (2, 8)}
-    print(f"streamed export-onnx peak RSS: {peaks[2]:.0f} MiB at 2 blocks, {peaks[8]:.0f} MiB at 8 blocks")
+    adapters), without and with its parity run (both sides block by block; one onnxruntime session of the whole
+    graph held every block): 8 blocks peak within 15% of 2 blocks (the whole-model export held every block, its
+    arrays and its initializers)."""
+    peaks = {
+        n: _export_peak_mib(_big_adapter(tmp_path / str(n), n)[1], tmp_path / f"onnx{n}", parity_tokens) for n in (2, 8)
+    }
+    print(
+        f"export-onnx (parity on {parity_tokens} tokens) peak RSS: {peaks[2]:.0f} MiB at 2 blocks, "
+        f"{peaks[8]:.0f} MiB at 8 blocks"
+    )
     assert peaks[8] <= 1.15 * peaks[2], peaks
