@@ -483,7 +483,8 @@ class BlockStream:
 
 def _head_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``x @ weight.T`` with ``weight`` (``(vocab, hidden)``, stored narrower than ``x``) cast to ``x.dtype`` one
-    block of rows at a time: the same values as casting it whole (each logit is one row's dot product)."""
+    block of rows at a time: each logit is one row's dot product, as when casting it whole (the BLAS may sum a
+    smaller matrix in another order: equal to float32 rounding, not always bit for bit)."""
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
     rows = max(1, _HEAD_ROWS_BYTES // (weight.shape[1] * x.element_size()))
     for r0 in range(0, weight.shape[0], rows):

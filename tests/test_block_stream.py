@@ -129,7 +129,10 @@ def test_narrow_head_and_small_logit_batches(tmp_path, model_type):
     try:
         x = torch.randn(3, 5, 64)
         w = torch.randn(257, 64).to(torch.bfloat16)
-        assert torch.equal(block_stream._head_logits(x, w), x @ w.float().T)
+        got, ref = block_stream._head_logits(x, w), x.double() @ w.double().T  # ragged last block included
+        err, ref_err = (got - ref).abs().max().item(), (x @ w.float().T - ref).abs().max().item()
+        bound = 2 * ref_err + 1e-6
+        assert err <= bound, f"blocked head: error {err:.2e}, whole float32 matmul {ref_err:.2e}, bound {bound:.2e}"
     finally:
         block_stream._HEAD_ROWS_BYTES = saved
 
