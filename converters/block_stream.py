@@ -428,10 +428,11 @@ class BlockStream:
         targets: tuple[str, ...],
         batch_size: int = 4,
         on_block: Callable[[int], Any] | None = None,
+        rows_when_smaller: bool = False,
     ) -> StreamedGrams:
         """The Grams of ``targets`` as a :class:`StreamedGrams` mapping, computed block by block on demand
-        (``on_block(index)`` after each block, e.g. a progress bar's update)."""
-        return StreamedGrams(self, input_ids, targets, batch_size, on_block)
+        (``on_block(index)`` after each block, e.g. a progress bar's update; ``rows_when_smaller``: :meth:`blocks`)."""
+        return StreamedGrams(self, input_ids, targets, batch_size, on_block, rows_when_smaller)
 
     def logits(
         self, hidden: ActivationStore, batch_size: int = 4, max_bytes: int = LOGITS_BYTES
@@ -522,7 +523,8 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
     Layers must be asked for in block order (:func:`~qwha_export.formats.shards.natural_key` order); asking for a
     block already dropped is a ``RuntimeError``. ``in`` and ``len`` answer from the layer names alone (the targets of
     every block), without running anything. Layers outside the decoder blocks have no Gram (``get`` gives None).
-    ``on_block(index)`` (settable) is called after each block has run, e.g. a progress bar's update."""
+    ``on_block(index)`` (settable) is called after each block has run, e.g. a progress bar's update.
+    ``rows_when_smaller``: as in :meth:`BlockStream.blocks` (merge's error report reads only quadratic forms)."""
 
     def __init__(
         self,
@@ -531,6 +533,7 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
         targets: tuple[str, ...],
         batch_size: int = 4,
         on_block: Callable[[int], Any] | None = None,
+        rows_when_smaller: bool = False,
     ) -> None:
         self._stream, self.on_block = stream, on_block
         model = stream.model
@@ -542,7 +545,9 @@ class StreamedGrams(Mapping[str, torch.Tensor]):
                 if name.rsplit(".", 1)[-1] in targets and isinstance(module, nn.Linear):
                     self._block_of[f"{prefix}{name}"] = index
         self._n_blocks = len(layers)
-        self._walk = stream.blocks(input_ids, batch_size, tuple(targets), keep_block=False)  # Grams only
+        self._walk = stream.blocks(  # Grams only
+            input_ids, batch_size, tuple(targets), keep_block=False, rows_when_smaller=rows_when_smaller
+        )
         self._index, self._current = -1, BlockGrams()
         self.token_counts: dict[str, int] = {}
 

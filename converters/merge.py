@@ -48,6 +48,7 @@ from .adapter_source import (  # noqa: F401 - re-exported: merge.open_adapter_so
     read_quantized_layer,
     source_record,
 )
+from .calibration import InputRows
 from .checkpoint_writer import LayerOutput, write_checkpoint
 from .quant_methods import Quantizer
 from .quantize import QuantConfig, QuantizedWeight
@@ -88,20 +89,33 @@ def relative_output_error(w_ref: torch.Tensor, w_test: torch.Tensor, gram: torch
     return relative_output_errors(w_ref, [w_test], gram)[0]
 
 
-def relative_output_errors(w_ref: torch.Tensor, w_tests: list[torch.Tensor], gram: torch.Tensor) -> list[float]:
+def relative_output_errors(
+    w_ref: torch.Tensor, w_tests: list[torch.Tensor], gram: torch.Tensor | InputRows
+) -> list[float]:
     """:func:`relative_output_error` of several weights against one reference (``tr(W G W^T)`` computed once).
 
-    With ``G = X^T X`` this is ``||X (W_test - W_ref)^T|| / ||X W_ref^T||`` on the calibration activations ``X``.
-    Computed over blocks of 64 MiB of rows, so it holds no full-size product (a 4096 x 14336 layer: ~2 GB less)."""
+    With ``G = X^T X`` this is ``||X (W_test - W_ref)^T|| / ||X W_ref^T||`` on the calibration activations ``X``;
+    ``gram`` may be those rows themselves (:class:`~.calibration.InputRows`), which is cheaper when there are fewer
+    of them than inputs (``||X A^T||^2`` instead of ``tr(A G A^T)``). Computed over blocks of 64 MiB of rows, so it
+    holds no full-size product (a 4096 x 14336 layer: ~2 GB less)."""
     w = w_ref.detach()
-    g = gram.detach().to(device=w.device, dtype=torch.float64)
+    if isinstance(gram, InputRows):
+        x = gram.rows[: gram.filled].to(device=w.device, dtype=torch.float64)
+
+        def quadratic(a: torch.Tensor) -> float:
+            return float((a @ x.T).square().sum())
+    else:
+        g = gram.detach().to(device=w.device, dtype=torch.float64)
+
+        def quadratic(a: torch.Tensor) -> float:
+            return float(((a @ g) * a).sum())
+
     den, nums = 0.0, [0.0] * len(w_tests)
     for blk in row_blocks(w.shape[0], 8 * w.shape[1], 64 * 2**20):
         wb = w[blk].to(torch.float64)
-        den += float(((wb @ g) * wb).sum())
+        den += quadratic(wb)
         for i, w_test in enumerate(w_tests):
-            d = w_test[blk].detach().to(device=w.device, dtype=torch.float64) - wb
-            nums[i] += float(((d @ g) * d).sum())
+            nums[i] += quadratic(w_test[blk].detach().to(device=w.device, dtype=torch.float64) - wb)
     return [(0.0 if num == 0 else math.inf) if den <= 0 else math.sqrt(max(num, 0.0) / den) for num in nums]
 
 
@@ -308,7 +322,10 @@ def _merge_layer(
         qw = base_qw
         rec["action"] = "base-quantized"
     else:
-        qw = requantize(w_ref, method, bits, group_size, base_qw, hessian=gram)
+        hessian = gram  # rows (the report's) become a Gram only for a quantizer that needs one
+        if isinstance(gram, InputRows):
+            hessian = gram.gram() if Quantizer(method).needs_hessian else None
+        qw = requantize(w_ref, method, bits, group_size, base_qw, hessian=hessian)
         rec["action"] = f"requantized-{method}" if spectrum is not None else f"base-requantized-{method}"
         if method == "grid":
             rec["max_abs_code_change"] = (

@@ -111,9 +111,10 @@ def write_fused(
     by_weight = {f"{layer}.weight": layer for layer in quantized}
     qrecords: dict[str, dict[str, int]] = {}
     layer_recs: dict[str, dict[str, Any]] = {}
+    shapes: dict[str, tuple[int, int]] = {}  # (d_out, d_in) of each quantized layer, as written
 
     def add_spectrum(layer: str, values: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, scale: float) -> None:
-        d_out, d_in = _layer_shape(base_dir, layer)
+        d_out, d_in = shapes[layer] if layer in shapes else _layer_shape(base_dir, layer)  # an unquantized layer
         layer_recs[layer] = {
             "d_in": d_in,
             "d_out": d_out,
@@ -123,6 +124,7 @@ def write_fused(
         }
 
     def write_base(layer: str, _weight: torch.Tensor, qw) -> LayerOutput:  # untouched, or refitted
+        shapes[layer] = tuple(int(d) for d in qw.shape)
         if refit is not None:
             qw, fresh = refit(layer, qw)
             if fresh is not None:

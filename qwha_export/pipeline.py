@@ -41,9 +41,11 @@ __all__ = [
     "check_base_hash",
     "MergeJob",
     "merge_qwha",
+    "refit_and_fuse",
     "fuse_qwha",
     "atomic_output_dir",
 ]
+
 
 def load_quantized_base(adapter_dir: str | Path, dtype: torch.dtype = torch.float32, check_hash: bool = True):
     """The base model of an adapter directory with its target linears replaced by :class:`QuantLinear`.
@@ -160,11 +162,16 @@ MERGE_BITS: tuple[int, ...] = (2, 3, 4, 8, 16)
 MERGE_FORMATS: tuple[str, ...] = tuple(f.value for f in ExportFormat if f is not ExportFormat.ONNX)  # onnx: the CLI
 
 
-def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True):
+def calibration_grams(
+    adapter_dir: str | Path, n_tokens: int, seq_len: int, quiet: bool = True, rows_when_smaller: bool = False
+):
     """Float64 Grams ``X^T X`` of every quantized layer's input, from the full-precision base on Lee-corpus text,
     as a :class:`~qwha_export.converters.block_stream.StreamedGrams`: the base runs one decoder block at a time from
     its shards as the layers are asked for in block order, holding one block's weights and Grams (flat in depth).
-    Close it (``with contextlib.closing(...)``) when done."""
+    ``rows_when_smaller``: a layer with fewer calibration tokens than inputs gets its rows ``X`` instead
+    (:class:`~qwha_export.converters.calibration.InputRows`), for the error report only: ``||X A^T||^2`` costs
+    ``tokens / d_in`` of ``tr(A G A^T)`` (a 4096 x 14336 layer on 1,024 tokens: 14x less). Close it
+    (``with contextlib.closing(...)``) when done."""
     from .converters.block_stream import BlockStream, CheckpointSource
     from .data import lee_corpus_text, token_chunks
     from .fused import _try_tokenizer
@@ -177,7 +184,7 @@ def calibration_grams(adapter_dir: str | Path, n_tokens: int, seq_len: int, quie
     chunks = token_chunks(tokenizer, lee_corpus_text(), seq_len, max_tokens=n_tokens)
     targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in meta["quantized_layers"]}))
     stream = BlockStream(base, CheckpointSource(base))
-    grams = stream.grams(chunks, targets, batch_size=4)
+    grams = stream.grams(chunks, targets, batch_size=4, rows_when_smaller=rows_when_smaller)
     bar = tqdm(total=grams.n_blocks, desc="calibration", unit="block", disable=quiet)
 
     def advance(index: int) -> None:
@@ -270,11 +277,12 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         )
     open_adapter_source(Path(job.adapter_dir))  # fail fast: missing/truncated shards, hash, shapes
     if job.requant == "refit":
-        return _refit_and_fuse(job)
+        return refit_and_fuse(job)
     if job.requant != "refit" and Quantizer(job.requant).needs_hessian and job.bits != 16 and job.calib_tokens <= 0:
         raise ValueError(f"--requant {job.requant} needs calibration activations; pass --calib-tokens > 0")
     use_grams = job.calib_tokens > 0 and job.bits != 16
-    streamed = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) if use_grams else None
+    rows = not Quantizer(job.requant).needs_hessian  # the Grams feed the report only: rows where smaller
+    streamed = calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet, rows) if use_grams else None
     with streamed if streamed is not None else contextlib.nullcontext() as grams:
         return stream_merge(
             job.adapter_dir,
@@ -293,9 +301,10 @@ def merge_qwha(job: MergeJob) -> dict[str, Any]:
         )
 
 
-def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
+def refit_and_fuse(job: MergeJob, quantizer: str | Quantizer = Quantizer.AUTO) -> dict[str, Any]:
     """``merge --requant refit``: one pass of the fused writer whose layer function re-quantizes the merged weights
-    and fits a fresh adapter (:class:`~qwha_export.converters.refit.RefitLayers`), on block-streamed Grams."""
+    (``quantizer``: ``auto`` for the CLI; rtn, gptq or grid for comparisons) and fits a fresh adapter
+    (:class:`~qwha_export.converters.refit.RefitLayers`), on block-streamed Grams."""
     from .converters.refit import RefitLayers
     from .fused import write_fused
 
@@ -305,7 +314,7 @@ def _refit_and_fuse(job: MergeJob) -> dict[str, Any]:
         raise ValueError("--requant refit fits the new adapter on calibration activations; pass --calib-tokens > 0")
     with calibration_grams(job.adapter_dir, job.calib_tokens, job.seq_len, job.quiet) as grams:
         refit = RefitLayers(
-            job.adapter_dir, bits=job.bits, group_size=job.group_size, quantizer=Quantizer.AUTO, grams=grams
+            job.adapter_dir, bits=job.bits, group_size=job.group_size, quantizer=quantizer, grams=grams
         )
         manifest = write_fused(
             job.adapter_dir,

@@ -343,6 +343,36 @@ def test_merge_report_from_streamed_grams_equals_whole_model_grams(flow, tmp_pat
     assert written["total"] == ref["total"]
 
 
+def test_merge_report_from_input_rows_equals_grams(flow, tmp_path):
+    """With fewer calibration tokens than a layer has inputs, `merge` (rtn) keeps each layer's input rows instead of
+    its Gram (``||X A^T||^2`` instead of ``tr(A G A^T)``): the report's numbers are the Grams' to 1e-10, and the
+    written weights are the same."""
+    from qwha_export.converters.calibration import InputRows
+    from qwha_export.converters.merge import stream_merge
+    from qwha_export.pipeline import calibration_grams
+
+    whole = _whole_model_grams(flow["base"], 48, 16)
+    with calibration_grams(flow["trained"], 48, 16, rows_when_smaller=True) as rows:
+        assert all(isinstance(rows[name], InputRows) for name in rows)  # 48 tokens < every layer's d_in
+        n_layers = len(rows)
+    with calibration_grams(flow["trained"], 48, 16, rows_when_smaller=True) as rows:
+        got = stream_merge(flow["trained"], tmp_path / "rows", bits=4, group_size=None, requant="rtn",
+                           fmt="gptq_v2", grams=rows)  # fmt: skip
+    want = stream_merge(flow["trained"], tmp_path / "grams", bits=4, group_size=None, requant="rtn", fmt="gptq_v2",
+                        grams=whole)  # fmt: skip
+    keys = ("rel_err_requant_vs_merged", "rel_err_base_vs_merged", "kept_fraction")
+    by_name = {r["name"]: r for r in want["layers"]}
+    checked = 0
+    for r in got["layers"]:
+        for k in keys:
+            if r.get(k) is not None:
+                assert r[k] == pytest.approx(by_name[r["name"]][k], rel=1e-10, abs=1e-12), (r["name"], k)
+                checked += 1
+    assert checked >= 2 * n_layers
+    for shard in sorted((tmp_path / "grams").glob("*.safetensors")):
+        assert (tmp_path / "rows" / shard.name).read_bytes() == shard.read_bytes()
+
+
 INIT_MEASURE = textwrap.dedent(
     """
     import sys
