@@ -100,14 +100,12 @@ def _libc() -> ctypes.CDLL | None:
 
 _LIBC = _libc()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 8 << 20  # allocations from this size up are mapped, and unmapped when freed
+MMAP_THRESHOLD_BYTES = 1 << 20  # allocations from this size up are mapped, and unmapped when freed
 
 
 def release_freed_memory() -> None:
-    """Return the heap glibc keeps after large frees to the OS (``malloc_trim(0)``; a no-op without glibc).
-
-    Why: freed heap is not returned by itself; without this the resident set grew by ~25-50 MB per decoder block
-    in a streamed verify (measured on 67 MB blocks), i.e. with depth."""
+    """Return the heap glibc keeps after large frees to the OS (``malloc_trim(0)``; a no-op without glibc). Freed
+    heap is not returned by itself: without this a streamed verify grew ~25-50 MB a 67 MB block."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
@@ -118,8 +116,10 @@ def fix_mmap_threshold() -> None:
 
     Why: glibc raises the threshold to the size of each large block it frees (up to 32 MiB), so the tensors of the
     next blocks come from the heap, which fragments: the peak *within* a block then grew block after block although
-    the memory held between blocks was flat (streamed ``init``, 67 MB blocks: peak 1521 -> 1705 MiB over 8 blocks;
-    with the threshold fixed, 1467 MiB from the second block on). Setting it also turns glibc's adjustment off."""
+    the memory held between blocks was flat (streamed ``init``, 67 MB blocks: peak 1521 -> 1705 MiB over 8 blocks).
+    At 8 MiB the ~1 MiB activation batches and held-out rows still fragmented it: 2 -> 8 blocks 1030 -> 1167 MiB,
+    the peak within each block rising ~25 MiB a block; at 1 MiB, 1011 -> 1014 (same time within noise). Setting it
+    also turns glibc's adjustment off."""
     if _LIBC is not None:
         _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
