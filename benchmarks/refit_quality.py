@@ -2,10 +2,11 @@
 re-quantizer, on the real SmolLM2-135M-Instruct.
 
 Per bit width (4 and 3 by default): ``init`` (RTN at that width, g64, rank 16, 4,096 calibration tokens), then the
-held-out perplexity (the last ``--tokens`` tokens of the Lee corpus in 256-token chunks; calibration takes its
-start) of the full-precision model, the plain quantized base, the fused model (quantized base + adapter, what
-``fuse`` writes), and the refits: ``merge --requant refit`` (the base's grid, ``auto``: what the CLI runs) and the
-same refit with RTN and GPTQ re-quantization (:func:`qwha_export.pipeline.refit_and_fuse`; GPTQ at 4 bits only).
+held-out perplexity (the last ``--tokens`` tokens of the Lee corpus in ``--seq-len`` (512) token chunks;
+calibration takes its start) of the full-precision model, the plain quantized base, the fused model (quantized
+base + adapter, what ``fuse`` writes), and the refits: ``merge --requant refit`` (the base's grid, ``auto``: what
+the CLI runs) and the same refit with RTN and GPTQ re-quantization (:func:`qwha_export.pipeline.refit_and_fuse`;
+GPTQ at 4 bits only).
 ``kept`` = (plain - refit) / (plain - fused).
 
     python benchmarks/refit_quality.py [--bits 4 3] [--tokens 4096] [--json out.json]
@@ -35,7 +36,7 @@ from qwha_export.verify import load_export
 REFITS = {"grid": Quantizer.AUTO, "rtn": Quantizer.RTN, "gptq": Quantizer.GPTQ}
 
 
-def _heldout(tokenizer, n_tokens: int, seq_len: int = 256) -> torch.Tensor:
+def _heldout(tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
     ids = tokenize_text(tokenizer, lee_corpus_text())
     n = (n_tokens // seq_len) * seq_len
     return torch.tensor(ids[len(ids) - n :], dtype=torch.long).view(-1, seq_len)
@@ -82,11 +83,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     ap.add_argument("--tokens", type=int, default=4096, help="held-out tokens (the end of the Lee corpus)")
+    ap.add_argument("--seq-len", type=int, default=512, help="held-out chunk length")
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     fp, tok = load_causal_lm(str(smollm2_path()))
-    chunks = _heldout(tok, args.tokens)
+    chunks = _heldout(tok, args.tokens, args.seq_len)
     full = perplexity(fp, chunks)
     del fp
     work = Path(tempfile.mkdtemp(prefix="refit-quality-"))
@@ -94,7 +96,7 @@ def main() -> None:
         rows = {bits: _row(bits, work, chunks, args.calib_tokens) for bits in args.bits}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\nSmolLM2-135M, {chunks.numel()} held-out tokens; full precision {full:.2f}")
+    print(f"\nSmolLM2-135M, {chunks.numel()} held-out tokens in {args.seq_len}-token chunks; full precision {full:.2f}")
     print("| bits | plain base | fused QWHA | refit, base grid (default) | refit, RTN | refit, GPTQ |")
     print("|---|---|---|---|---|---|")
     for bits, r in rows.items():

@@ -39,6 +39,13 @@ def _options(threads: int | None):
     return so
 
 
+def _ort_minor() -> int:
+    import onnxruntime as ort
+
+    major, minor = (int(v) for v in ort.__version__.split(".")[:2])
+    return minor if major == 1 else 10**6
+
+
 def onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
     """``(session, qwha ops path)`` of ``folder/model.onnx``: the native qwha kernels registered when available
     (:func:`qwha_export.ortops.inference_session`; the path is ``native``, ``function`` or ``none``)."""
@@ -91,7 +98,9 @@ class OnnxBlocks:
         from .formats.onnx_folder import read_onnx_model
 
         proto = read_onnx_model(self.folder / MODEL_FILE)
-        self.stages = decoder_stages(proto)
+        # a stage read from memory finds its external data through this session option (onnxruntime >= 1.21);
+        # older runtimes run the whole graph (OnnxLogits)
+        self.stages = decoder_stages(proto) if _ort_minor() >= 21 else None
         self.past = {i.name: i for i in proto.graph.input if i.name.startswith("past_key_values.")}
         self.threads = threads
         self.qwha_ops: str | None = None
@@ -129,6 +138,12 @@ class OnnxBlocks:
         time."""
         ids = np.asarray(input_ids.cpu().numpy(), dtype=np.int64)
         starts = list(range(0, ids.shape[0], max(1, int(rows))))
+        if self.stages is None:
+            whole = OnnxLogits(self.folder, self.threads)
+            self.qwha_ops = whole.qwha_ops
+            for start in starts:
+                yield start, whole(input_ids[start : start + rows])
+            return
         graph = [self._graph_feed(ids[s : s + rows]) for s in starts]
         carried: list[dict[str, np.ndarray]] = [{} for _ in starts]
         *body, head = self.stages

@@ -120,6 +120,26 @@ def test_block_by_block_logits_equal_whole_session(case, tmp_path):
     assert blocks.qwha_ops == whole.qwha_ops
 
 
+def test_block_by_block_logits_on_a_runtime_without_the_folder_option(tmp_path, monkeypatch):
+    """onnxruntime < 1.21 cannot find a stage's external data when the stage is read from memory: there
+    :class:`OnnxBlocks` runs the whole graph, with the same batches and logits."""
+    import torch
+
+    import qwha_export.onnx_runtime as onnx_runtime
+
+    base = write_base(tmp_path / "base", "llama")
+    src = _adapter_sources(base, tmp_path)["fused"]
+    export_onnx(src, tmp_path / "onnx", quiet=True, parity_tokens=0)
+    ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(onnx_runtime, "_ort_minor", lambda: 20)
+    blocks = OnnxBlocks(tmp_path / "onnx")
+    assert blocks.stages is None
+    got = list(blocks.logits(ids, rows=2))
+    assert [s for s, _ in got] == [0, 2]
+    assert torch.equal(torch.cat([lg for _, lg in got]), OnnxLogits(tmp_path / "onnx")(ids))
+    assert blocks.qwha_ops in ("native", "function")
+
+
 MEASURE = textwrap.dedent(
     """
     import sys
