@@ -33,7 +33,7 @@ from .onnx_spec import DecoderSpec, DecoderWeights, LayerWeights, NBitsLinear, r
 __all__ = ["BLOCK_OUT", "EMBED_OUT", "DecoderWriter"]
 
 # the names of the nodes that end the embedding and each block (:mod:`.onnx_stages` cuts the graph after them)
-EMBED_OUT, BLOCK_OUT = "embed_out", "block_out"
+EMBED_OUT, BLOCK_OUT = "end_of_embedding", "end_of_block"
 
 _NEG = float(np.finfo(np.float32).min)
 

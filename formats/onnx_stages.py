@@ -1,9 +1,9 @@
 """An exported decoder cut into stages, one decoder block each, so a check can run it one block at a time.
 
-The writer (:mod:`.onnx_decoder`) names the node that ends each stage: ``embed_out`` (the embedding and the masks,
-normalized for block 0) and ``block_out`` (block ``i``'s last node: its residual add and the next block's input
-norm). :func:`decoder_stages` reads the graph's prompt body (the ``else`` branch of the ``decode_or_prompt`` If, or
-the graph itself for a model without adapters), cuts it after each of those nodes and after the last block, and
+The writer (:mod:`.onnx_decoder`) names the node that ends each stage: ``end_of_embedding`` (the embedding and the
+masks, normalized for block 0) and ``end_of_block`` (block ``i``'s last node: its residual add and the next block's
+input norm). :func:`decoder_stages` reads the graph's prompt body (the ``else`` branch of the ``decode_or_prompt``
+If, or the graph itself for a model without adapters), cuts it after each of those nodes and after the last block, and
 returns the stages in order: the embedding, block 0 ... block L-1, the head. Each stage is a ``ModelProto`` of
 its own nodes, the initializers they read (references into the same external data file, not copies), the
 model's functions and opsets; its inputs are the graph inputs it reads and the values earlier stages made that it
