@@ -64,19 +64,29 @@ class OnnxLogits:
 
     def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
         self.session, self.qwha_ops = onnx_session(folder, threads)  # qwha_ops: "native", "function" or "none"
-        self.past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past = {  # past key/value input -> (KV heads, head size)
+            i.name: (int(i.shape[1]), int(i.shape[3]))
+            for i in self.session.get_inputs()
+            if i.name.startswith("past_key_values.")
+        }
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = np.asarray(input_ids.cpu().numpy(), dtype=np.int64)
-        b, s = ids.shape
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((b, s), np.int64),
-            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        }
-        for i in self.past:
-            feed[i.name] = np.zeros((b, int(i.shape[1]), 0, int(i.shape[3])), np.float32)
-        return torch.from_numpy(self.session.run(["logits"], feed)[0])
+        return torch.from_numpy(self.session.run(["logits"], _full_sequence_feed(ids, self.past))[0])
+
+
+def _full_sequence_feed(ids: np.ndarray, past: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    """The graph inputs of one full-sequence call on ``ids`` ``(batch, seq)``: an all-ones mask, positions from 0
+    and an empty cache (``past``: each past key/value input's KV heads and head size)."""
+    b, s = ids.shape
+    feed = {
+        "input_ids": ids,
+        "attention_mask": np.ones((b, s), np.int64),
+        "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
+    }
+    for name, (kv_heads, head_dim) in past.items():
+        feed[name] = np.zeros((b, kv_heads, 0, head_dim), np.float32)
+    return feed
 
 
 class OnnxBlocks:
@@ -92,16 +102,16 @@ class OnnxBlocks:
     """
 
     def __init__(self, folder: str | os.PathLike[str], threads: int | None = None):
+        from .formats.onnx_folder import read_onnx_model
         from .formats.onnx_stages import decoder_stages
 
         self.folder = Path(folder)
-        from .formats.onnx_folder import read_onnx_model
-
         proto = read_onnx_model(self.folder / MODEL_FILE)
         # a stage read from memory finds its external data through this session option (onnxruntime >= 1.21);
         # older runtimes run the whole graph (OnnxLogits)
         self.stages = decoder_stages(proto) if _ort_minor() >= 21 else None
-        self.past = {i.name: i for i in proto.graph.input if i.name.startswith("past_key_values.")}
+        dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
+        self.past = {n: (d[1].dim_value, d[3].dim_value) for n, d in dims.items() if n.startswith("past_key_values.")}
         self.threads = threads
         self.qwha_ops: str | None = None
 
@@ -120,18 +130,6 @@ class OnnxBlocks:
             self.qwha_ops = path
         return session
 
-    def _graph_feed(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        b, s = ids.shape
-        feed = {
-            "input_ids": ids,
-            "attention_mask": np.ones((b, s), np.int64),
-            "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy(),
-        }
-        for name, info in self.past.items():
-            dims = info.type.tensor_type.shape.dim
-            feed[name] = np.zeros((b, dims[1].dim_value, 0, dims[3].dim_value), np.float32)
-        return feed
-
     def logits(self, input_ids: torch.Tensor, rows: int = 4):
         """``(start row, float32 logits (b, seq, vocab))`` per batch of at most ``rows`` rows of ``input_ids``
         ``(batch, seq)``: every stage but the head runs on all batches first; the head then yields one batch at a
@@ -144,7 +142,7 @@ class OnnxBlocks:
             for start in starts:
                 yield start, whole(input_ids[start : start + rows])
             return
-        graph = [self._graph_feed(ids[s : s + rows]) for s in starts]
+        graph = [_full_sequence_feed(ids[s : s + rows], self.past) for s in starts]
         carried: list[dict[str, np.ndarray]] = [{} for _ in starts]
         *body, head = self.stages
         for k, stage in enumerate(body):
