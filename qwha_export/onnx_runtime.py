@@ -39,11 +39,14 @@ def _options(threads: int | None):
     return so
 
 
-def _ort_minor() -> int:
-    import onnxruntime as ort
+def _has_external_folder_option() -> bool:
+    """Whether this onnxruntime has ``session.model_external_initializers_file_folder_path`` (1.21+: C API 21)."""
+    from .ortops import OrtOpsError, runtime_api_version
 
-    major, minor = (int(v) for v in ort.__version__.split(".")[:2])
-    return minor if major == 1 else 10**6
+    try:
+        return runtime_api_version()[1] >= 21
+    except OrtOpsError:  # not a 1.x runtime: a later one
+        return True
 
 
 def onnx_session(folder: str | os.PathLike[str], threads: int | None = None, providers: list[str] | None = None):
@@ -109,7 +112,7 @@ class OnnxBlocks:
         proto = read_onnx_model(self.folder / MODEL_FILE)
         # a stage read from memory finds its external data through this session option (onnxruntime >= 1.21);
         # older runtimes run the whole graph (OnnxLogits)
-        self.stages = decoder_stages(proto) if _ort_minor() >= 21 else None
+        self.stages = decoder_stages(proto) if _has_external_folder_option() else None
         dims = {i.name: i.type.tensor_type.shape.dim for i in proto.graph.input}
         self.past = {n: (d[1].dim_value, d[3].dim_value) for n, d in dims.items() if n.startswith("past_key_values.")}
         self.threads = threads

@@ -131,7 +131,7 @@ def test_block_by_block_logits_on_a_runtime_without_the_folder_option(tmp_path, 
     src = _adapter_sources(base, tmp_path)["fused"]
     export_onnx(src, tmp_path / "onnx", quiet=True, parity_tokens=0)
     ids = torch.randint(0, 100, (3, 6), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr(onnx_runtime, "_ort_minor", lambda: 20)
+    monkeypatch.setattr(onnx_runtime, "_has_external_folder_option", lambda: False)
     blocks = OnnxBlocks(tmp_path / "onnx")
     assert blocks.stages is None
     got = list(blocks.logits(ids, rows=2))
