@@ -326,8 +326,8 @@ def _block_bar(bars: contextlib.ExitStack, stream, desc: str, quiet: bool):
 def _compare_streams(reference, export_dir, fmt, chunks, batch_size: int, dtype, stream_kw, quiet: bool = True):
     """The reference run block by block to its final hidden states (kept, or spilled), then the export the same
     way (ONNX: one onnxruntime session per block, :class:`~qwha_export.onnx_runtime.OnnxBlocks`), logits compared
-    batch by batch. Returns the comparison and, for
-    ONNX, the path the qwha ops ran (``native``, ``function`` or ``none``; else None)."""
+    batch by batch. Returns the comparison and, for ONNX, the path the qwha ops ran (``native``, ``function`` or
+    ``none``; else None)."""
     from .converters.block_stream import in_step, logit_rows
 
     comparison = LogitComparison()
