@@ -11,10 +11,14 @@ cpu`), run through our session class (same IO names).
 For each: prefill latency of 512 tokens (one forward from an empty cache, logits for all positions), decode
 tokens/s (64 greedy tokens after a short prompt; steps after the first / decode seconds), the decode step of a
 batch of 4 prompts (ms per step, 16 steps), and perplexity on the first 2,048 tokens of gensim's Lee corpus (one
-2,048-token sequence, full-sequence logits). Speed is measured in interleaved rounds (every variant once per round,
-median over rounds) so a change in machine load hits all variants alike. Then the ratios the fused export is held
-to, and the bytes of weights and adapter tables a decoded token reads (the memory-traffic floor of the fused
-export at accuracy level 4, where MatMulNBits is fast enough for decoding to be bound by memory).
+2,048-token sequence, full-sequence logits). Speed is measured in interleaved rounds: in each round one metric at a
+time, every variant in turn, so the two sides of a ratio are measured within seconds of each other and a change in
+machine load hits both alike. The table shows each variant's median over rounds; a ratio is the median over rounds
+of that round's ratio, printed with its range (min-max over rounds). Each compared pair's decode is then measured
+again with the pair alone (the two decode in turn, nothing else in between, as many rounds), since in the rounds
+every other variant runs between them and a deployment runs one model. Then the ratios the fused export is held to,
+and the bytes of weights and adapter tables a decoded token reads (the memory-traffic floor of the fused export at
+accuracy level 4, where MatMulNBits is fast enough for decoding to be bound by memory).
 
     python benchmarks/bench_onnx.py [--group-sizes 64 128] [--quick] [--work runs/bench_onnx] [--threads 1]
     python benchmarks/bench_onnx.py --model gemma3-270m --group-sizes 64 --accuracy-levels 4 --head-bits 4
@@ -289,18 +293,37 @@ def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int],
         else:
             v.runner.prefill(prefill_ids)
             v.runner.decode_rate(prompt, 8)
-    for r in range(args.rounds):
+    for r in range(args.rounds):  # one metric at a time, every variant in turn: a pair is measured seconds apart
+        for v in variants:
+            onnx = v.kind == "onnx"
+            v.decode_tps.append(
+                _onnx_decode_rate(v.runner, prompt, n_new) if onnx else v.runner.decode_rate(prompt, n_new)
+            )
         for v in variants:
             if v.kind == "onnx":
                 v.prefill_s.append(
                     median_time(lambda v=v: _onnx_prefill(v.runner, prefill_ids), min_runs=1, budget_s=0)
                 )
-                v.decode_tps.append(_onnx_decode_rate(v.runner, prompt, n_new))
-                v.batch4_s.append(_onnx_batch_step(v.runner, batch))
             else:
                 v.prefill_s.append(median_time(lambda v=v: v.runner.prefill(prefill_ids), min_runs=1, budget_s=0))
-                v.decode_tps.append(v.runner.decode_rate(prompt, n_new))
+        for v in (v for v in variants if v.kind == "onnx"):
+            v.batch4_s.append(_onnx_batch_step(v.runner, batch))
         print(f"  round {r + 1}/{args.rounds} done", flush=True)
+
+
+def measure_pairs(pairs: list[tuple[Variant, Variant]], prompt: list[int], rounds: int) -> dict[str, list[float]]:
+    """Decode speed of ``a`` over ``b`` for each pair, measured as a pair alone: ``a`` and ``b`` decode 64 tokens in
+    turn, nothing else in between, ``rounds`` times; the round's ratios, keyed ``"a.key/b.key"``. (In the rounds of
+    :func:`measure` every other variant runs between the two; a deployment runs one model.)"""
+    out: dict[str, list[float]] = {}
+    for a, b in pairs:
+        _onnx_decode_rate(a.runner, prompt, 8), _onnx_decode_rate(b.runner, prompt, 8)
+        ratios = []
+        for _ in range(rounds):
+            ra = _onnx_decode_rate(a.runner, prompt, 64)
+            ratios.append(ra / _onnx_decode_rate(b.runner, prompt, 64))
+        out[f"{a.key}/{b.key}"] = ratios
+    return out
 
 
 def perplexities(variants: list[Variant], chunks: torch.Tensor) -> None:
@@ -399,20 +422,39 @@ def _table(variants: list[Variant]) -> list[dict[str, Any]]:
     return rows
 
 
+def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over rounds of ``a[r] / b[r]`` (the two measured in the same round, seconds apart)."""
+    r = [x / y for x, y in zip(a, b, strict=True)]
+    return statistics.median(r), min(r), max(r)
+
+
 def _speed(a: Variant, b: Variant) -> dict[str, float]:
-    """Speed of ``a`` over ``b`` (> 1: ``a`` faster): decode tokens/s, prefill and batch-4 step time."""
-    return {
-        "decode": _med(a.decode_tps) / _med(b.decode_tps),
-        "prefill": _med(b.prefill_s) / _med(a.prefill_s),
-        "batch4": _med(b.batch4_s) / _med(a.batch4_s),
-    }
+    """Speed of ``a`` over ``b`` (> 1: ``a`` faster): decode tokens/s, prefill and batch-4 step time; each the
+    median over rounds of the round's ratio (``<metric>_range``: its min and max over rounds)."""
+    out: dict[str, Any] = {}
+    for key, (x, y) in {
+        "decode": (a.decode_tps, b.decode_tps),
+        "prefill": (b.prefill_s, a.prefill_s),
+        "batch4": (b.batch4_s, a.batch4_s),
+    }.items():
+        med, lo, hi = _paired(x, y)
+        out[key], out[f"{key}_range"] = med, [lo, hi]
+    return out
 
 
-def _fmt(r: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
+def _fmt(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.2f}x ({r[k + '_range'][0]:.2f}-{r[k + '_range'][1]:.2f})" for k, v in r.items()
+                     if not k.endswith("_range"))  # fmt: skip
 
 
-def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -> dict[str, Any]:
+def _pair(pair_ratios: dict[str, list[float]], a: Variant, b: Variant) -> dict[str, Any] | None:
+    r = pair_ratios.get(f"{a.key}/{b.key}")
+    return None if not r else {"decode": statistics.median(r), "decode_range": [min(r), max(r)]}
+
+
+def report(
+    variants: list[Variant], group_sizes: list[int], levels: list[int], pair_ratios: dict[str, list[float]]
+) -> dict[str, Any]:
     rows = _table(variants)
     by = {v.key: v for v in variants}
     builder, out = by.get("builder"), []
@@ -425,6 +467,10 @@ def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -
             r: dict[str, Any] = {"group": g, "level": lvl, "fused_native_over_merged": _speed(fused, merged)}
             print(f"g{g} acc{lvl}: fused [{fused.qwha_ops}] / merged: {_fmt(r['fused_native_over_merged'])}"
                   + (" (goal >= 0.85x each)" if lvl == 0 else ""))  # fmt: skip
+            alone = _pair(pair_ratios, fused, merged)
+            if alone is not None:
+                r["fused_native_over_merged_alone"] = alone
+                print(f"         the pair alone: {_fmt(alone)}")
             if fn is not None:
                 r["fused_function_over_merged"] = _speed(fn, merged)
                 print(f"         fused [{fn.qwha_ops}] / merged: {_fmt(r['fused_function_over_merged'])}")
@@ -437,10 +483,18 @@ def report(variants: list[Variant], group_sizes: list[int], levels: list[int]) -
                 print(f"         bytes per decoded token: merged {bm / 1e6:.1f} MB, fused {bf / 1e6:.1f} MB (native "
                       f"tables {fused.layout_bytes / 1e6:.1f} MB); floor {floor:.3f}, fused decode {got:.3f} = "
                       f"{got / floor:.1%} of the floor (goal >= 90%)")  # fmt: skip
+                if alone is not None:
+                    r["decode_over_floor_alone"] = alone["decode"] / floor
+                    got = alone["decode"]
+                    print(f"         the pair alone: fused decode {got:.3f} = {got / floor:.1%} of the floor")
             if builder is not None and lvl == 4:
                 r["merged_over_builder"] = _speed(merged, builder)
                 r["fused_native_over_builder"] = _speed(fused, builder)
                 print(f"         merged / builder: {_fmt(r['merged_over_builder'])} (goal decode >= 1.0x)")
+                alone_b = _pair(pair_ratios, merged, builder)
+                if alone_b is not None:
+                    r["merged_over_builder_alone"] = alone_b
+                    print(f"         the pair alone: {_fmt(alone_b)}")
                 print(f"         fused [{fused.qwha_ops}] / builder: {_fmt(r['fused_native_over_builder'])}; "
                       f"perplexity {fused.ppl:.2f} vs {builder.ppl:.2f}")  # fmt: skip
             out.append(r)
@@ -459,7 +513,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="embedded model name (smollm2, gemma3-270m) or a HF folder")
     ap.add_argument("--head-bits", type=int, choices=[8, 4], default=None, help="quantized embedding + head")
     ap.add_argument("--group-sizes", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--quick", action="store_true", help="2 rounds instead of 5; shorter WHT timing")
+    ap.add_argument("--quick", action="store_true", help="2 rounds instead of 7; shorter WHT timing")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved speed rounds (median over them)")
     ap.add_argument("--work", type=Path, default=None, help="keep the built folders here (default: a temp folder)")
     ap.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op / torch threads")
@@ -475,7 +529,7 @@ def main() -> None:
     ap.add_argument("--skip-parity", action="store_true", help="no greedy-generation check against PyTorch")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else 7)
     import onnxruntime as ort
 
     if args.threads:
@@ -529,12 +583,23 @@ def main() -> None:
     print(f"speed: prefill 512 tokens; decode 64 greedy tokens after a {len(prompt)}-token prompt", flush=True)
     batch = [_chat_ids(tokenizer, q) for q in BATCH_PROMPTS]
     measure(variants, prefill_ids, prompt, batch, args)
+    by = {v.key: v for v in variants}
+    pairs = [
+        (by[f"fused-a{lvl}-g{g}"], by[f"merged-a{lvl}-g{g}"])
+        for g in args.group_sizes
+        for lvl in args.accuracy_levels
+        if f"fused-a{lvl}-g{g}" in by and f"merged-a{lvl}-g{g}" in by
+    ]
+    if "builder" in by:
+        pairs += [(by[f"merged-a4-g{g}"], by["builder"]) for g in args.group_sizes if f"merged-a4-g{g}" in by]
+    print(f"decode of each compared pair alone ({len(pairs)} pairs, {args.rounds} rounds each)", flush=True)
+    pair_ratios = measure_pairs(pairs, prompt, args.rounds)
     for v in variants:
         v.close()
     if not args.skip_ppl:
         print("perplexity on the first 2,048 tokens of the Lee corpus (one sequence):", flush=True)
         perplexities(variants, token_chunks(tokenizer, text, seq_len=2048, max_tokens=2048))
-    results = report(variants, args.group_sizes, args.accuracy_levels)
+    results = report(variants, args.group_sizes, args.accuracy_levels, pair_ratios)
     if not args.skip_parity:
         print("\ngreedy generation against the exported PyTorch models:", flush=True)
         prompts = [
