@@ -56,6 +56,7 @@ from qwha_export import ortops  # noqa: E402
 from qwha_export.serving import GenerationConfig, OnnxCausalLM  # noqa: E402
 
 SHORT_PROMPT = "Explain in a few sentences why the sky is blue."
+N_DECODE = 64  # greedy tokens a decode measurement generates
 BATCH_PROMPTS = (SHORT_PROMPT, "Write a short poem about the ocean.", "What are the three primary colors?", "Hi!")
 
 
@@ -284,7 +285,7 @@ def _folder_mb(folder: Path) -> float:
 
 
 def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int], batch: list[list[int]], args) -> None:
-    n_new = 64
+    n_new = N_DECODE
     for v in variants:  # warm-up: one of each
         if v.kind == "onnx":
             _onnx_prefill(v.runner, prefill_ids)
@@ -317,11 +318,12 @@ def measure_pairs(pairs: list[tuple[Variant, Variant]], prompt: list[int], round
     :func:`measure` every other variant runs between the two; a deployment runs one model.)"""
     out: dict[str, list[float]] = {}
     for a, b in pairs:
-        _onnx_decode_rate(a.runner, prompt, 8), _onnx_decode_rate(b.runner, prompt, 8)
+        for v in (a, b):  # warm-up
+            _onnx_decode_rate(v.runner, prompt, 8)
         ratios = []
         for _ in range(rounds):
-            ra = _onnx_decode_rate(a.runner, prompt, 64)
-            ratios.append(ra / _onnx_decode_rate(b.runner, prompt, 64))
+            ra = _onnx_decode_rate(a.runner, prompt, N_DECODE)
+            ratios.append(ra / _onnx_decode_rate(b.runner, prompt, N_DECODE))
         out[f"{a.key}/{b.key}"] = ratios
     return out
 
@@ -422,10 +424,9 @@ def _table(variants: list[Variant]) -> list[dict[str, Any]]:
     return rows
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
-    """Median, min and max over rounds of ``a[r] / b[r]`` (the two measured in the same round, seconds apart)."""
-    r = [x / y for x, y in zip(a, b, strict=True)]
-    return statistics.median(r), min(r), max(r)
+def _summary(ratios: list[float]) -> tuple[float, list[float]]:
+    """Median of per-round ratios and their ``[min, max]``."""
+    return statistics.median(ratios), [min(ratios), max(ratios)]
 
 
 def _speed(a: Variant, b: Variant) -> dict[str, float]:
@@ -437,8 +438,8 @@ def _speed(a: Variant, b: Variant) -> dict[str, float]:
         "prefill": (b.prefill_s, a.prefill_s),
         "batch4": (b.batch4_s, a.batch4_s),
     }.items():
-        med, lo, hi = _paired(x, y)
-        out[key], out[f"{key}_range"] = med, [lo, hi]
+        # a[r] / b[r]: the two measured in the same round, seconds apart
+        out[key], out[f"{key}_range"] = _summary([p / q for p, q in zip(x, y, strict=True)])
     return out
 
 
@@ -449,7 +450,10 @@ def _fmt(r: dict[str, Any]) -> str:
 
 def _pair(pair_ratios: dict[str, list[float]], a: Variant, b: Variant) -> dict[str, Any] | None:
     r = pair_ratios.get(f"{a.key}/{b.key}")
-    return None if not r else {"decode": statistics.median(r), "decode_range": [min(r), max(r)]}
+    if not r:
+        return None
+    med, span = _summary(r)
+    return {"decode": med, "decode_range": span}
 
 
 def report(
@@ -484,8 +488,8 @@ def report(
                       f"tables {fused.layout_bytes / 1e6:.1f} MB); floor {floor:.3f}, fused decode {got:.3f} = "
                       f"{got / floor:.1%} of the floor (goal >= 90%)")  # fmt: skip
                 if alone is not None:
-                    r["decode_over_floor_alone"] = alone["decode"] / floor
                     got = alone["decode"]
+                    r["decode_over_floor_alone"] = got / floor
                     print(f"         the pair alone: fused decode {got:.3f} = {got / floor:.1%} of the floor")
             if builder is not None and lvl == 4:
                 r["merged_over_builder"] = _speed(merged, builder)
