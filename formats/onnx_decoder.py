@@ -2,9 +2,11 @@
 
 Per block (contrib ops of onnxruntime, as in its genai model builder)::
 
-    x -> [Skip]SimplifiedLayerNorm -> QKV (one MatMulNBits/MatMul, + bias, + spectral adapter) -> Split
-      -> [RMSNorm per head of q and k] -> RotaryEmbedding(q), RotaryEmbedding(k) (the layer's cos/sin tables)
-      -> GroupQueryAttention(scale, softcap, local_window_size of the layer) -> o_proj
+    x -> [Skip]SimplifiedLayerNorm -> QKV (one MatMulNBits/MatMul, + bias, + spectral adapter)
+      -> GroupQueryAttention(packed QKV, do_rotary with the layer's cos/sin tables, scale, softcap,
+         local_window_size of the layer) -> o_proj
+      (with q/k norms: QKV -> Split -> RMSNorm per head of q and k -> RotaryEmbedding(q), RotaryEmbedding(k)
+       -> GroupQueryAttention(q, k, v, do_rotary=0))
       -> [RMSNorm of the attention output] -> SkipSimplifiedLayerNorm -> gate|up -> Split -> act(gate) * up
       -> down_proj -> [RMSNorm of the MLP output] -> SkipSimplifiedLayerNorm (next block's input norm)
 
@@ -145,30 +147,42 @@ class DecoderWriter(Layers):
         return g.op("Reshape", [self.rms(g, heads, weight), g.const([0, 0, -1])])
 
     def attention(self, g: Graph, x: str, i: int, lw: LayerWeights, mode: str, masks, out_kv) -> str:
+        """Self-attention of layer ``i``. Without q/k norms the packed QKV goes straight into GroupQueryAttention,
+        which applies the rotary embedding itself (``do_rotary=1``) at cache-slot positions; with them (Qwen3,
+        Gemma 3) the norms need q and k apart: Split, norms, two RotaryEmbedding nodes fed ``position_ids``.
+        Cache-slot positions count a left-padded row's padding, shifting all its positions by the same amount;
+        rotary attention scores depend only on position differences, so its logits are unchanged (up to
+        float32 rounding of the angles)."""
         s, p = self.spec, layer_prefix(i)
         seqlens, total32, attn_bias, qlens = masks
         qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode)
-        q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
-        if lw.q_norm is not None:
-            q = self.head_norm(g, q, f"{p}self_attn.q_norm.weight")
-        if lw.k_norm is not None:
-            k = self.head_norm(g, k, f"{p}self_attn.k_norm.weight")
         cos, sin = s.rope_names(i)
-        q, k = (g.op("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, name=f"{p}rotary") for t in (q, k))
+        if lw.q_norm is None and lw.k_norm is None:
+            qkv_in, rotary = [qkv, "", ""], [cos, sin]
+        else:
+            q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
+            if lw.q_norm is not None:
+                q = self.head_norm(g, q, f"{p}self_attn.q_norm.weight")
+            if lw.k_norm is not None:
+                k = self.head_norm(g, k, f"{p}self_attn.k_norm.weight")
+            q, k = (
+                g.op("RotaryEmbedding", [t, "position_ids", cos, sin], domain=MS, name=f"{p}rotary") for t in (q, k)
+            )
+            qkv_in, rotary = [q, k, v], ["", ""]
         attrs = dict(
             num_heads=s.num_heads,
             kv_num_heads=s.num_kv_heads,
             scale=s.attention_scale,
             local_window_size=s.window_of(i),
-            do_rotary=0,
+            do_rotary=int(rotary[0] != ""),
         )
         if s.attn_softcap:
             attrs["softcap"] = float(s.attn_softcap)
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32]
-            + ["", "", "", attn_bias, "", "", "", "", "", qlens],  # inputs 11..16: query_seqlens last
+            [*qkv_in, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens, total32, *rotary]
+            + ["", attn_bias, "", "", "", "", "", qlens],  # inputs 9..16: attention_bias 10, query_seqlens last
             domain=MS,
             name=f"{p}GroupQueryAttention",
             outputs=[f"{g.prefix}{p}attn/out0", *out_kv],

@@ -193,6 +193,13 @@ def test_onnx_matches_transformers(model_type, variant, exported, monkeypatch):
     assert [a["local_window_size"] for a in per_layer] == want, per_layer
     assert all(abs(a["scale"] - layout.attention_scale) < 1e-7 for a in per_layer)
     assert [a.get("softcap", 0.0) for a in per_layer] == [pytest.approx(layout.attn_softcap or 0.0)] * len(want)
+    # without q/k norms GQA takes the packed QKV and applies the rotary embedding itself (cache-slot positions;
+    # the left_pad errors above show a padded row is unchanged); with them q and k are split, normed, rotated
+    qk_norm = architecture_for(json.loads((folder / "config.json").read_text())).qk_norm
+    assert [a["do_rotary"] for a in per_layer] == [int(not qk_norm)] * len(want), per_layer
+    rotary = [n for n in nodes if n.op_type == "RotaryEmbedding"]
+    assert len(rotary) == (2 * len(gqa) if qk_norm else 0)
+    assert all((n.input[1] == "" and n.input[7] != "") != qk_norm for n in gqa)
     if layout.window:  # the test sequence really runs past the window
         assert 2 * layout.window < SEQ
     assert report["graph"]["layer_types"] == list(layout.layer_types)
