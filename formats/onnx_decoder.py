@@ -130,11 +130,12 @@ class DecoderWriter(Layers):
         return g.op("RMSNormalization", [x, weight], name=name, epsilon=self.spec.rms_eps, axis=-1)
 
     def skip_rms(self, g: Graph, x: str, residual: str, weight: str, name: str = "") -> tuple[str, str]:
-        """``(normalized x + residual, x + residual)``."""
+        """``(normalized x + residual, x + residual)``; the mean and inverse deviation outputs are not asked for."""
         y, _, _, res = g.op(
             "SkipSimplifiedLayerNormalization",
             [x, residual, weight],
             n_out=4,
+            unused=(1, 2),
             domain=MS,
             name=name,
             epsilon=self.spec.rms_eps,

@@ -14,8 +14,10 @@ Per layer: :mod:`.onnx_decoder` (norms, attention, MLP per architecture); projec
 
 GroupQueryAttention applies the causal mask on cache slots; padding (left or anywhere) is masked by
 ``attention_bias`` (``finfo(float32).min`` where ``attention_mask`` is 0), so every row of the cache holds the same
-``total_sequence_length`` slots. Rotary embedding runs outside the attention op because GroupQueryAttention's own
-rotary uses only the first position id of a prompt, which is wrong for left-padded rows. Sliding-window layers set
+``total_sequence_length`` slots. Without q/k norms GroupQueryAttention applies the rotary embedding itself, at
+cache-slot positions (a left-padded row's positions shift by its padding, which leaves rotary attention unchanged;
+see :meth:`.onnx_decoder.DecoderWriter.attention`); with them, ``RotaryEmbedding`` nodes fed ``position_ids`` rotate
+q and k after their norms. Sliding-window layers set
 ``local_window_size`` (the keys with ``slot(q) - slot(k) < local_window_size`` are kept, the current one included);
 a row's slots are contiguous after its left padding, so slot distances are position distances.
 

@@ -63,11 +63,16 @@ class Graph:
         domain: str = "",
         name: str = "",
         outputs: Sequence[str] | None = None,
+        unused: Sequence[int] = (),
         **attrs,
     ):
+        """Append one node; its outputs are ``outputs`` or ``n_out`` fresh names, those at ``unused`` left empty
+        (onnxruntime then neither computes nor allocates them). Returns the output name, or the list of them."""
         self._n += 1
         base = f"{self.prefix}{name or op_type}_{self._n}"
         outs = list(outputs) if outputs is not None else [f"{base}/out{i}" for i in range(n_out)]
+        for i in unused:
+            outs[i] = ""
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=base, domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
