@@ -313,9 +313,9 @@ def measure(variants: list[Variant], prefill_ids: np.ndarray, prompt: list[int],
 
 
 def measure_pairs(pairs: list[tuple[Variant, Variant]], prompt: list[int], rounds: int) -> dict[str, list[float]]:
-    """Decode speed of ``a`` over ``b`` for each pair, measured as a pair alone: ``a`` and ``b`` decode 64 tokens in
-    turn, nothing else in between, ``rounds`` times; the round's ratios, keyed ``"a.key/b.key"``. (In the rounds of
-    :func:`measure` every other variant runs between the two; a deployment runs one model.)"""
+    """Decode speed of ``a`` over ``b`` for each pair, measured as a pair alone: ``a`` and ``b`` decode ``N_DECODE``
+    tokens in turn, nothing else in between, ``rounds`` times; the round's ratios, keyed ``"a.key/b.key"``. (In the
+    rounds of :func:`measure` every other variant runs between the two; a deployment runs one model.)"""
     out: dict[str, list[float]] = {}
     for a, b in pairs:
         for v in (a, b):  # warm-up

@@ -156,12 +156,13 @@ class DecoderWriter(Layers):
         float32 rounding of the angles)."""
         s, p = self.spec, layer_prefix(i)
         seqlens, total32, attn_bias, qlens = masks
-        qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         qkv = self.projection(g, x, f"{p}self_attn.qkv_proj", [lw.q, lw.k, lw.v], mode)
         cos, sin = s.rope_names(i)
-        if lw.q_norm is None and lw.k_norm is None:
+        packed = lw.q_norm is None and lw.k_norm is None
+        if packed:
             qkv_in, rotary = [qkv, "", ""], [cos, sin]
         else:
+            qd, kd = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
             q, k, v = g.op("Split", [qkv, g.const([qd, kd, kd])], n_out=3, axis=-1)
             if lw.q_norm is not None:
                 q = self.head_norm(g, q, f"{p}self_attn.q_norm.weight")
@@ -176,7 +177,7 @@ class DecoderWriter(Layers):
             kv_num_heads=s.num_kv_heads,
             scale=s.attention_scale,
             local_window_size=s.window_of(i),
-            do_rotary=int(rotary[0] != ""),
+            do_rotary=int(packed),
         )
         if s.attn_softcap:
             attrs["softcap"] = float(s.attn_softcap)
