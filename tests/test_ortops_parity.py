@@ -76,7 +76,7 @@ def _layer(n: int, d_outs: tuple[int, ...], density: float, seed: int, triton_sp
             nnz = max(1, int(density * d_out * n))
             flat = torch.randperm(len(allowed) * n, generator=gen)[:nnz]
             rows, cols = allowed[flat // n], flat % n
-            if i == 0 and n >= 1024:  # a row whose only entries are far apart (column gaps over 255 and 510)
+            if i == 0 and n >= 1024:  # a row whose only entries are far apart, the last column among them
                 keep = rows != 1
                 rows = torch.cat([rows[keep], torch.tensor([1, 1, 1])])
                 cols = torch.cat([cols[keep], torch.tensor([300, 900, n - 1])])
@@ -154,7 +154,7 @@ def _use_isa(isa, native, monkeypatch):
     "n,d_outs,density",
     [
         (576, (64, 32, 32), 0.03),  # q|k|v-like, K=36 (2^m = 16: padded transform blocks)
-        (1536, (40, 24), 0.02),  # down-like, K=12, 2^m = 128, a row with gaps over 255
+        (1536, (40, 24), 0.02),  # down-like, K=12, 2^m = 128, a row with far-apart entries
         (256, (24, 8), 0.05),  # K=1 (Sylvester only)
         (256, (24, 8), 0.5),  # SpectralAddDense
         (20, (9, 7), 0.3),  # n = K, odd row counts
@@ -185,3 +185,32 @@ def test_odd_shapes_and_variants(isa, n, d_outs, density, native, triton_spectra
     _check(projs, reference, n, native, label=f"{isa} n={n}")
     created = ortops.library_info(native)["baseline_kernels"] - baseline_before
     assert created == (len(SHAPES) if isa == "baseline" else 0)  # one kernel per mode's model
+
+
+def _one_layer(n: int, d_out: int = 3, nnz: int = 40) -> Projection:
+    """A float32 base and a K = 1 adapter whose entries include columns 0 and n - 1."""
+    gen = torch.Generator().manual_seed(n)
+    rows = torch.cat([torch.tensor([0, d_out - 1]), torch.randint(0, d_out, (nnz - 2,), generator=gen)])
+    cols = torch.cat([torch.tensor([0, n - 1]), torch.randint(0, n, (nnz - 2,), generator=gen)])
+    values = (torch.randn(nnz, generator=gen) * 1e-3).numpy()
+    adapter = SpectralAdapter(rows.numpy(), cols.numpy(), values, hadamard_order(n)[0])
+    return Projection(DenseLinear((torch.randn(d_out, n, generator=gen) / n**0.5).numpy()), None, adapter)
+
+
+def test_largest_transform_size(native):
+    """The layout holds 16-bit columns: n = 65,536 (column 65,535 included) runs natively and matches the body;
+    n = 131,072 fails at session load with a message that names the way out."""
+    n = 65536
+    model = build_projection_model([_one_layer(n)], {n: wht_factors(n)}, mode="decode")
+    function, fast = _sessions(model, native)
+    x = np.random.default_rng(0).standard_normal((2, 1, n)).astype(np.float32)
+    y_fn, y_nat = function.run(None, {"x": x})[0], fast.run(None, {"x": x})[0]
+    err = float(np.abs(y_nat - y_fn).max()) / float(np.abs(y_fn).max())
+    assert err <= BOUND, (err, f"bound {BOUND}")
+    n = 131072
+    model = build_projection_model([_one_layer(n)], {n: wht_factors(n)}, mode="decode")
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    so.register_custom_ops_library(str(native))
+    with pytest.raises(Exception, match=r"n=131072 is over 65536.*QWHA_ORT_OPS=0"):
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])

@@ -1,6 +1,8 @@
 // The row-blocked layout of spectral.h, built once from the entries of F~ (ISA-independent).
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
+#include <string>
 
 #include "spectral.h"
 
@@ -15,6 +17,9 @@ int64_t live_layout_bytes() { return g_layout_bytes.load(); }
 
 std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t d_out, const float* hk,
                                                    std::vector<Entry>& entries) {
+  if (n > kMaxN)
+    throw std::invalid_argument("transform size n=" + std::to_string(n) + " is over " + std::to_string(kMaxN) +
+                                ", the largest the native layout holds (16-bit columns); run with QWHA_ORT_OPS=0");
   auto* L = new SpectralLayout();
   L->n = n;
   L->k = k;
@@ -36,16 +41,6 @@ std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t
   for (int64_t r = 0; r < d_out; ++r) order[r] = static_cast<int32_t>(r);
   std::stable_sort(order.begin(), order.end(),
                    [&](int32_t a, int32_t b) { return start[a + 1] - start[a] > start[b + 1] - start[b]; });
-  // each row's (column step, value) slots: a gap over 255 is bridged by (255, 0) slots
-  std::vector<int64_t> slots_of(d_out, 0);
-  for (int64_t r = 0; r < d_out; ++r) {
-    int64_t prev = 0;
-    for (int64_t e = start[r]; e < start[r + 1]; ++e) {
-      const int64_t gap = entries[e].col - prev;
-      slots_of[r] += 1 + (gap > 0 ? (gap - 1) / 255 : 0);
-      prev = entries[e].col;
-    }
-  }
   L->n_blocks = (d_out + kLanes - 1) / kLanes;
   L->row_of.assign(L->n_blocks * kLanes, -1);
   L->count.assign(L->n_blocks * kLanes, 0);
@@ -56,27 +51,23 @@ std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t
       const int64_t i = b * kLanes + l;
       const int32_t r = order[i];
       L->row_of[i] = r;
-      L->count[i] = static_cast<int32_t>(slots_of[r]);
+      L->count[i] = static_cast<int32_t>(start[r + 1] - start[r]);
       longest = std::max<int64_t>(longest, L->count[i]);
     }
     L->block_slot[b + 1] = L->block_slot[b] + longest;
   }
   const int64_t slots = L->block_slot.back();
-  L->delta.assign(slots * kLanes, 0);
+  L->col.assign(slots * kLanes, 0);
   L->val.assign(slots * kLanes, 0.0f);
   for (int64_t b = 0; b < L->n_blocks; ++b) {
     for (int l = 0; l < kLanes; ++l) {
       const int64_t i = b * kLanes + l;
       const int32_t r = L->row_of[i];
       if (r < 0) continue;
-      int64_t j = 0, prev = 0;
-      for (int64_t e = start[r]; e < start[r + 1]; ++e) {
-        int64_t gap = entries[e].col - prev;
-        for (; gap > 255; gap -= 255, ++j) L->delta[(L->block_slot[b] + j) * kLanes + l] = 255;
-        const int64_t s = (L->block_slot[b] + j++) * kLanes + l;
-        L->delta[s] = static_cast<uint8_t>(gap);
+      for (int64_t e = start[r], j = 0; e < start[r + 1]; ++e, ++j) {
+        const int64_t s = (L->block_slot[b] + j) * kLanes + l;
+        L->col[s] = static_cast<uint16_t>(entries[e].col);
         L->val[s] = entries[e].val;
-        prev = entries[e].col;
       }
     }
   }

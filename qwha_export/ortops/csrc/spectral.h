@@ -5,14 +5,14 @@
 //
 // F~ (d_out x n, sparse) is held in a row-blocked layout rebuilt once per session from the model's tables: rows
 // sorted by their number of entries (most first) and grouped in blocks of 8 lanes; slot s of a block holds one
-// entry of each of its 8 rows, lanes interleaved: delta[s*8 + lane] (uint8) is the entry's column minus the
-// previous entry's in that row (the first counts from 0; a gap over 255 is bridged by entries of value 0 and delta
-// 255), val[s*8 + lane] its value. A row with fewer slots than the block's longest is padded with (delta 0, value
-// 0). 5 bytes per entry.
+// entry of each of its 8 rows, lanes interleaved: col[s*8 + lane] (uint16) is the entry's column, val[s*8 + lane]
+// its value. A row with fewer entries than the block's longest is padded with (column 0, value 0). 6 bytes per
+// entry; n <= 65536 (kMaxN). Absolute columns let the one-token product read WHT(x)[col] with scalar loads, which
+// beat vgatherdps on AMD Zen 4 (see load_columns), and need no bridging slots for long gaps.
 //
 // The same source is compiled three times: a baseline (portable C++), an x86-64-v3 variant (AVX2 + FMA intrinsics)
-// and an x86-64-v4 variant (AVX-512 for the multi-token products), in namespaces qwha_baseline, qwha_v3 and qwha_v4;
-// qwha_ops.cc picks one at run time.
+// and an x86-64-v4 variant (AVX-512 for the multi-token products and the one-token loads), in namespaces
+// qwha_baseline, qwha_v3 and qwha_v4; qwha_ops.cc picks one at run time.
 #pragma once
 
 #include <cstddef>
@@ -24,6 +24,7 @@
 namespace qwha {
 
 constexpr int kLanes = 8;
+constexpr int64_t kMaxN = 65536;  // columns fit uint16
 
 struct SpectralLayout {
   int64_t n = 0, k = 1, p = 1, d_out = 0;
@@ -34,14 +35,14 @@ struct SpectralLayout {
   std::vector<int32_t> row_of;       // n_blocks * 8: output row of each lane (-1: padding lane)
   std::vector<int32_t> count;        // n_blocks * 8: entries of each lane's row
   std::vector<int64_t> block_slot;   // n_blocks + 1: first slot of each block
-  std::vector<uint8_t> delta;       // slots * 8 column steps
+  std::vector<uint16_t> col;         // slots * 8 columns
   std::vector<float> val;            // slots * 8 values
-  int64_t nnz = 0;                   // entries of F~ (bridging and padding slots excluded)
+  int64_t nnz = 0;                   // entries of F~ (padding slots excluded)
 
   int64_t slots() const { return block_slot.empty() ? 0 : block_slot.back(); }
   // bytes of the tables read per call (indices + values + per-lane metadata)
   size_t table_bytes() const {
-    return val.size() * sizeof(float) + delta.size() + row_of.size() * 4 + count.size() * 4 +
+    return val.size() * sizeof(float) + col.size() * sizeof(uint16_t) + row_of.size() * 4 + count.size() * 4 +
            block_slot.size() * 8;
   }
 };
@@ -52,6 +53,7 @@ struct Entry {  // F~[row, col] += val
 };
 
 // The layout of F~ (d_out x n) from its entries (sorted in place); hk: H_K, k * k floats. Counted while alive.
+// Throws std::invalid_argument for n > kMaxN.
 std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t d_out, const float* hk,
                                                    std::vector<Entry>& entries);
 int64_t live_layouts();
