@@ -1,8 +1,6 @@
 // The row-blocked layout of spectral.h, built once from the entries of F~ (ISA-independent).
 #include <algorithm>
 #include <atomic>
-#include <stdexcept>
-#include <string>
 
 #include "spectral.h"
 
@@ -17,9 +15,6 @@ int64_t live_layout_bytes() { return g_layout_bytes.load(); }
 
 std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t d_out, const float* hk,
                                                    std::vector<Entry>& entries) {
-  if (n > kMaxN)
-    throw std::invalid_argument("transform size n=" + std::to_string(n) + " is over " + std::to_string(kMaxN) +
-                                ", the largest the native layout holds (16-bit columns); run with QWHA_ORT_OPS=0");
   auto* L = new SpectralLayout();
   L->n = n;
   L->k = k;

@@ -159,6 +159,9 @@ class SpectralKernel {
     const int64_t p = k_ > 0 ? n_ / k_ : 0;
     if (n_ < 1 || k_ < 1 || n_ % k_ != 0 || (p & (p - 1)) != 0)
       fail("attributes n=" + std::to_string(n_) + ", K=" + std::to_string(k_) + " are not n = K * 2^m");
+    if (n_ > qwha::kMaxN)
+      fail("transform size n=" + std::to_string(n_) + " is over " + std::to_string(qwha::kMaxN) +
+           ", the largest the native layout holds (16-bit columns); run with QWHA_ORT_OPS=0");
     if (!dense_) {  // rows_shape = [d_out, depth]: d_out before any call (rows without entries included)
       std::vector<int64_t> rs = ki.GetAttributes<int64_t>("rows_shape");
       if (rs.size() != 2 || rs[0] < 1) fail("attribute rows_shape must be [d_out, depth]");

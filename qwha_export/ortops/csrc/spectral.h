@@ -53,7 +53,7 @@ struct Entry {  // F~[row, col] += val
 };
 
 // The layout of F~ (d_out x n) from its entries (sorted in place); hk: H_K, k * k floats. Counted while alive.
-// Throws std::invalid_argument for n > kMaxN.
+// n <= kMaxN (the kernel checks it with the other attributes).
 std::shared_ptr<const SpectralLayout> build_layout(int64_t n, int64_t k, int64_t d_out, const float* hk,
                                                    std::vector<Entry>& entries);
 int64_t live_layouts();
